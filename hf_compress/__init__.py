@@ -1,0 +1,26 @@
+"""hf-compress: compress Hugging Face models and publish them as ordinary checkpoints."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("hf-compress")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+source"
+
+from .registration import register_families
+
+register_families()
+
+
+def __getattr__(name: str):
+    # Heavy entry points are imported on first use so `import hf_compress` stays cheap.
+    if name == "convert":
+        from .convert import convert
+
+        return convert
+    raise AttributeError(f"module 'hf_compress' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "convert", "register_families"]
