@@ -14,13 +14,16 @@ from .registration import register_families
 register_families()
 
 
+_LAZY = {"convert": "converter", "BasisSharingConfig": "converter", "CalibrationConfig": "converter"}
+
+
 def __getattr__(name: str):
     # Heavy entry points are imported on first use so `import hf_compress` stays cheap.
-    if name == "convert":
-        from .convert import convert
+    if name in _LAZY:
+        import importlib
 
-        return convert
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hf_compress' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "convert", "register_families"]
+__all__ = ["__version__", "BasisSharingConfig", "CalibrationConfig", "convert", "register_families"]

@@ -109,6 +109,20 @@ def _flatten(record: dict, prefix: str = "") -> list[tuple[str, object]]:
     return items
 
 
+def _cell(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and (len(value) > 8 or any(isinstance(v, (dict, list)) for v in value)):
+        return f"{len(value)} entries (see config.json)"  # per-iteration logs and the like do not fit a cell
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value).replace("|", "\\|")
+
+
 def compression_table(config: dict) -> str:
     """The markdown compression table of a checkpoint's `config.json` (generic rows, then family details)."""
     record = dict(config.get("compression") or {})
@@ -122,7 +136,9 @@ def compression_table(config: dict) -> str:
         rows.append(f"| Target / achieved ratio | {_fmt_ratio(record.get('target_ratio'))} / "
                     f"{_fmt_ratio(record.get('achieved_ratio'))} |")
     if "params_before" in record:
-        rows.append(f"| Parameters of the compressed layers, before / after | {_fmt_int(record.get('params_before'))}"
+        # Basis Sharing counts only the projections it compresses; the CNN methods count the whole network.
+        what = "Parameters of the compressed layers" if "total_params_before" in record else "Parameters"
+        rows.append(f"| {what}, before / after | {_fmt_int(record.get('params_before'))}"
                     f" / {_fmt_int(record.get('params_after'))} |")
     if "total_params_before" in record:
         rows.append(f"| All parameters, before / after | {_fmt_int(record.get('total_params_before'))} / "
@@ -139,8 +155,15 @@ def compression_table(config: dict) -> str:
     if source.get("model_id"):
         extra = "".join(f", {k} {source[k]}" for k in ("revision", "gguf_file") if source.get(k))
         rows.append(f"| Source model | {source['model_id']}{extra} |")
-    for key, value in _flatten({k: v for k, v in record.items() if k not in known}):
-        rows.append(f"| {key} | {json.dumps(value) if isinstance(value, (list, dict, bool)) else value} |")
+    rest = dict(_flatten({k: v for k, v in record.items() if k not in known}))
+    for key, value in rest.items():
+        if key.endswith("_after") and key[: -len("_after")] + "_before" in rest:
+            continue  # shown with its "_before" partner
+        if key.endswith("_before") and key[: -len("_before")] + "_after" in rest:
+            after = rest[key[: -len("_before")] + "_after"]
+            rows.append(f"| {key[: -len('_before')].replace('_', ' ')}, before / after | {_cell(value)} / {_cell(after)} |")
+        else:
+            rows.append(f"| {key} | {_cell(value)} |")
     table = "\n".join(rows)
     family = _family_for(config)
     details = family.details_table(config) if family.details_table else ""
@@ -260,8 +283,12 @@ def build_model_card(model_dir: str | os.PathLike, *, base_model: str | None = N
     if license is None:
         license = previous.get("license") or source.get("license") or next(
             (lic for prefix, lic in KNOWN_SOURCE_LICENSES.items() if (base_model or "").startswith(prefix)), None)
-    model_ref = repo_id or previous.get("_model_ref") or str(folder)
-    model_name = model_ref.split("/")[-1] if repo_id or previous.get("_model_ref") else folder.name
+    # A checkpoint is written into a staging folder (".NAME.incomplete-XXXX") and renamed when complete: name the
+    # card after the final folder.
+    staged = re.match(r"^\.(.+)\.incomplete-[^.]+$", folder.name)
+    final = folder.parent / staged.group(1) if staged else folder
+    model_ref = repo_id or previous.get("_model_ref") or str(final)
+    model_name = model_ref.rstrip("/").split("/")[-1]
 
     method = record.get("method")
     tags = ["hf-compress", "custom_code", "compressed"]

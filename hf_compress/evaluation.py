@@ -137,8 +137,11 @@ def run_lm_eval(
 
     Returns lm-eval's results dict (without per-sample logs) plus `hf_compress`: wall time and the arguments.
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise HFCompressError(f"lm-evaluation-harness is not installed ({err}): pip install 'hf-compress[eval]'") from None
 
     if not tasks:
         raise HFCompressError("no task given: pass --tasks, e.g. hfc_wikitext2 or hfc_zeroshot")
@@ -153,7 +156,9 @@ def run_lm_eval(
     if max_length:
         model_args["max_length"] = max_length
     with tempfile.TemporaryDirectory(prefix="hfc_lm_eval_tasks_") as include:
-        task_manager = TaskManager(include_path=str(prepare_task_dir(include)))
+        # Indexing lm-eval's thousands of built-in tasks takes seconds; only do it when a task needs it.
+        task_manager = TaskManager(include_path=str(prepare_task_dir(include)),
+                                   include_defaults=any(t not in LOCAL_TASKS for t in tasks))
         unknown = [t for t in tasks if not task_manager.match_tasks([t])]
         if unknown:
             raise HFCompressError(f"unknown lm-eval task(s) {unknown}; local tasks: {', '.join(LOCAL_TASKS)}")
@@ -240,6 +245,9 @@ def evaluate(
     if update_card and not (is_local_dir and (folder / "config.json").is_file()):
         raise HFCompressError(f"--update-card needs a local checkpoint folder, got {model}")
     if output is None:
+        if kwargs.get("gguf_file"):
+            # A GGUF file often lives in an installed package; never write results there implicitly.
+            raise HFCompressError("evaluating a GGUF file: pass --output for the results JSON")
         if not is_local_dir:
             raise HFCompressError(f"{model} is not a local folder: pass --output for the results JSON")
         output = folder / RESULTS_FILE

@@ -31,10 +31,19 @@ def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
+def _httpx():
+    # huggingface_hub 2.x ships its HTTP client as `httpx2`; 1.x used `httpx`.
+    try:
+        import httpx2
+    except ImportError:
+        import httpx as httpx2
+    return httpx2
+
+
 def _is_transient(err: BaseException) -> bool:
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
+    httpx2 = _httpx()
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         return err.response.status_code in TRANSIENT_STATUS
     # Connection refused/reset, a dropped connection, a timeout; also when wrapped by the LFS uploader.
@@ -61,7 +70,8 @@ def _explain(err: BaseException, repo_id: str, endpoint: str, attempts: int) -> 
         )
     if status == 404:
         return HFCompressError(f"{repo_id!r} was not found on {endpoint} (404) or the token cannot see it")
-    if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
+    validating = status == 400 and str(err.response.request.url).endswith("/api/validate-yaml")
+    if validating or (isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err)):
         return HFCompressError(f"the Hub refused the model card's metadata: {err}")
     if status in TRANSIENT_STATUS:
         return HFCompressError(f"the Hub at {endpoint} kept failing (HTTP {status}) after {attempts} attempt(s); "
@@ -88,8 +98,9 @@ def push_to_hub(
     Creates the repo if needed (`private` only applies then) and the branch `revision` if it is missing. Honours
     `HF_ENDPOINT` and `HF_TOKEN` (or a token saved by `hf auth login`). Transient failures (5xx, 408, 429, dropped or
     refused connections) are retried `max_retries` times, waiting `backoff * 2**attempt` seconds; re-running the
-    whole upload is safe because the Hub skips files it already has. If the folder has no `README.md`, a model card
-    is written first (see `hf_compress.cards`); an existing local card is uploaded unchanged.
+    whole upload is safe because the Hub skips files it already has. A missing card, or one hf-compress generated, is
+    (re)written first so its usage snippets load `repo_id` (see `hf_compress.cards`); a hand-edited card is uploaded
+    unchanged. Nothing is downloaded, so the Hub's card is always the local one.
 
     Raises:
         HFCompressError: bad folder or repo id, missing or rejected token, a namespace the token cannot write to,
@@ -128,8 +139,7 @@ def push_to_hub(
         )
         return info.commit_url or info.oid
 
-    import httpx2
-
+    httpx2 = _httpx()
     client_errors = (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError)
     for tries in range(max_retries + 1):
         try:

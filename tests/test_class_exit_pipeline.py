@@ -62,6 +62,9 @@ def test_default_positions_and_reattach():
     baseline = reattach_exits(model, exit_rule="confidence")
     assert baseline.config.exit_thresholds == [1.0, 1.0]
     assert not torch.equal(baseline.exit_heads[0].classifier.weight, model.exit_heads[0].classifier.weight)
+    plain = reattach_exits(model, exit_positions=[])
+    assert plain.config.exit_positions == [] and len(plain.exit_heads) == 0
+    assert reattach_exits(plain).config.exit_positions == ["stage1", "stage2.1", "stage2"]
     with pytest.raises(HFCompressError, match="stage3 has blocks 1..1"):
         reattach_exits(model, exit_positions=["stage3.2"])
 
@@ -230,3 +233,71 @@ def test_cli_bad_input(tmp_path, monkeypatch, capsys):
                                 "--n-val", "10", "--exits", "stage4", "--no-progress")
         assert code == 2 and "stage1..stage3" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(shortcut_type="projection", stem_kernel_size=7, stem_stride=2, stem_pool=True)])
+def test_from_pruned_cnn_keeps_final_logits(layout):
+    from hf_compress.modeling.pruned_cnn import PrunedCNNConfig, PrunedCNNForImageClassification
+    from hf_compress.vision.exit_convert import from_pruned_cnn
+
+    torch.manual_seed(0)
+    config = PrunedCNNConfig(
+        stem_width=4, hidden_sizes=[4, 8], stage_strides=[1, 2], block_widths=[[[4], [4]], [[8], [8]]], num_labels=10,
+        **layout,
+    )
+    source = PrunedCNNForImageClassification(config)
+    source.train()
+    with torch.no_grad():
+        source(torch.randn(8, 3, 16, 16))
+    source.eval()
+    model = from_pruned_cnn(source, exit_positions=["stage1.1", "stage2.1"]).eval()
+    images = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(images).logits, source(images).logits)
+    pruned = PrunedCNNForImageClassification(PrunedCNNConfig(
+        stem_width=4, hidden_sizes=[4, 8], stage_strides=[1, 2], block_widths=[[[2], [4]], [[8], [8]]], num_labels=10))
+    with pytest.raises(HFCompressError, match="is pruned"):
+        from_pruned_cnn(pruned)
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10")
+def test_pipeline_resumes_after_training(tmp_path, monkeypatch):
+    """A run that fails after joint training resumes at the search, without training again."""
+    import hf_compress.vision.exit_pipeline as pipeline_module
+    import hf_compress.vision.training as training_module
+    from hf_compress.vision.exit_pipeline import EarlyExitOptions, run_early_exit
+
+    source = tmp_path / "resnet"
+    _tiny_hf_resnet().save_pretrained(source)
+    options = EarlyExitOptions(exit_positions=["stage1"], epochs=1, batch_size=100, n_val=100, train_limit=300,
+                               test_split=None, step=0.1)
+    real_search = pipeline_module.search_thresholds
+
+    def broken_search(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(pipeline_module, "search_thresholds", broken_search)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_early_exit(source, tmp_path / "out", options, progress=False)
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial" / "hf_compress_stage.json").exists()
+    trained = ClassExitResNetForImageClassification.from_pretrained(tmp_path / ".out.partial")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training ran again")
+
+    monkeypatch.setattr(pipeline_module, "search_thresholds", real_search)
+    monkeypatch.setattr(training_module, "train_classifier", no_training)
+    record = run_early_exit(source, tmp_path / "out", options, progress=False)
+    saved = ClassExitResNetForImageClassification.from_pretrained(tmp_path / "out")
+    assert torch.equal(saved.exit_heads[0].classifier.weight, trained.exit_heads[0].classifier.weight)
+    assert record["dataset"] == "cifar10:validation" and record["exit_histogram"] is None
+    assert not (tmp_path / ".out.partial").exists()
+    # A stage trained with other settings is not reused.
+    monkeypatch.setattr(pipeline_module, "search_thresholds", broken_search)
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline_module, "search_thresholds", broken_search)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_early_exit(source, tmp_path / "out3", options, progress=False)
+    monkeypatch.setattr(training_module, "train_classifier", no_training)
+    with pytest.raises(AssertionError, match="training ran again"):
+        run_early_exit(source, tmp_path / "out3", EarlyExitOptions(**{**options.__dict__, "epochs": 2}), progress=False)

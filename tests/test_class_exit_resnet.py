@@ -153,6 +153,15 @@ def test_mac_count_matches_hand_count():
     classifier = 8 * 3
     assert model.unit_macs(8, 8) == ([stem, block1, block2], [head], classifier)
     assert model.full_macs(8, 8) == stem + block1 + block2 + classifier == 39704
+    # The shared hook-based counter (an independent implementation) agrees, heads included when they run.
+    from hf_compress.vision.counting import count_params_and_macs
+
+    assert count_params_and_macs(model, (3, 8, 8), {"early_exit": False}).macs == 39704 + head
+    imagenet = ClassExitResNetForImageClassification(ClassExitResNetConfig(
+        num_labels=3, stem_type="imagenet", embedding_size=4, hidden_sizes=[8, 8], depths=[1, 1], layer_type="bottleneck",
+        exit_positions=["stage1"], exit_thresholds=[0.0],
+    ))
+    assert count_params_and_macs(imagenet, (3, 29, 29)).macs == imagenet.full_macs(29, 29)
     with torch.no_grad():
         out = model(torch.randn(64, 3, 8, 8) * 3)
     for exit_index, macs in zip(out.exit_indices.tolist(), out.macs.tolist()):

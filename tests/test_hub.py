@@ -259,3 +259,25 @@ def test_server_protocol_details(client, tmp_path):
     refused = httpx2.post(f"{client.url}/api/models/alice/proto/commit/main", content=f"{header}\n{op}\n",
                           headers={"Authorization": "Bearer hf_alice_write", "Content-Type": "application/x-ndjson"})
     assert refused.status_code == 422
+
+
+def test_cli_push_uses_env_endpoint_and_token(hub, checkpoint, tmp_path, monkeypatch, capsys):
+    # A fresh process: huggingface_hub reads HF_ENDPOINT/HF_TOKEN from the environment only.
+    hf_compress_cli = Path(sys.executable).parent / "hf-compress"
+    env = {**os.environ, **client_env(hub, tmp_path)}
+    ok = subprocess.run([str(hf_compress_cli), "push", str(checkpoint), "alice/from-cli", "--revision", "dev"],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    repo = hub.load_repo("alice/from-cli")
+    assert ok.stdout.strip().endswith(f"/alice/from-cli/commit/{repo['branches']['dev']}")
+    # Errors: one line on stderr, exit code 2, no traceback (in-process through the CLI entry point).
+    from hf_compress.cli import main
+
+    use_in_process(hub, tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["hf-compress", "push", str(checkpoint), "bob/from-cli"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-compress: error: not allowed to write to 'bob/from-cli' (403)")
+    assert "Traceback" not in err

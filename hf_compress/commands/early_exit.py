@@ -15,7 +15,7 @@ def _positions(value: Optional[str]) -> Optional[list[str]]:
 
 
 def early_exit_command(
-    model: str = typer.Argument(..., help="A transformers ResNet or a ClassExitResNet checkpoint (folder or Hub id)."),
+    model: str = typer.Argument(..., help="A transformers ResNet, a ResNet PrunedCNN from `hf-compress train`, or a ClassExitResNet (folder or Hub id)."),
     output: str = typer.Argument(..., help="Output folder; it appears only once the checkpoint is complete."),
     dataset: str = typer.Option("cifar10", "--dataset", help="'cifar10', a local parquet file/folder or a Hub dataset."),
     tolerance: float = typer.Option(0.005, "--tolerance", help="Validation accuracy the exits may lose (0.005 = 0.5 points)."),

@@ -45,7 +45,7 @@ def convert_command(
     hub_revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch to push to."),
 ) -> None:
     """Compress a Llama/Mistral/Qwen2 checkpoint with Basis Sharing and save a SharedBasisLlama checkpoint."""
-    from ..convert import BasisSharingConfig, CalibrationConfig, convert
+    from ..converter import BasisSharingConfig, CalibrationConfig, convert
 
     result = convert(
         source,
@@ -96,7 +96,7 @@ def ppl_command(
     """Perplexity: rows joined with blank lines, tokenized once, windows of --seq-len, exp of the mean window loss."""
     import torch
 
-    from ..convert import pick_device
+    from ..converter import pick_device
     from ..perplexity import perplexity
     from ..sources import load_causal_lm
     from ..text_data import load_texts, resolve_text_source

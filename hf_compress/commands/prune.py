@@ -110,7 +110,10 @@ def train_command(
         summary["test_accuracy"] = evaluate_accuracy(network, test)
         typer.echo(f"{eval_split} accuracy: {summary['test_accuracy']:.4f} ({len(test)} images)")
     network.to("cpu")
-    save_checkpoint(network, output, mean=train.mean, std=train.std, extra_json={"training_summary.json": summary})
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one writer under `accelerate launch`
+        save_checkpoint(network, output, mean=train.mean, std=train.std, extra_json={"training_summary.json": summary})
     typer.echo(f"saved {output}: params {network.config.num_parameters / 1e6:.3f}M, MACs {network.config.num_macs / 1e6:.2f}M")
 
 

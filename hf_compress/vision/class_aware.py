@@ -134,8 +134,17 @@ def class_aware_prune(
         test = evaluate_accuracy(net, test_data, bf16=device.type == "cuda") if test_data is not None else None
         return val, test
 
+    # Under `accelerate launch` every process runs the same deterministic scoring and selection and
+    # trains in sync; only the main process writes.
     def save_iteration(net, index: int) -> None:
-        save_checkpoint(net, work / f"iter_{index:03d}", mean=train_data.mean, std=train_data.std)
+        if accelerator.is_main_process:
+            save_checkpoint(net, work / f"iter_{index:03d}", mean=train_data.mean, std=train_data.std)
+        accelerator.wait_for_everyone()
+
+    def write_state(content: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            _write_json_atomic(state_path, content)
+        accelerator.wait_for_everyone()
 
     if state_path.exists():
         state = json.loads(state_path.read_text())
@@ -157,13 +166,16 @@ def class_aware_prune(
                 f"{val_acc:.4f}: no pruned model can be expected to meet it"
             )
         rows = [_row(model, 0, 0, val_acc, test_acc, True)]
-        work.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:
+            work.mkdir(parents=True, exist_ok=True)
         save_iteration(model, 0)
         state = {"settings": asdict(settings), "rows": rows, "stop_reason": None}
-        _write_json_atomic(state_path, state)
+        write_state(state)
     model.to(device)
 
-    stop_reason = state.get("stop_reason")
+    # Re-checked on resume: a run stopped at max_iterations continues when given more.
+    stop_reason = None
+    progress = progress and accelerator.is_local_main_process
     bar = tqdm(total=settings.max_iterations, initial=rows[-1]["iteration"], desc="class-aware pruning", disable=not progress)
     while stop_reason is None:
         iteration = rows[-1]["iteration"] + 1
@@ -194,7 +206,7 @@ def class_aware_prune(
         row = _row(pruned, iteration, removed, val_acc, test_acc, val_acc >= settings.accuracy_floor)
         save_iteration(pruned, iteration)
         rows.append(row)
-        _write_json_atomic(state_path, {**state, "rows": rows})
+        write_state({**state, "rows": rows})
         bar.update(1)
         if progress:
             tqdm.write(
@@ -204,7 +216,7 @@ def class_aware_prune(
         if row["meets_floor"]:
             model = pruned
     bar.close()
-    _write_json_atomic(state_path, {**state, "rows": rows, "stop_reason": stop_reason})
+    write_state({**state, "rows": rows, "stop_reason": stop_reason})
 
     best = min((r for r in rows if r["meets_floor"]), key=lambda r: (r["macs"], -r["val_accuracy"]))
     final = PrunedCNNForImageClassification.from_pretrained(work / f"iter_{best['iteration']:03d}")
@@ -227,7 +239,9 @@ def class_aware_prune(
         "settings": asdict(settings),
         "hf_compress_version": __version__,
     }
-    save_checkpoint(final, output_dir, mean=train_data.mean, std=train_data.std, carry=["iterations"])
+    if accelerator.is_main_process:
+        save_checkpoint(final, output_dir, mean=train_data.mean, std=train_data.std, carry=["iterations"])
+    accelerator.wait_for_everyone()
     return PruningResult(model=final, rows=rows, best_iteration=best["iteration"], stop_reason=stop_reason)
 
 

@@ -1,8 +1,9 @@
 """Turning a ResNet classifier into a `ClassExitResNetForImageClassification` with fresh exit heads.
 
 Sources: transformers' `ResNetForImageClassification` (same module names, so the state dict maps one to one
-and the final logits stay identical) and an existing ClassExitResNet (its backbone and final classifier kept,
-exits re-attached at new positions or for the other exit rule).
+and the final logits stay identical), an unpruned ResNet-layout PrunedCNN (what `hf-compress train resnet56`
+writes; weights renamed) and an existing ClassExitResNet (its backbone and final classifier kept, exits
+re-attached at new positions or for the other exit rule).
 """
 
 from __future__ import annotations
@@ -74,6 +75,53 @@ def from_hf_resnet(
     return target
 
 
+def from_pruned_cnn(
+    model,
+    *,
+    exit_positions: list[str] | None = None,
+    exit_pool_size: int = 2,
+    exit_rule: str = "class_exclusion",
+) -> ClassExitResNetForImageClassification:
+    """Builds a ClassExitResNet from an unpruned ResNet-layout `PrunedCNNForImageClassification`."""
+    source = model.config
+    if source.architecture != "resnet":
+        raise HFCompressError(f"early exit needs a ResNet; this PrunedCNN has architecture {source.architecture!r}")
+    stems = {(3, 1, False): "cifar", (7, 2, True): "imagenet"}
+    stem = stems.get((source.stem_kernel_size, source.stem_stride, bool(source.stem_pool)))
+    strides_ok = all(stride == 2 for stride in source.stage_strides[1:]) and source.stage_strides[0] in (1, 2)
+    full_width = [[[size] if source.layer_type == "basic" else [size // 4, size // 4] for _ in stage]
+                  for size, stage in zip(source.hidden_sizes, source.block_widths)]
+    if stem is None or not strides_ok or source.classifier_hidden:
+        raise HFCompressError(
+            "this PrunedCNN layout (stem, stage strides or hidden classifier layers) has no ClassExitResNet equivalent"
+        )
+    if source.block_widths != full_width:
+        raise HFCompressError("the PrunedCNN is pruned (inner widths below the stage widths); early exit needs the full network")
+    backbone = {
+        "num_channels": source.num_channels, "stem_type": stem, "embedding_size": source.stem_width,
+        "hidden_sizes": list(source.hidden_sizes), "depths": [len(stage) for stage in source.block_widths],
+        "layer_type": source.layer_type, "shortcut_type": source.shortcut_type,
+        "downsample_in_first_stage": source.stage_strides[0] == 2, "downsample_in_bottleneck": source.downsample_in_bottleneck,
+        "hidden_act": source.hidden_act,
+    }
+    target = ClassExitResNetForImageClassification(
+        _exit_config(backbone, {**_labels(source), "image_size": source.image_size}, exit_positions, exit_pool_size, exit_rule)
+    )
+    renames = [("cnn.stem.", "resnet.embedder.embedder."), ("cnn.stages.", "resnet.encoder.stages."), (".convs.", ".layer."),
+               ("classifier.output.", "classifier.1.")]
+    state = {}
+    for key, value in model.state_dict().items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        parts = key.split(".")
+        if key.startswith("resnet.encoder.stages."):
+            parts.insert(4, "layers")  # stages.S.B -> stages.S.layers.B
+        parts = [{"conv": "convolution", "bn": "normalization"}.get(part, part) for part in parts]
+        state[".".join(parts)] = value
+    _load_backbone(target, state, what="PrunedCNN")
+    return target
+
+
 def reattach_exits(
     model: ClassExitResNetForImageClassification,
     *,
@@ -81,7 +129,8 @@ def reattach_exits(
     exit_pool_size: int | None = None,
     exit_rule: str | None = None,
 ) -> ClassExitResNetForImageClassification:
-    """A copy of `model` with exits at `exit_positions` (default: the model's); heads kept where they fit.
+    """A copy of `model` with exits at `exit_positions` (default: the model's, or `default_exit_positions` for a
+    model without exits); heads kept where they fit.
 
     Heads are kept only when their position, pool size and rule are unchanged (a class-exclusion head is not
     a confidence head); the others start fresh and every threshold starts disabled.
@@ -90,6 +139,8 @@ def reattach_exits(
     backbone = {name: getattr(config, name) for name in BACKBONE_FIELDS}
     labels = _labels(config)
     positions = list(config.exit_positions) if exit_positions is None else list(exit_positions)
+    if exit_positions is None and not positions:  # a plain network (no exit yet): the default positions
+        positions = default_exit_positions(list(config.depths))
     pool = config.exit_pool_size if exit_pool_size is None else exit_pool_size
     rule = config.exit_rule if exit_rule is None else exit_rule
     target = ClassExitResNetForImageClassification(_exit_config(backbone, labels, positions, pool, rule))
@@ -135,10 +186,17 @@ def load_exit_model(
         return from_hf_resnet(
             source, exit_positions=exit_positions, exit_pool_size=exit_pool_size or 2, exit_rule=exit_rule or "class_exclusion"
         )
+    if config.model_type == "pruned_cnn":
+        from ..modeling.pruned_cnn import PrunedCNNForImageClassification
+
+        source = PrunedCNNForImageClassification.from_pretrained(path)
+        return from_pruned_cnn(
+            source, exit_positions=exit_positions, exit_pool_size=exit_pool_size or 2, exit_rule=exit_rule or "class_exclusion"
+        )
     if config.model_type == ClassExitResNetConfig.model_type:
         model = ClassExitResNetForImageClassification.from_pretrained(path)
         return reattach_exits(model, exit_positions=exit_positions, exit_pool_size=exit_pool_size, exit_rule=exit_rule)
     raise HFCompressError(
-        f"{path} holds a {config.model_type!r} model; early exit needs a transformers ResNet ('resnet') or a "
-        f"ClassExitResNet ('class_exit_resnet') checkpoint"
+        f"{path} holds a {config.model_type!r} model; early exit needs a transformers ResNet ('resnet'), an unpruned "
+        f"ResNet PrunedCNN ('pruned_cnn') or a ClassExitResNet ('class_exit_resnet') checkpoint"
     )

@@ -69,7 +69,10 @@ def run_early_exit(
     progress: bool = True,
     accelerator=None,
 ) -> dict:
-    """Runs the whole early-exit conversion; returns the `compression` record written to the config."""
+    """Runs the whole early-exit conversion; returns the `compression` record written to the config ({} on the
+    other processes of a multi-GPU run)."""
+    from accelerate import Accelerator
+
     from .checkpoint import save_checkpoint
     from .training import train_classifier
 
@@ -80,6 +83,9 @@ def run_early_exit(
     if not 0 <= options.tolerance < 1:
         raise HFCompressError(f"tolerance must be in [0, 1) (0.005 = half an accuracy point), got {options.tolerance}")
     train, val, test = load_splits(options)
+    # Under `accelerate launch` every process trains its shard; the search, report and save run once.
+    accelerator = accelerator or Accelerator()
+    main_process = accelerator.is_main_process
     model = load_exit_model(
         model_path, exit_positions=options.exit_positions, exit_pool_size=options.exit_pool_size, exit_rule=options.exit_rule
     )
@@ -102,10 +108,14 @@ def run_early_exit(
             seed=options.seed, progress=progress, desc="joint exit training", accelerator=accelerator,
         )
         history = asdict(trained)
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        (partial / "train_history.json").write_text(json.dumps(history))
-        stamp.write_text(json.dumps(settings))
+        if main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            model.save_pretrained(partial)
+            (partial / "train_history.json").write_text(json.dumps(history))
+            stamp.write_text(json.dumps(settings))
+    accelerator.wait_for_everyone()
+    if not main_process:
+        return {}
 
     scores = collect_exit_scores(model, val)
     search = search_thresholds(scores, model.config.exit_rule, options.tolerance, options.step)

@@ -78,14 +78,15 @@ def class_importance(
         raise HFCompressError("the model has no prunable layer")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device
     usage = {layer.name: torch.zeros(data.num_classes, layer.width, device=device) for layer in layers}
     for k in range(data.num_classes):
         subset = data.of_class(k, images_per_class)
         if len(subset) == 0:
             raise HFCompressError(f"class {k} ({data.class_names[k]}) has no image in the data used for importance")
         for images, labels in subset.to(device).batches(batch_size):
-            scores = taylor_scores(model, images, labels, layers)
+            scores = taylor_scores(model, images.to(parameter.dtype), labels, layers)
             for name, t in scores.items():
                 used = t >= used_threshold * t.mean(dim=1, keepdim=True)
                 usage[name][k] += used.float().sum(0)

@@ -104,6 +104,8 @@ def load_cnn(
         config = ARCHITECTURES[key](id2label=labels, label2id={v: k for k, v in labels.items()})
         torch.manual_seed(0)
         return PrunedCNNForImageClassification(config), {"model_id": key, "revision": None}
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise HFCompressError(f"model folder {model} does not exist")
     try:
         config = transformers.AutoConfig.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as err:

@@ -81,9 +81,11 @@ def joint_exit_loss(
     Class exclusion: L_i = BCE-with-logits against the one-hot label, positive weight 4 (K - 1) to offset the
     one positive per K - 1 negatives. Confidence baseline: L_i = CE, since it reads a softmax.
     """
-    loss = F.cross_entropy(final_logits, labels)
+    # float32 whatever the autocast dtype: the positive weight makes the BCE terms large.
+    loss = F.cross_entropy(final_logits.float(), labels)
     num_exits = len(exit_logits)
     for i, logits in enumerate(exit_logits, start=1):
+        logits = logits.float()
         weight = 1.0 / (num_exits - i + 1)
         if exit_rule == "confidence":
             exit_loss = F.cross_entropy(logits, labels)
@@ -240,6 +242,39 @@ class ClassExitResNetModel(nn.Module):
         return [self.embedder, *[layer for stage in self.encoder.stages for layer in stage.layers]]
 
 
+def _conv_macs(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, int]:
+    """MACs of `conv` on a `height` x `width` input, and its output size."""
+    sizes = []
+    for size, k, s, p, d in zip((height, width), conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    per_output = (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    return conv.out_channels * sizes[0] * sizes[1] * per_output, sizes[0], sizes[1]
+
+
+def _linear_macs(module: nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _unit_macs(unit: nn.Module, height: int, width: int) -> tuple[int, int, int]:
+    """MACs of one backbone unit (stem or residual block) and its output size."""
+    if isinstance(unit, nn.Identity):
+        return 0, height, width
+    if isinstance(unit, ClassExitResNetEmbeddings):
+        macs, height, width = _conv_macs(unit.embedder.convolution, height, width)
+        if isinstance(unit.pooler, nn.MaxPool2d):
+            height, width = ((size + 2 * 1 - 3) // 2 + 1 for size in (height, width))
+        return macs, height, width
+    if isinstance(unit, (ClassExitResNetBasicLayer, ClassExitResNetBottleNeckLayer)):
+        macs, out_height, out_width = 0, height, width
+        for layer in unit.layer:
+            cost, out_height, out_width = _conv_macs(layer.convolution, out_height, out_width)
+            macs += cost
+        if isinstance(unit.shortcut, ClassExitResNetShortCut):
+            macs += _conv_macs(unit.shortcut.convolution, height, width)[0]
+        return macs, out_height, out_width
+    raise TypeError(f"cannot count the MACs of a {type(unit).__name__} backbone unit")
+
+
 class ClassExitHead(nn.Module):
     """Adaptive average pooling to `pool_size` x `pool_size`, then one linear layer with one output per class."""
 
@@ -309,53 +344,22 @@ class ClassExitResNetForImageClassification(ClassExitResNetPreTrainedModel):
     def exit_enabled(self, index: int) -> bool:
         return self.config.exit_thresholds[index] != self.config.disabled_threshold
 
-    @torch.no_grad()
     def unit_macs(self, height: int, width: int) -> tuple[list[int], list[int], int]:
         """Multiply-adds per image of each backbone unit, each exit head and the final classifier.
 
         Counts convolutions (C_out * H_out * W_out * C_in / groups * k_h * k_w) and linear layers
         (in * out) at batch size 1, the HRank convention; pooling, batch norm and additions are free.
-        Measured once per input size with hooks on a zero image, then cached.
+        Computed from the layer shapes (no forward pass, so counting hooks on the model see nothing extra).
         """
         key = (int(height), int(width))
-        if key in self._macs_cache:
-            return self._macs_cache[key]
-        counter = [0]
-
-        def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
-                kernel = module.kernel_size[0] * module.kernel_size[1]
-                counter[0] += output[0].numel() * (module.in_channels // module.groups) * kernel
-            else:
-                counter[0] += module.in_features * module.out_features
-
-        hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        was_training = self.training
-        self.eval()
-        try:
-            parameter = next(self.parameters(), None)
-            hidden = torch.zeros(1, self.config.num_channels, *key)
-            if parameter is not None:
-                hidden = hidden.to(dtype=parameter.dtype, device=parameter.device)
-            exit_of = {unit: index for index, unit in enumerate(self.exit_units)}
-            units, heads = [], [0] * len(self.exit_units)
-            for index, unit in enumerate(self.resnet.units()):
-                counter[0] = 0
-                hidden = unit(hidden)
-                units.append(counter[0])
-                if index in exit_of:
-                    counter[0] = 0
-                    self.exit_heads[exit_of[index]](hidden)
-                    heads[exit_of[index]] = counter[0]
-            counter[0] = 0
-            self.classifier(self.resnet.pooler(hidden))
-            result = (units, heads, counter[0])
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.train(was_training)
-        self._macs_cache[key] = result
-        return result
+        if key not in self._macs_cache:
+            units = []
+            for unit in self.resnet.units():
+                macs, height, width = _unit_macs(unit, height, width)
+                units.append(macs)
+            heads = [_linear_macs(head) for head in self.exit_heads]
+            self._macs_cache[key] = (units, heads, _linear_macs(self.classifier))
+        return self._macs_cache[key]
 
     def full_macs(self, height: int, width: int) -> int:
         """Multiply-adds per image of the backbone and final classifier, without any exit head."""

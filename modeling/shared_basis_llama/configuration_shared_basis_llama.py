@@ -36,6 +36,12 @@ class SharedBasisLlamaConfig(LlamaConfig):
         compression (`dict`, *optional*):
             Provenance of the compression (method, target and achieved ratio, calibration data, source model,
             hf_compress version). Informational; never read by the forward pass.
+        fuse_bases (`bool`, *optional*, defaults to `False`):
+            Load-time option: run the bases of q/k/v (and of gate/up) as one matrix product per layer. The checkpoint
+            format does not change.
+        densify_above_break_even (`bool`, *optional*, defaults to `False`):
+            Load-time option: multiply factor pairs whose rank is past `d_in d_out / (d_in + d_out)` back into
+            dense weights, where that is cheaper to run (costs memory; reported by `densify_above_break_even()`).
         kwargs:
             Any `LlamaConfig` argument.
     """
@@ -49,6 +55,8 @@ class SharedBasisLlamaConfig(LlamaConfig):
         dense_projections: list[str] | None = None,
         qkv_bias: bool | None = None,
         compression: dict | None = None,
+        fuse_bases: bool = False,
+        densify_above_break_even: bool = False,
         **kwargs,
     ):
         self.basis_groups = {name: [list(map(int, g)) for g in groups] for name, groups in (basis_groups or {}).items()}
@@ -58,6 +66,8 @@ class SharedBasisLlamaConfig(LlamaConfig):
         self.dense_projections = list(dense_projections)
         self.qkv_bias = qkv_bias
         self.compression = compression
+        self.fuse_bases = fuse_bases
+        self.densify_above_break_even = densify_above_break_even
         kwargs.setdefault(
             "auto_map",
             {

@@ -1,4 +1,4 @@
-"""`hf_compress.convert`: stock Llama-family checkpoint -> calibration -> Basis Sharing -> SharedBasisLlama checkpoint."""
+"""The converter: stock Llama-family checkpoint -> calibration -> Basis Sharing -> SharedBasisLlama checkpoint."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from .text_data import calibration_batch, load_texts, resolve_text_source
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+REFIT_STAGES = ("attn_in", "o_in", "mlp_in", "down_in")
 
 
 @dataclass
@@ -171,7 +172,7 @@ class BasisSharingCompressor:
     @torch.no_grad()
     def _embeddings(self) -> torch.Tensor:
         embed = self.model.model.embed_tokens
-        return torch.cat([embed(self.ids[rows]).to(self.device, torch.float32)
+        return torch.cat([embed(self.ids[rows].to(embed.weight.device)).to(self.device, torch.float32)
                           for rows in self.runner.batches(self.ids.shape[0])])
 
     def _layer(self, layer_idx: int):
@@ -182,7 +183,7 @@ class BasisSharingCompressor:
             self.model.model.layers[layer_idx].to("cpu")
 
     # -- the two phases -------------------------------------------------------------------------------------
-    def _dense_grams(self) -> list[dict[str, torch.Tensor]]:
+    def dense_grams(self) -> list[dict[str, torch.Tensor]]:
         """Grams of every layer on the dense model's own activations (kept on the CPU)."""
         hidden = self._embeddings()
         grams = []
@@ -222,10 +223,12 @@ class BasisSharingCompressor:
         return result
 
     @torch.no_grad()
-    def run(self) -> dict[str, list[GroupFactors]]:
+    def run(self, dense_grams: list[dict[str, torch.Tensor]] | None = None) -> dict[str, list[GroupFactors]]:
+        """Factors of every group. `dense_grams` (from `dense_grams()`) can be passed in to reuse one calibration
+        pass across several settings on the same model and data."""
         opts = self.options
-        dense_grams = self._dense_grams() if (not opts.sequential or opts.rank_allocation == "global"
-                                              or opts.rank_multiple > 1) else None
+        if dense_grams is None and (not opts.sequential or opts.rank_allocation == "global" or opts.rank_multiple > 1):
+            dense_grams = self.dense_grams()
         ranks = self._ranks(dense_grams or [])
         factors: dict[str, list[GroupFactors | None]] = {n: [None] * len(g) for n, g in self.groups.items()}
         needs_stream = opts.sequential or opts.refit
@@ -253,8 +256,8 @@ class BasisSharingCompressor:
                     dense_layer = self._layer(layer_idx)
                     compressed = self._compressed_layer(layer_idx, factors)
                     if opts.refit:
-                        self._refit_layer(layer_idx, dense_layer, compressed, dense_hidden, comp_hidden, factors)
-                        compressed = self._compressed_layer(layer_idx, factors)
+                        compressed = self._refit_layer(layer_idx, dense_layer, compressed, dense_hidden,
+                                                       comp_hidden, factors)
                     dense_hidden = _advance(self.runner, dense_layer, dense_hidden, layer_idx)
                     comp_hidden = _advance(self.runner, compressed, comp_hidden, layer_idx)
                     self._offload(layer_idx)
@@ -279,14 +282,21 @@ class BasisSharingCompressor:
             setattr(layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name, module)
         return layer
 
-    def _refit_layer(self, layer_idx, dense_layer, compressed, dense_hidden, comp_hidden, factors) -> None:
-        pairs = paired_grams(self.runner, dense_layer, compressed, dense_hidden, comp_hidden, layer_idx, self.keys)
-        for name, groups in factors.items():
-            group = next(g for g in groups if layer_idx in g.layers)
-            gram_hat, cross = pairs[GRAM_KEY[name]]
-            weight = dense_weight(dense_layer, name)
-            refit = refit_coefficients(group.basis.to(self.device), weight, gram_hat.double(), cross.double())
-            group.coefficients[group.layers.index(layer_idx)] = refit.cpu()
+    def _refit_layer(self, layer_idx, dense_layer, compressed, dense_hidden, comp_hidden, factors):
+        """Refits the layer's coefficients input by input, in forward order, so that each stage sees the inputs that
+        the already-refit projections before it produce (o after q/k/v, down after gate/up). Returns the new layer."""
+        for key in REFIT_STAGES:
+            names = [name for name in factors if GRAM_KEY[name] == key]
+            if not names:
+                continue
+            pairs = paired_grams(self.runner, dense_layer, compressed, dense_hidden, comp_hidden, layer_idx, (key,))
+            gram_hat, cross = (g.double() for g in pairs[key])
+            for name in names:
+                group = next(g for g in factors[name] if layer_idx in g.layers)
+                refit = refit_coefficients(group.basis.to(self.device), dense_weight(dense_layer, name), gram_hat, cross)
+                group.coefficients[group.layers.index(layer_idx)] = refit.cpu()
+            compressed = self._compressed_layer(layer_idx, factors)
+        return compressed
 
 
 def _shape_only_spectrum(model, name: str, group: list[int]) -> GroupSpectrum:

@@ -1,0 +1,150 @@
+"""LLM quality benchmark, protocol "quick" of ../shared/BENCHMARKS.md, on SmolLM2-135M-Instruct (CPU, float32).
+
+Calibration: the 500 C4 calibration documents joined with "\\n\\n", tokenized once, 512-token chunks, seed 2023,
+the first 128 chunks of `randperm`. Evaluation: WikiText-2 test joined with "\\n\\n", windows of 2048, the first 20
+(quick) or all (--full). One calibration pass of the dense model is shared by every row that only needs the dense
+Grams; rows with --refit or sequential calibration run their own passes.
+
+Rows are appended to benchmarks/results/llm_quality_quick.jsonl as they finish (the script resumes: rows already
+there are skipped), and the markdown table benchmarks/results/llm_quality_quick.md is rewritten after each row.
+
+    python benchmarks/bench_llm_quality.py --ratios 0.2 0.4 --methods svd-llm basis-sharing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from hf_compress.assembly import build_shared_basis_llama
+from hf_compress.converter import BasisSharingCompressor, BasisSharingConfig
+from hf_compress.perplexity import window_losses
+from hf_compress.resources import PeakMemory
+from hf_compress.sources import load_source
+from hf_compress.text_data import calibration_batch, load_texts, resolve_text_source, tokenize_joined
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# method name -> BasisSharingConfig fields (ratio filled in per row)
+METHODS: dict[str, dict] = {
+    "svd": dict(group_size=1, whiten=False),
+    "svd-llm": dict(group_size=1),
+    "basis-sharing": dict(),
+    "basis-sharing+global": dict(rank_allocation="global"),
+    "basis-sharing+refit": dict(refit=True),
+    "basis-sharing+sequential": dict(sequential=True),
+    "basis-sharing+multiple128": dict(rank_multiple=128),
+    "basis-sharing+global+refit": dict(rank_allocation="global", refit=True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--windows", type=int, default=20, help="evaluation windows (20 = quick; 0 = all, full)")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--tag", default="quick")
+    parser.add_argument("--jobs", nargs="+", default=None,
+                        help="explicit METHOD@RATIO rows in this order (default: every method at every ratio)")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    out_jsonl = RESULTS / f"llm_quality_{args.tag}.jsonl"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = {(r["method"], r["target_ratio"]) for r in read_rows(out_jsonl)}
+
+    model, tokenizer, _ = load_source("smollm2")
+    calib_ids = calibration_batch(tokenizer, load_texts(resolve_text_source("c4-calibration")),
+                                  samples=args.samples, seq_len=args.seq_len, seed=2023)
+    eval_ids = tokenize_joined(tokenizer, load_texts(resolve_text_source("wikitext2")))
+    max_windows = args.windows or None
+
+    def ppl(m) -> float:
+        losses = window_losses(m, eval_ids, seq_len=2048, max_windows=max_windows, progress=False)
+        return math.exp(sum(losses) / len(losses))
+
+    if ("dense", 0.0) not in done:
+        start = time.perf_counter()
+        value = ppl(model)
+        append(out_jsonl, {"method": "dense", "target_ratio": 0.0, "achieved_ratio": 0.0, "perplexity": value,
+                           "eval_time_s": time.perf_counter() - start, "windows": args.windows})
+    device = torch.device("cpu")
+    shared_grams, gram_time, gram_peak = None, 0.0, 0.0
+    jobs = [(m, r) for r in args.ratios for m in args.methods]
+    if args.jobs:
+        jobs = [(job.split("@")[0], float(job.split("@")[1])) for job in args.jobs]
+    for method, ratio in jobs:
+        if (method, ratio) in done:
+            continue
+        options = BasisSharingConfig(ratio=ratio, **METHODS[method])
+        compressor = BasisSharingCompressor(model, options, calib_ids, device, progress=False)
+        needs_own_pass = options.refit or options.sequential
+        if shared_grams is None and options.whiten:
+            with PeakMemory() as peak:
+                start = time.perf_counter()
+                shared_grams = compressor.dense_grams()
+                gram_time = time.perf_counter() - start
+            gram_peak = peak.peak_mb
+        with PeakMemory() as peak:
+            start = time.perf_counter()
+            factors = compressor.run(dense_grams=shared_grams if options.whiten else None)
+            compressed = build_shared_basis_llama(model, factors)
+            own_time = time.perf_counter() - start
+        params_before = sum(f.basis.shape[0] * f.coefficients[0].shape[1] * len(f.layers)
+                            for groups in factors.values() for f in groups)
+        params_after = sum(f.basis.numel() + sum(c.numel() for c in f.coefficients)
+                           for groups in factors.values() for f in groups)
+        start = time.perf_counter()
+        value = ppl(compressed)
+        # Conversion time of a stand-alone run: the shared dense calibration pass (if the method uses the
+        # dense Grams) plus this row's own work; refit/sequential rows also run their own passes inside `run`.
+        conversion_time = own_time + (gram_time if options.whiten else 0.0)
+        append(out_jsonl, {
+            "method": method, "target_ratio": ratio, "achieved_ratio": 1 - params_after / params_before,
+            "perplexity": value, "eval_time_s": time.perf_counter() - start,
+            "conversion_time_s": conversion_time, "peak_rss_mb": max(peak.peak_mb, gram_peak),
+            "own_pass": needs_own_pass, "ranks": {k: [f.rank for f in v] for k, v in factors.items()},
+            "windows": args.windows,
+        })
+        write_table(out_jsonl, RESULTS / f"llm_quality_{args.tag}.md")
+        del compressed
+    write_table(out_jsonl, RESULTS / f"llm_quality_{args.tag}.md")
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+
+
+def write_table(jsonl: Path, md: Path) -> None:
+    rows = read_rows(jsonl)
+    dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
+    lines = [
+        "| method | target | achieved | WikiText-2 ppl | x dense | conversion (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["target_ratio"], list(METHODS).index(r["method"]) if r["method"] in METHODS else -1)):
+        conv = f"{r['conversion_time_s']:.0f}" if "conversion_time_s" in r else "-"
+        peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        rel = f"{r['perplexity'] / dense:.2f}" if dense else "-"
+        lines.append(f"| {r['method']} | {r['target_ratio']:.0%} | {r['achieved_ratio']:.2%} | {r['perplexity']:.2f} "
+                     f"| {rel} | {conv} | {peak} |")
+    md.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Model cards: metadata, tables, eval results as model-index, and the Hub's metadata validation (fake Hub)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_compress.cards import record_eval_results, write_model_card
+from hf_compress.errors import HFCompressError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import FakeHub, use_in_process  # noqa: E402
+
+SB_CONFIG = {
+    "model_type": "shared_basis_llama",
+    "architectures": ["SharedBasisLlamaForCausalLM"],
+    "basis_groups": {"q_proj": [[0, 1], [2, 3]], "up_proj": [[0, 1], [2, 3]]},
+    "basis_ranks": {"q_proj": [8, 6], "up_proj": [12, 10]},
+    "dense_projections": ["k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+    "compression": {
+        "method": "basis_sharing", "target_ratio": 0.2, "achieved_ratio": 0.2004, "params_before": 123456,
+        "params_after": 98700, "total_params_before": 500000, "total_params_after": 475244,
+        "calibration": {"dataset": "../shared/data/c4/calibration-00000-of-00001.parquet", "config": None,
+                        "split": "train", "column": "text", "samples": 128, "seq_len": 512, "seed": 2023},
+        "source": {"model_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": None,
+                   "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "options": {"whiten": True, "group_size": 2}, "hf_compress_version": "0.1.0",
+    },
+}
+PPL = {"task_type": "text-generation", "dataset_type": "wikitext", "dataset_name": "WikiText-2 (raw, test)",
+       "dataset_config": "wikitext-2-raw-v1", "dataset_split": "test", "metric_type": "perplexity",
+       "metric_name": "perplexity (2048-token windows)", "metric_value": 23.5, "source": "hf-compress ppl"}
+ACC = {"task_type": "text-generation", "task_name": "hfc_piqa", "dataset_type": "baber/piqa", "dataset_name": "PIQA",
+       "dataset_split": "validation", "metric_type": "acc", "metric_name": "acc (lm-eval, 0-shot)", "metric_value": 0.61,
+       "source": "lm-eval 0.4.13", "source_url": "https://github.com/EleutherAI/lm-evaluation-harness"}
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(SB_CONFIG))
+    return path
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    server = FakeHub(tmp_path / "hub").start()
+    use_in_process(server, tmp_path, monkeypatch)
+    yield server
+    server.stop()
+
+
+def _load(folder: Path) -> ModelCard:
+    return ModelCard.load(folder / "README.md")
+
+
+def test_metadata_and_tables_of_a_basis_sharing_checkpoint(folder, hub):
+    path = write_model_card(folder)
+    assert path == folder / "README.md"
+    card = _load(folder)
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["license"] == "apache-2.0"  # inherited from the known source
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["tags"] == ["hf-compress", "basis-sharing", "custom_code", "compressed"]
+    assert "model-index" not in meta  # nothing measured yet
+    body = card.text
+    assert "| Target / achieved ratio | 20.00% / 20.04% |" in body
+    assert "| Parameters of the compressed layers, before / after | 123,456 / 98,700 |" in body
+    assert "| All parameters, before / after | 500,000 / 475,244 |" in body
+    assert "128 samples x 512 tokens, seed 2023" in body
+    assert "| q_proj | [0,1] [2,3] | 8, 6 |" in body and "| up_proj | [0,1] [2,3] | 12, 10 |" in body
+    assert "| options.whiten | true |" in body and "| options.group_size | 2 |" in body
+    assert 'import hf_compress' in body and f'from_pretrained("{folder}", trust_remote_code=True)' in body
+    assert "lm_eval --model hf --model_args pretrained=" in body
+    # The Hub's validation (fake Hub endpoint), through both client paths.
+    card.validate()
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.url)._validate_yaml(str(card))
+
+
+def test_eval_results_become_model_index_and_are_merged(folder, hub):
+    write_model_card(folder, license="mit", base_model="someone/base")
+    record_eval_results(folder, [PPL, ACC])
+    record_eval_results(folder, [{**PPL, "metric_value": 21.25}])  # same measurement: replaced
+    record_eval_results(folder, [{**PPL, "dataset_split": "validation", "metric_value": 30.0}])  # another split: added
+    stored = json.loads((folder / "eval_results.json").read_text())["results"]
+    assert [(r["metric_type"], r.get("dataset_split"), r["metric_value"]) for r in stored] == [
+        ("perplexity", "test", 21.25), ("acc", "validation", 0.61), ("perplexity", "validation", 30.0)]
+    card = _load(folder)
+    # Values given to an earlier call are kept by later re-writes.
+    assert card.data.license == "mit" and card.data.base_model == "someone/base"
+    got = [(r.dataset_type, r.dataset_split, r.metric_type, r.metric_value, r.source_name) for r in card.data.eval_results]
+    assert got == [("wikitext", "test", "perplexity", 21.25, None), ("baber/piqa", "validation", "acc", 0.61, "lm-eval 0.4.13"),
+                   ("wikitext", "validation", "perplexity", 30.0, None)]
+    assert "| hfc_piqa | PIQA (validation) | acc (lm-eval, 0-shot) | 0.61 | lm-eval 0.4.13 |" in card.text
+    assert "| text-generation | WikiText-2 (raw, test) | perplexity (2048-token windows) | 21.25 | hf-compress ppl |" in card.text
+    card.validate()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({k: v for k, v in PPL.items() if k != "metric_value"}, "lacks metric_value"),
+    ({**PPL, "metric_value": float("nan")}, "finite number"),
+    ({**PPL, "metric_value": "12"}, "finite number"),
+    ({**PPL, "wall_time": 3}, "unknown key"),
+])
+def test_bad_eval_results_are_refused_without_writing(folder, bad, message):
+    record_eval_results(folder, [PPL])
+    before = (folder / "eval_results.json").read_text(), (folder / "README.md").read_text()
+    with pytest.raises(HFCompressError, match=message):
+        record_eval_results(folder, [ACC, bad])
+    assert ((folder / "eval_results.json").read_text(), (folder / "README.md").read_text()) == before
+
+
+def test_invalid_metadata_is_refused_by_the_hub(folder, hub):
+    from hf_compress.hub import push_to_hub
+
+    write_model_card(folder, license="not-a-license")
+    with pytest.raises(ValueError, match="unknown value: 'not-a-license'"):
+        _load(folder).validate()
+    (folder / "model.safetensors").write_bytes(b"\0" * 8)
+    with pytest.raises(HFCompressError, match="refused the model card's metadata"):
+        push_to_hub(folder, "alice/bad-card")
+    repo = hub.load_repo("alice/bad-card")
+    assert list(repo["commits"][repo["branches"]["main"]]["files"]) == [".gitattributes"]  # nothing half-pushed
+
+
+def test_image_classification_family(tmp_path, hub):
+    folder = tmp_path / "cnn"
+    folder.mkdir()
+    config = {"model_type": "pruned_cnn", "architectures": ["PrunedCNNForImageClassification"],
+              "compression": {"method": "class_aware_pruning", "params_before": 272474, "params_after": 90210,
+                              "macs_before": 40554000, "macs_after": 15000000, "accuracy_before": 0.9123,
+                              "accuracy_after": 0.9051, "iterations": [{"iteration": i} for i in range(3)],
+                              "channels": {"layer1": [64, 40]}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    write_model_card(folder, license="mit")
+    card = _load(folder)
+    assert card.data.pipeline_tag == "image-classification" and "class-aware-pruning" in card.data.tags
+    assert card.data.base_model is None
+    assert "AutoModelForImageClassification.from_pretrained(" in card.text and "lm_eval" not in card.text
+    assert "| channels.layer1 | [64, 40] |" in card.text
+    assert "| Parameters, before / after | 272,474 / 90,210 |" in card.text
+    assert "| macs, before / after | 40,554,000 / 15,000,000 |" in card.text
+    assert "| accuracy, before / after | 0.9123 / 0.9051 |" in card.text
+    assert "| iterations | 3 entries (see config.json) |" in card.text
+    card.validate()
+
+
+def test_card_needs_a_checkpoint(tmp_path):
+    with pytest.raises(HFCompressError, match="has no config.json"):
+        write_model_card(tmp_path)
+    assert not (tmp_path / "README.md").exists()
+
+
+def test_card_written_in_a_staging_folder_names_the_final_one(tmp_path):
+    staging = tmp_path / ".smollm2-bs-0.2.incomplete-k3j4"
+    staging.mkdir()
+    (staging / "config.json").write_text(json.dumps(SB_CONFIG))
+    write_model_card(staging)
+    card = ModelCard.load(staging / "README.md")
+    assert card.text.count(f'from_pretrained("{tmp_path / "smollm2-bs-0.2"}"') == 2
+    assert "# smollm2-bs-0.2\n" in card.text

@@ -1,0 +1,191 @@
+"""The converter end to end on tiny models: CLI, pipeline options, provenance, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+from conftest import make_tokenizer, tiny_llama
+from hf_compress.calibration import GRAM_KEY, LayerRunner, layer_grams
+from hf_compress.cli import app
+from hf_compress.converter import BasisSharingCompressor, BasisSharingConfig, CalibrationConfig, block_spans, convert
+from hf_compress.decomposition import calibration_loss
+from hf_compress.errors import HFCompressError
+from hf_compress.layout import dense_weight, projection
+from hf_compress.perplexity import perplexity
+from hf_compress.text_data import calibration_batch, load_texts, resolve_text_source
+
+runner = CliRunner()
+
+
+def calibration_ids(tokenizer, calib_file, samples=8, seq_len=32):
+    return calibration_batch(tokenizer, load_texts(resolve_text_source(str(calib_file))), samples=samples,
+                             seq_len=seq_len, seed=2023)
+
+
+def test_calibration_sampling_follows_the_protocol(tokenizer, calib_file):
+    texts = load_texts(resolve_text_source(str(calib_file)))
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids
+    chunks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
+    torch.manual_seed(2023)
+    expected = chunks[torch.randperm(chunks.shape[0])[:8]]
+    assert torch.equal(calibration_ids(tokenizer, calib_file), expected)
+    with pytest.raises(HFCompressError, match=r"fewer than the 100000 samples"):
+        calibration_ids(tokenizer, calib_file, samples=100000)
+
+
+def test_block_spans_close_over_groups():
+    groups = {"q_proj": [[0, 1], [2, 3], [4]], "o_proj": [[0], [1], [2], [3], [4]]}
+    assert block_spans(groups, 5) == [[0, 1], [2, 3], [4]]
+    assert block_spans({"q_proj": [[0, 1, 2], [3, 4]], "up_proj": [[0, 1], [2, 3], [4]]}, 5) == [[0, 1, 2, 3, 4]]
+
+
+def test_layer_grams_match_an_independent_hook(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file, samples=4)
+    run = LayerRunner(model, ids.shape[1], torch.device("cpu"), batch_size=3)
+    hidden = model.model.embed_tokens(ids).detach()
+    grams, out = layer_grams(run, model.model.layers[0], hidden, 0, ("attn_in", "down_in"))
+    with torch.no_grad():
+        reference = model(ids, output_hidden_states=True)
+    torch.testing.assert_close(out, reference.hidden_states[1], atol=1e-5, rtol=1e-5)
+    # attn_in is the input layernorm of the embeddings.
+    normed = model.model.layers[0].input_layernorm(hidden).reshape(-1, hidden.shape[-1])
+    torch.testing.assert_close(grams["attn_in"], normed.T @ normed, atol=1e-3, rtol=1e-4)
+
+
+def loss_of(model, factors, ids, dense=None):
+    """Summed whitened-space calibration loss of every compressed projection on the dense model's inputs."""
+    run = LayerRunner(model, ids.shape[1], torch.device("cpu"), batch_size=8)
+    hidden = model.model.embed_tokens(ids).detach()
+    total = 0.0
+    for layer_idx, layer in enumerate(model.model.layers):
+        grams, hidden = layer_grams(run, layer, hidden, layer_idx, tuple(sorted(set(GRAM_KEY.values()))))
+        for name, groups in factors.items():
+            group = next(g for g in groups if layer_idx in g.layers)
+            c = group.coefficients[group.layers.index(layer_idx)]
+            gram = grams[GRAM_KEY[name]].double()
+            total += calibration_loss(group.basis, c, dense_weight(layer, name), gram, gram, gram)
+    return total
+
+
+def test_whitening_beats_plain_svd_on_the_model(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file)
+    whitened = BasisSharingCompressor(model, BasisSharingConfig(ratio=0.4), ids, torch.device("cpu"), progress=False).run()
+    plain = BasisSharingCompressor(model, BasisSharingConfig(ratio=0.4, whiten=False), ids, torch.device("cpu"),
+                                   progress=False).run()
+    assert loss_of(model, whitened, ids) < loss_of(model, plain, ids)
+
+
+def test_sequential_and_refit_run_and_refit_lowers_output_error(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file)
+    with torch.no_grad():
+        reference = model(ids).logits
+    errors = {}
+    for label, opts in {
+        "plain": BasisSharingConfig(ratio=0.5),
+        "refit": BasisSharingConfig(ratio=0.5, refit=True),
+        "sequential": BasisSharingConfig(ratio=0.5, sequential=True),
+    }.items():
+        compressor = BasisSharingCompressor(model, opts, ids, torch.device("cpu"), progress=False)
+        from hf_compress.assembly import build_shared_basis_llama
+
+        compressed = build_shared_basis_llama(model, compressor.run())
+        with torch.no_grad():
+            errors[label] = float(((compressed(ids).logits - reference) ** 2).mean())
+    assert errors["refit"] < errors["plain"]
+    assert math.isfinite(errors["sequential"])
+
+
+def test_cli_convert_end_to_end(tiny_source_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, [
+        "convert", str(tiny_source_dir), str(out), "--ratio", "0.3", "--calib-dataset", str(calib_file),
+        "--calib-samples", "8", "--calib-seq-len", "32", "--eval-dataset", str(calib_file), "--eval-seq-len", "64",
+        "--eval-max-windows", "3", "--rank-allocation", "global",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "achieved" in result.output and "perplexity" in result.output
+    config = json.loads((out / "config.json").read_text())
+    provenance = config["compression"]
+    assert provenance["method"] == "basis_sharing"
+    assert provenance["target_ratio"] == 0.3
+    assert abs(provenance["achieved_ratio"] - 0.3) < 0.005
+    assert provenance["calibration"]["samples"] == 8 and provenance["calibration"]["seed"] == 2023
+    assert provenance["source"]["model_id"] == str(tiny_source_dir)
+    assert provenance["options"]["rank_allocation"] == "global"
+    # The achieved ratio is counted from the checkpoint's own parameters.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    params = sum(p.numel() for n, p in model.named_parameters() if "shared_bases" in n or "coefficients" in n)
+    assert params == provenance["params_after"]
+    assert provenance["achieved_ratio"] == pytest.approx(1 - params / provenance["params_before"], abs=1e-6)
+    # The printed perplexity is the one `perplexity()` computes on the saved checkpoint.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = load_texts(resolve_text_source(str(calib_file)))
+    ppl = perplexity(model, tokenizer, texts, seq_len=64, max_windows=3, progress=False)
+    assert json.loads((out / "perplexity.json").read_text())["perplexity"] == pytest.approx(ppl, rel=1e-5)
+    assert f"{ppl:.3f}" in result.output
+    # ppl command agrees.
+    result = runner.invoke(app, ["ppl", str(out), "--dataset", str(calib_file), "--seq-len", "64", "--max-windows", "3"])
+    assert result.exit_code == 0, result.output
+    assert f"{ppl:.4f}" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
+        (["--ratio", "0"], "--ratio must be in (0, 1)"),
+        (["--group-size", "0"], "--group-size must be between 1 and the number of layers (4)"),
+        (["--group-size", "9"], "--group-size must be between 1 and the number of layers (4)"),
+        (["--share", "q_proj,foo"], "--share names unknown projection(s) ['foo']"),
+        (["--rank-allocation", "best"], "--rank-allocation must be 'uniform' or 'global'"),
+        (["--calib-samples", "5000"], "fewer than the 5000 samples asked for"),
+        (["--calib-column", "body"], "has no column 'body'"),
+    ],
+)
+def test_cli_bad_input(tiny_source_dir, calib_file, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(tiny_source_dir), str(out), "--calib-dataset", str(calib_file),
+                                 "--calib-samples", "4", "--calib-seq-len", "32", *args])
+    assert result.exit_code != 0
+    assert message in str(result.exception) + result.output
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.incomplete") for p in tmp_path.iterdir())
+
+
+def test_existing_output_needs_overwrite(tiny_source_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    calib = CalibrationConfig(dataset=str(calib_file), samples=4, seq_len=32)
+    with pytest.raises(HFCompressError, match="exists; pass --overwrite"):
+        convert(str(tiny_source_dir), out, calibration=calib, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert(str(tiny_source_dir), out, calibration=calib, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_unsupported_architecture_is_named(tmp_path, calib_file):
+    tok = make_tokenizer()
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(tok))).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(HFCompressError, match=r"unsupported architecture 'gpt2'.*llama, mistral, qwen2"):
+        convert(str(tmp_path / "gpt2"), tmp_path / "out",
+                calibration=CalibrationConfig(dataset=str(calib_file), samples=4, seq_len=32), progress=False)
+
+
+def test_nan_weights_are_named(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    with torch.no_grad():
+        projection(model.model.layers[2], "up_proj").weight[0, 0] = float("nan")
+    ids = calibration_ids(tokenizer, calib_file, samples=4)
+    with pytest.raises(HFCompressError, match=r"decoder layer 2"):
+        BasisSharingCompressor(model, BasisSharingConfig(), ids, torch.device("cpu"), progress=False).run()
