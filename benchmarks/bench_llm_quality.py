@@ -36,6 +36,7 @@ METHODS: dict[str, dict] = {
     "svd-llm": dict(group_size=1),
     "basis-sharing": dict(),
     "basis-sharing+global": dict(rank_allocation="global"),
+    "basis-sharing+global-absolute": dict(rank_allocation="global", rank_score="absolute"),
     "basis-sharing+refit": dict(refit=True),
     "basis-sharing+sequential": dict(sequential=True),
     "basis-sharing+multiple128": dict(rank_multiple=128),

@@ -22,7 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_compress.converter import BasisSharingCompressor, BasisSharingConfig
-from hf_compress.decomposition import GroupSpectrum, allocate_ranks
+from hf_compress.decomposition import allocate_ranks, shape_spectrum
 from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaConfig, SharedBasisLlamaForCausalLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,22 +47,15 @@ def shared_basis_config(base: LlamaConfig, ratio: float, multiple: int) -> Share
     for name, type_groups in groups.items():
         d_in, d_out = SharedBasisLlamaConfig(**base.to_dict()).projection_shape(name)
         for idx, group in enumerate(type_groups):
-            spec = _shape_only_spectrum_from_shape(name, group, d_in, d_out)
+            spec = shape_spectrum(name, group, d_in, d_out)
             spectra.append(spec)
             owners.append((name, idx))
-    # Shape-only spectra: uniform ranks, then chunks of `multiple` to meet the budget (no singular values needed).
+    # Shape-only spectra: uniform ranks, then chunks of `multiple` spread evenly to meet the budget.
     ranks = allocate_ranks(spectra, ratio, multiple=multiple)
     basis_ranks = {name: [0] * len(g) for name, g in groups.items()}
     for (name, idx), rank in zip(owners, ranks):
         basis_ranks[name][idx] = rank
     return SharedBasisLlamaConfig(basis_groups=groups, basis_ranks=basis_ranks, **base.to_dict())
-
-
-def _shape_only_spectrum_from_shape(name, group, d_in, d_out):
-    limit = min(d_in, len(group) * d_out)
-    # Flat spectrum: every component equally useful, so leftover budget spreads evenly.
-    values = torch.ones(limit, dtype=torch.float64)
-    return GroupSpectrum(name, group, d_in, d_out, torch.empty(d_in, 0), values, torch.empty(0, len(group) * d_out), None)
 
 
 @torch.no_grad()

@@ -54,29 +54,32 @@ def bench_model(name: str, spec: str, args) -> dict:
     record["target_ratio"] = compression.get("target_ratio", 0.0 if gguf_file else None)
     record["achieved_ratio"] = compression.get("achieved_ratio", 0.0 if gguf_file else None)
 
-    results = run_lm_eval(path, ["hfc_wikitext2"], limit=args.wikitext_docs, gguf_file=gguf_file,
-                          batch_size=1, max_length=args.max_length, device=args.device)
-    wiki = results["results"]["hfc_wikitext2"]
-    record["lm_eval_wall_s"] = results["hf_compress"]["wall_time_s"]
-    record["word_perplexity"] = wiki["word_perplexity,none"]
-    record["byte_perplexity"] = wiki["byte_perplexity,none"]
-    entries = card_entries(results)
+    entries: list[dict] = []
+    if not args.no_wikitext:
+        results = run_lm_eval(path, ["hfc_wikitext2"], limit=args.wikitext_docs, gguf_file=gguf_file,
+                              batch_size=1, max_length=args.max_length, device=args.device)
+        wiki = results["results"]["hfc_wikitext2"]
+        record["lm_eval_wall_s"] = results["hf_compress"]["wall_time_s"]
+        record["word_perplexity"] = wiki["word_perplexity,none"]
+        record["byte_perplexity"] = wiki["byte_perplexity,none"]
+        entries += card_entries(results)
 
-    model, tokenizer = load_causal_lm(spec)
-    model.to(args.device)
-    counts = wikitext_counts(tokenizer, args.wikitext_docs)
-    record.update(counts)
-    nll = math.log(record["word_perplexity"]) * counts["words"]
-    record["lm_eval_token_perplexity"] = math.exp(nll / counts["tokens"])
+        model, tokenizer = load_causal_lm(spec)
+        model.to(args.device)
+        counts = wikitext_counts(tokenizer, args.wikitext_docs)
+        record.update(counts)
+        nll = math.log(record["word_perplexity"]) * counts["words"]
+        record["lm_eval_token_perplexity"] = math.exp(nll / counts["tokens"])
 
-    import datasets
+        import datasets
 
-    rows = datasets.load_dataset("parquet", data_files={"test": str(data_dir() / WIKITEXT2_TEST)}, split="test")["text"]
-    start = time.perf_counter()
-    record["ppl"] = perplexity(model, tokenizer, rows, seq_len=2048, max_windows=args.ppl_windows, progress=False)
-    record["ppl_wall_s"] = time.perf_counter() - start
-    record["ppl_windows"] = args.ppl_windows
-    del model
+        rows = datasets.load_dataset("parquet", data_files={"test": str(data_dir() / WIKITEXT2_TEST)},
+                                     split="test")["text"]
+        start = time.perf_counter()
+        record["ppl"] = perplexity(model, tokenizer, rows, seq_len=2048, max_windows=args.ppl_windows, progress=False)
+        record["ppl_wall_s"] = time.perf_counter() - start
+        record["ppl_windows"] = args.ppl_windows
+        del model
 
     if args.zeroshot_limit:
         zs = run_lm_eval(path, ["hfc_zeroshot"], limit=args.zeroshot_limit, gguf_file=gguf_file,
@@ -89,15 +92,15 @@ def bench_model(name: str, spec: str, args) -> dict:
     if args.update_card and not gguf_file:
         from hf_compress.cards import record_eval_results
 
-        scale = f"{counts['documents']} articles" if args.wikitext_docs else "all articles"
-        ppl_entry = {
-            "task_type": "text-generation", "dataset_type": "wikitext", "dataset_name": "WikiText-2 (raw, test)",
-            "dataset_config": "wikitext-2-raw-v1", "dataset_split": "test", "metric_type": "perplexity",
-            "metric_name": f"perplexity (hf-compress ppl, 2048-token windows, first {args.ppl_windows})",
-            "metric_value": record["ppl"], "source": "hf-compress ppl",
-        }
-        record_eval_results(path, entries + [ppl_entry])
-        record["card_updated"] = f"lm-eval on {scale}"
+        if "ppl" in record:
+            entries.append({
+                "task_type": "text-generation", "dataset_type": "wikitext", "dataset_name": "WikiText-2 (raw, test)",
+                "dataset_config": "wikitext-2-raw-v1", "dataset_split": "test", "metric_type": "perplexity",
+                "metric_name": f"perplexity (hf-compress ppl, 2048-token windows, first {args.ppl_windows})",
+                "metric_value": record["ppl"], "source": "hf-compress ppl",
+            })
+        record_eval_results(path, entries)
+        record["card_updated"] = True
     return record
 
 
@@ -111,6 +114,8 @@ def markdown(records: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
+        if "word_perplexity" not in r:
+            continue
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         lines.append(
             f"| {r['model']} | {pct(r['target_ratio'])} | {pct(r['achieved_ratio'])} | {r['word_perplexity']:.2f} | "
@@ -136,6 +141,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048, help="lm-eval rolling window (tokens).")
     parser.add_argument("--ppl-windows", type=int, default=20, help="hf-compress ppl windows (20 = quick).")
     parser.add_argument("--zeroshot-limit", type=int, default=0, help="Items per zero-shot task (0: skip).")
+    parser.add_argument("--no-wikitext", action="store_true", help="Skip the perplexity part (zero-shot only).")
     parser.add_argument("--zeroshot-batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)

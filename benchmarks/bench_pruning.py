@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--images-per-class", type=int, default=32)
     parser.add_argument("--used-threshold", type=float, default=1.0)
     parser.add_argument("--class-threshold", type=float, default=0.5)
-    parser.add_argument("--regularizer", default="orthogonal")
+    parser.add_argument("--regularizer", default="l1", help="none, orthogonal or l1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="/tmp/hf_compress_bench_pruning")
     parser.add_argument("--tag", default="run")
@@ -136,11 +136,10 @@ def main() -> None:
         class_aware["stop_reason"] = result.stop_reason
         prune_time = time.time() - t0
 
-        # L1-norm baseline: same MACs, same total retraining epochs as class-aware used.
+        # L1-norm baseline: same MACs, and as many retraining epochs as the chosen class-aware model received.
         t0 = time.time()
-        done_iterations = len(result.rows) - 1
         l1 = l1_prune_to_macs(model, class_aware["macs"])
-        l1_epochs = max(1, done_iterations * args.retrain_epochs)
+        l1_epochs = max(1, result.best_iteration * args.retrain_epochs)
         train_classifier(l1, train, epochs=l1_epochs, lr=args.retrain_lr, batch_size=args.batch_size, seed=args.seed,
                          desc=f"{arch} L1 retrain")
         l1_row = row(f"{arch} L1-norm", l1, evaluate_accuracy(l1, test), base)
@@ -159,7 +158,7 @@ def main() -> None:
         f"# Class-aware vs L1-norm pruning, CIFAR-10 ({args.tag})", "",
         f"Device: {report['device']}. Train {len(train)} / val {len(val)} / test {len(test)} images; baseline "
         f"{args.epochs} epochs; class-aware up to {args.iterations} iterations x {args.retrain_epochs} retraining "
-        f"epochs; L1-norm pruned to the same MACs and retrained for the same total epochs. Width divisor "
+        f"epochs; L1-norm pruned to the same MACs (closest at or above) and retrained for as many epochs as the chosen class-aware model. Width divisor "
         f"{args.width_divisor}. Wall time {report['wall_seconds'] / 60:.1f} min.", "",
         "| model | params | MACs | test acc | params removed | MACs removed | acc change |",
         "|---|---:|---:|---:|---:|---:|---:|",

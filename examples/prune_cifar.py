@@ -26,7 +26,7 @@ def main(output: str = "outputs/resnet20-class-aware") -> None:
     test = load_image_dataset("cifar10", "test", limit=500)
 
     model, source = load_cnn("resnet20", id2label=train.id2label())
-    train_classifier(model, train, epochs=3, lr=0.1, batch_size=64, loss_fn=regularized_loss("orthogonal"))
+    train_classifier(model, train, epochs=3, lr=0.1, batch_size=64, loss_fn=regularized_loss("l1"))
 
     settings = ClassAwareSettings(accuracy_floor=0.0, max_classes=1, max_fraction=0.2, max_iterations=2,
                                   retrain_epochs=1, batch_size=64, images_per_class=8)

@@ -50,14 +50,34 @@ def _fmt_int(value) -> str:
     return f"{value:,}" if isinstance(value, int) else "n/a"
 
 
+def _describe_groups(groups: list[list[int]]) -> str:
+    """"15 groups of 2 consecutive layers (0-29)" when regular, else the groups themselves."""
+    flat = [layer for group in groups for layer in group]
+    size = len(groups[0]) if groups else 0
+    regular = all(len(g) == size for g in groups) and flat == list(range(flat[0], flat[0] + len(flat))) if flat else False
+    if regular and len(groups) > 2:
+        return f"{len(groups)} groups of {size} consecutive layer{'s' if size > 1 else ''} ({flat[0]}-{flat[-1]})"
+    return " ".join("[" + ",".join(map(str, g)) + "]" for g in groups)
+
+
+def _runs(values: list[int]) -> str:
+    """Ranks as runs: "307 x15", "185 x6, 184 x9"."""
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and runs[-1][0] == value:
+            runs[-1][1] += 1
+        else:
+            runs.append([value, 1])
+    return ", ".join(f"{v} x{n}" if n > 1 else str(v) for v, n in runs)
+
+
 def _basis_sharing_details(config: dict) -> str:
     groups, ranks = config.get("basis_groups") or {}, config.get("basis_ranks") or {}
     if not groups:
         return ""
     rows = ["| Projection | Layer groups sharing a basis | Rank per group |", "|---|---|---|"]
     for name in groups:
-        layer_groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in groups[name])
-        rows.append(f"| {name} | {layer_groups} | {', '.join(map(str, ranks.get(name, [])))} |")
+        rows.append(f"| {name} | {_describe_groups(groups[name])} | {_runs(ranks.get(name, []))} |")
     dense = config.get("dense_projections") or []
     if dense:
         rows.append(f"| {', '.join(dense)} | kept dense | - |")
@@ -308,7 +328,7 @@ def build_model_card(model_dir: str | os.PathLike, *, base_model: str | None = N
     ]
     card_data = ModelCardData(
         base_model=base_model, library_name="transformers", pipeline_tag=family.pipeline_tag, license=license,
-        tags=tags, model_name=model_name, eval_results=eval_results or None,
+        tags=tags, model_name=model_name if eval_results else None, eval_results=eval_results or None,
     )
     achieved = record.get("achieved_ratio")
     summary = (f"A {family.method_title} compression"

@@ -19,11 +19,11 @@ from .assembly import build_shared_basis_llama
 from .calibration import GRAM_KEY, LayerRunner, gram_keys, layer_grams, paired_grams
 from .decomposition import (
     GroupFactors,
-    GroupSpectrum,
     allocate_ranks,
     factors_at_rank,
     make_groups,
     refit_coefficients,
+    shape_spectrum,
     spectrum,
 )
 from .errors import HFCompressError
@@ -31,7 +31,7 @@ from .layout import ATTENTION_PROJECTIONS, PROJECTIONS, dense_weight, projection
 from .modeling.shared_basis_llama import SharedBasisLinear
 from .resources import PeakMemory
 from .sources import SourceInfo, load_source
-from .text_data import calibration_batch, load_texts, resolve_text_source
+from .text_data import PRESETS, calibration_batch, load_texts, resolve_text_source
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class BasisSharingConfig:
         rank_allocation: `"uniform"` (the paper's formula per group) or `"global"` (budget spent where the
             whitened truncation loss drops most per parameter).
         rank_multiple: every rank a multiple of this.
+        rank_score: how global allocation compares groups: `"relative"` (discarded energy as a fraction of the
+            group's total, since types differ in scale) or `"absolute"` (the raw squared singular values).
         refit: re-solve each layer's coefficients by least squares on the inputs of the compressed model.
         sequential: take the Grams of later layers from the outputs of the already-compressed layers.
     """
@@ -64,6 +66,7 @@ class BasisSharingConfig:
     whiten: bool = True
     rank_allocation: str = "uniform"
     rank_multiple: int = 1
+    rank_score: str = "relative"
     refit: bool = False
     sequential: bool = False
 
@@ -80,6 +83,8 @@ class BasisSharingConfig:
             raise HFCompressError(f"projection(s) {sorted(set(self.share) & set(self.dense))} are both shared and dense.")
         if self.rank_allocation not in ("uniform", "global"):
             raise HFCompressError(f"--rank-allocation must be 'uniform' or 'global'; got {self.rank_allocation!r}.")
+        if self.rank_score not in ("relative", "absolute"):
+            raise HFCompressError(f"--rank-score must be 'relative' or 'absolute'; got {self.rank_score!r}.")
         if self.rank_multiple < 1:
             raise HFCompressError(f"--rank-multiple must be >= 1; got {self.rank_multiple}.")
         if len(self.dense) == len(PROJECTIONS):
@@ -212,11 +217,12 @@ class BasisSharingCompressor:
                     # Only the singular values are needed to choose ranks; drop the factors to save memory.
                     spec.left, spec.right = spec.left[:, :0], spec.right[:0]
                 else:
-                    spec = _shape_only_spectrum(self.model, name, group)
+                    d_in, d_out = dense_weight(self.model.model.layers[group[0]], name).shape
+                    spec = shape_spectrum(name, group, d_in, d_out)
                 spectra.append(spec)
                 owners.append((name, group_idx))
         ranks = allocate_ranks(spectra, self.options.ratio, strategy=self.options.rank_allocation,
-                               multiple=self.options.rank_multiple)
+                               multiple=self.options.rank_multiple, score=self.options.rank_score)
         result: dict[str, list[int]] = {name: [0] * len(groups) for name, groups in self.groups.items()}
         for (name, group_idx), rank in zip(owners, ranks):
             result[name][group_idx] = rank
@@ -297,15 +303,6 @@ class BasisSharingCompressor:
                 group.coefficients[group.layers.index(layer_idx)] = refit.cpu()
             compressed = self._compressed_layer(layer_idx, factors)
         return compressed
-
-
-def _shape_only_spectrum(model, name: str, group: list[int]) -> GroupSpectrum:
-    """A spectrum with only the shapes filled in: enough for the uniform rank formula."""
-    d_in, d_out = dense_weight(model.model.layers[group[0]], name).shape
-    rank_limit = min(d_in, len(group) * d_out)
-    empty = torch.empty(0, dtype=torch.float64)
-    return GroupSpectrum(name, group, d_in, d_out, empty.view(d_in, 0), torch.zeros(rank_limit, dtype=torch.float64),
-                         empty.view(0, len(group) * d_out), None)
 
 
 def _to_cpu(factors: GroupFactors) -> GroupFactors:
@@ -450,20 +447,25 @@ def save_checkpoint(model, tokenizer, output: Path, *, overwrite: bool, eval_sou
         raise
 
 
-def _write_card(folder: Path, result: ConversionResult | None, eval_source, eval_seq_len, eval_max_windows) -> None:
-    try:
-        from . import cards
-    except ImportError:  # the card module is optional at this layer
-        return
-    if result is not None and result.perplexity_after is not None and hasattr(cards, "record_eval_results"):
-        cards.record_eval_results(folder, [{
-            "task_type": "text-generation",
-            "dataset_type": eval_source,
-            "dataset_name": eval_source,
-            "metric_type": "perplexity",
-            "metric_name": f"Perplexity (seq_len {eval_seq_len}, {eval_max_windows or 'all'} windows)",
-            "metric_value": round(result.perplexity_after, 4),
-            "source": "hf-compress ppl",
-        }])
-    elif hasattr(cards, "write_model_card"):
+def _write_card(folder: Path, result: ConversionResult | None, eval_source: str | None, eval_seq_len: int,
+                eval_max_windows: int | None) -> None:
+    """Writes the model card; a perplexity measured during the conversion goes in as an evaluation result."""
+    from . import cards
+
+    if result is None or result.perplexity_after is None:
         cards.write_model_card(folder)
+        return
+    dataset = resolve_text_source(eval_source)
+    hub = PRESETS[eval_source][0] if eval_source in PRESETS else dataset
+    cards.record_eval_results(folder, [{
+        "task_type": "text-generation",
+        "dataset_type": hub.dataset,
+        "dataset_name": f"{hub.dataset} ({hub.split})" if eval_source in PRESETS else Path(dataset.dataset).name,
+        "dataset_config": hub.config,
+        "dataset_split": hub.split,
+        "metric_type": "perplexity",
+        "metric_name": f"perplexity ({eval_seq_len}-token windows, {eval_max_windows or 'all'} windows)",
+        "metric_value": round(result.perplexity_after, 4),
+        "source": "hf-compress ppl",
+        "details": {"perplexity_of_source": round(result.perplexity_before, 4)},
+    }])

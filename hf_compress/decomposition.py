@@ -122,7 +122,8 @@ def spectrum(
     """Whitened SVD of a group's concatenated weights (`weights[i]` is `d_in x d_out`); `gram=None` is plain SVD.
 
     `solver="eigh"` diagonalises the smaller Gram side of `S W_G` instead of running an SVD; `"auto"` picks it when
-    `S W_G` is far from square, where it is cheaper. Both give the same factors up to the sign of each component.
+    `S W_G` is at least 1.5 times wider than high (or higher than wide), where it is cheaper. Both give the same
+    factors up to the sign of each component (components below 1e-12 of the largest are dropped on that path).
     """
     d_in, d_out = weights[0].shape
     stacked = torch.cat([w.to(torch.float64) for w in weights], dim=1)
@@ -137,7 +138,8 @@ def spectrum(
 def _svd(matrix: torch.Tensor, solver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, cols = matrix.shape
     if solver == "auto":
-        solver = "eigh" if max(rows, cols) >= 4 * min(rows, cols) else "svd"
+        # Diagonalising the smaller Gram side costs far less than an SVD of a wide matrix (groups of 2 are 1:2).
+        solver = "eigh" if max(rows, cols) >= 1.5 * min(rows, cols) else "svd"
     if solver == "svd":
         left, values, right = torch.linalg.svd(matrix, full_matrices=False)
         return left, values, right
@@ -159,6 +161,15 @@ def _svd(matrix: torch.Tensor, solver: str) -> tuple[torch.Tensor, torch.Tensor,
         left = (matrix @ right_t) / values[None, :]
         right = right_t.T
     return left, values, right
+
+
+def shape_spectrum(name: str, layers: list[int], d_in: int, d_out: int) -> GroupSpectrum:
+    """A stand-in spectrum with only the shapes known (flat singular values, no factors): enough to allocate ranks
+    by shape alone, e.g. the uniform rule, or rank multiples spread evenly."""
+    limit = min(d_in, len(layers) * d_out)
+    return GroupSpectrum(name, list(layers), d_in, d_out, torch.empty(d_in, 0, dtype=torch.float64),
+                         torch.ones(limit, dtype=torch.float64), torch.empty(0, len(layers) * d_out, dtype=torch.float64),
+                         None)
 
 
 def factors_at_rank(group: GroupSpectrum, rank: int) -> GroupFactors:

@@ -75,6 +75,7 @@ def test_metadata_and_tables_of_a_basis_sharing_checkpoint(folder, hub):
     assert "| All parameters, before / after | 500,000 / 475,244 |" in body
     assert "128 samples x 512 tokens, seed 2023" in body
     assert "| q_proj | [0,1] [2,3] | 8, 6 |" in body and "| up_proj | [0,1] [2,3] | 12, 10 |" in body
+    assert "model_name" not in meta
     assert "| options.whiten | true |" in body and "| options.group_size | 2 |" in body
     assert 'import hf_compress' in body and f'from_pretrained("{folder}", trust_remote_code=True)' in body
     assert "lm_eval --model hf --model_args pretrained=" in body
@@ -167,3 +168,13 @@ def test_card_written_in_a_staging_folder_names_the_final_one(tmp_path):
     card = ModelCard.load(staging / "README.md")
     assert card.text.count(f'from_pretrained("{tmp_path / "smollm2-bs-0.2"}"') == 2
     assert "# smollm2-bs-0.2\n" in card.text
+
+
+def test_long_group_and_rank_lists_are_summarised(folder):
+    from hf_compress.cards import compression_table
+
+    config = {**SB_CONFIG, "basis_groups": {"q_proj": [[2 * i, 2 * i + 1] for i in range(15)], "o_proj": [[0], [2], [1]]},
+              "basis_ranks": {"q_proj": [185] * 6 + [184] * 9, "o_proj": [5, 5, 7]}}
+    table = compression_table(config)
+    assert "| q_proj | 15 groups of 2 consecutive layers (0-29) | 185 x6, 184 x9 |" in table
+    assert "| o_proj | [0] [2] [1] | 5 x2, 7 |" in table

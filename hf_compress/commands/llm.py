@@ -32,6 +32,8 @@ def convert_command(
     seed: int = typer.Option(2023, "--seed"),
     rank_allocation: str = typer.Option("uniform", "--rank-allocation", help="uniform (the paper) or global."),
     rank_multiple: int = typer.Option(1, "--rank-multiple", help="Every rank a multiple of this (128 suits GPU kernels)."),
+    rank_score: str = typer.Option("relative", "--rank-score",
+                                   help="global allocation compares losses relative to each group's energy, or absolute."),
     refit: bool = typer.Option(False, "--refit/--no-refit", help="Least-squares refit of the coefficients."),
     sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="Grams from the compressed layers' outputs."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
@@ -52,7 +54,7 @@ def convert_command(
         output,
         options=BasisSharingConfig(
             ratio=ratio, group_size=group_size, share=_split_names(share), dense=_split_names(dense), whiten=whiten,
-            rank_allocation=rank_allocation, rank_multiple=rank_multiple, refit=refit, sequential=sequential,
+            rank_allocation=rank_allocation, rank_multiple=rank_multiple, rank_score=rank_score, refit=refit, sequential=sequential,
         ),
         calibration=CalibrationConfig(
             dataset=calib_dataset, config=calib_config, split=calib_split, column=calib_column,

@@ -134,7 +134,7 @@ def prune_command(
     lr: float = typer.Option(0.01, "--lr"),
     batch_size: int = typer.Option(128, "--batch-size"),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
-    regularizer: str = typer.Option("orthogonal", "--regularizer", help="none, orthogonal or l1."),
+    regularizer: str = typer.Option("l1", "--regularizer", help="none, orthogonal (0.01) or l1 (1e-4, default: chosen by measurement, see docs)."),
     regularizer_weight: Optional[float] = typer.Option(None, "--regularizer-weight"),
     val_size: int = typer.Option(5000, "--val-size", help="Train images held out (seed 2023) to check the floor."),
     eval_split: str = typer.Option("test", "--eval-split", help="Split reported after each iteration ('' for none)."),

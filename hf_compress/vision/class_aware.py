@@ -53,7 +53,7 @@ class ClassAwareSettings:
     lr: float = 0.01
     batch_size: int = 128
     weight_decay: float = 5e-4
-    regularizer: str = "orthogonal"
+    regularizer: str = "l1"
     regularizer_weight: float | None = None
     seed: int = 0
 
