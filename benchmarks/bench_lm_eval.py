@@ -33,6 +33,7 @@ from hf_compress.perplexity import perplexity
 from hf_compress.sources import load_causal_lm, resolve_source
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ZEROSHOT_NOTE = "0-shot with its own prompts and metrics, on the first items of each local set"
 
 
 def wikitext_counts(tokenizer, docs: int | None) -> dict:
@@ -105,7 +106,7 @@ def bench_model(name: str, spec: str, args) -> dict:
 
 
 def markdown(records: list[dict], args) -> str:
-    lines = [
+    lines = [] if not any("word_perplexity" in r for r in records) else [
         f"lm-eval `hfc_wikitext2` ({args.wikitext_docs or 'all 62'} articles, max_length {args.max_length}) vs "
         f"`hf-compress ppl` (first {args.ppl_windows} windows of 2048 tokens); CPU, float32.",
         "",
@@ -125,12 +126,19 @@ def markdown(records: list[dict], args) -> str:
     zs = [r for r in records if r.get("zeroshot")]
     if zs:
         tasks = [t for t in zs[0]["zeroshot"] if t != "hfc_zeroshot"]
-        lines += ["", f"Zero-shot acc (limit {args.zeroshot_limit} per task):", "",
-                  "| model | " + " | ".join(tasks) + " | mean acc | wall s |", "|---" * (len(tasks) + 3) + "|"]
+        lines += ["" if lines else f"CPU, float32, lm-eval {ZEROSHOT_NOTE}.", "",
+                  f"Zero-shot acc / acc_norm (limit {args.zeroshot_limit} per task; mean acc over the 6 tasks, mean "
+                  "acc_norm over the 5 that have it):", "",
+                  "| model | " + " | ".join(tasks) + " | mean acc | mean acc_norm | wall s |", "|---" * (len(tasks) + 4) + "|"]
         for r in zs:
-            accs = [r["zeroshot"][t]["acc"] for t in tasks]
-            lines.append(f"| {r['model']} | " + " | ".join(f"{a:.3f}" for a in accs)
-                         + f" | {sum(accs) / len(accs):.3f} | {r['zeroshot_wall_s']:.0f} |")
+            cells, accs, norms = [], [], []
+            for t in tasks:
+                acc, norm = r["zeroshot"][t]["acc"], r["zeroshot"][t].get("acc_norm")
+                accs.append(acc)
+                norms += [norm] if norm is not None else []
+                cells.append(f"{acc:.2f}" + (f" / {norm:.2f}" if norm is not None else ""))
+            lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {sum(accs) / len(accs):.3f} | "
+                         f"{sum(norms) / len(norms):.3f} | {r['zeroshot_wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
-"""Class-aware pruning from Python, at toy scale (about a minute on a laptop CPU).
+"""Class-aware pruning from Python, at toy scale (a few minutes on a laptop CPU; the accuracy is that of a toy run).
 
-Trains a CIFAR ResNet-20 briefly on 2,000 CIFAR-10 images, prunes it for two iterations and reloads the
+Trains a CIFAR ResNet-20 briefly on 1,000 CIFAR-10 images, prunes it for two iterations and reloads the
 result with the stock `AutoModelForImageClassification`. Scale the limits and epochs up for real use
 (see benchmarks/bench_pruning.py for the full protocol).
 """
@@ -21,12 +21,12 @@ from hf_compress.vision.training import train_classifier
 
 def main(output: str = "outputs/resnet20-class-aware") -> None:
     torch.manual_seed(0)
-    train = load_image_dataset("cifar10", "train", limit=2000)  # ../shared/data/cifar10 or uoft-cs/cifar10
-    train, val = train_val_split(train, n_val=400)
-    test = load_image_dataset("cifar10", "test", limit=500)
+    train = load_image_dataset("cifar10", "train", limit=1200)  # ../shared/data/cifar10 or uoft-cs/cifar10
+    train, val = train_val_split(train, n_val=200)
+    test = load_image_dataset("cifar10", "test", limit=300)
 
     model, source = load_cnn("resnet20", id2label=train.id2label())
-    train_classifier(model, train, epochs=3, lr=0.1, batch_size=64, loss_fn=regularized_loss("l1"))
+    train_classifier(model, train, epochs=2, lr=0.1, batch_size=64, loss_fn=regularized_loss("l1"))
 
     settings = ClassAwareSettings(accuracy_floor=0.0, max_classes=1, max_fraction=0.2, max_iterations=2,
                                   retrain_epochs=1, batch_size=64, images_per_class=8)

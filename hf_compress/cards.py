@@ -315,17 +315,24 @@ def build_model_card(model_dir: str | os.PathLike, *, base_model: str | None = N
     if method:
         tags.insert(1, str(method).replace("_", "-"))
     results = read_eval_results(folder)
-    eval_results = [
-        EvalResult(
-            task_type=r["task_type"], task_name=r.get("task_name"), dataset_type=r["dataset_type"],
-            dataset_name=r["dataset_name"], dataset_config=r.get("dataset_config"),
+    # model-index groups metrics by task type and dataset and keeps the first one's task name and source: where
+    # one group mixes tools (lm-eval and hf-compress ppl on WikiText-2), those two fields would mislabel metrics.
+    group_key = lambda r: (r["task_type"], r["dataset_type"], r.get("dataset_config"), r.get("dataset_split"))  # noqa: E731
+    labels: dict[tuple, set] = {}
+    for r in results:
+        labels.setdefault(group_key(r), set()).add((r.get("task_name"), r.get("source"), r.get("source_url")))
+    eval_results = []
+    for r in results:
+        shared = len(labels[group_key(r)]) == 1
+        eval_results.append(EvalResult(
+            task_type=r["task_type"], task_name=r.get("task_name") if shared else None,
+            dataset_type=r["dataset_type"], dataset_name=r["dataset_name"], dataset_config=r.get("dataset_config"),
             dataset_split=r.get("dataset_split"), metric_type=r["metric_type"], metric_name=r.get("metric_name"),
             metric_value=r["metric_value"],
             # The Hub wants a source as a name with a URL; a bare name only goes to the table.
-            source_name=r.get("source") if r.get("source_url") else None, source_url=r.get("source_url"),
-        )
-        for r in results
-    ]
+            source_name=r.get("source") if shared and r.get("source_url") else None,
+            source_url=r.get("source_url") if shared else None,
+        ))
     card_data = ModelCardData(
         base_model=base_model, library_name="transformers", pipeline_tag=family.pipeline_tag, license=license,
         tags=tags, model_name=model_name if eval_results else None, eval_results=eval_results or None,

@@ -460,7 +460,8 @@ def _write_card(folder: Path, result: ConversionResult | None, eval_source: str 
     cards.record_eval_results(folder, [{
         "task_type": "text-generation",
         "dataset_type": hub.dataset,
-        "dataset_name": f"{hub.dataset} ({hub.split})" if eval_source in PRESETS else Path(dataset.dataset).name,
+        "dataset_name": (f"{hub.dataset} {hub.config or ''} ({hub.split})".replace("  ", " ") if eval_source in PRESETS
+                         else Path(dataset.dataset).name),
         "dataset_config": hub.config,
         "dataset_split": hub.split,
         "metric_type": "perplexity",

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 # Statuses worth another try: timeouts, rate limits and server-side failures.
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 # Files of a checkpoint folder that must not be published (local state, not part of the model).
-IGNORE_PATTERNS = [".cache/**", "**/.cache/**", "*.tmp", "**/__pycache__/**", ".ipynb_checkpoints/**", "*.lock"]
+# iterations/: class-aware pruning keeps per-iteration checkpoints there for resuming; they are not the model.
+IGNORE_PATTERNS = ["iterations/**", ".cache/**", "**/.cache/**", "*.tmp", "**/__pycache__/**", ".ipynb_checkpoints/**", "*.lock"]
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 

@@ -100,6 +100,16 @@ def test_eval_results_become_model_index_and_are_merged(folder, hub):
     got = [(r.dataset_type, r.dataset_split, r.metric_type, r.metric_value, r.source_name) for r in card.data.eval_results]
     assert got == [("wikitext", "test", "perplexity", 21.25, None), ("baber/piqa", "validation", "acc", 0.61, "lm-eval 0.4.13"),
                    ("wikitext", "validation", "perplexity", 30.0, None)]
+    # lm-eval joins the WikiText-2 test group: the group then names no single task or source.
+    record_eval_results(folder, [{**ACC, "task_name": "hfc_wikitext2", "dataset_type": "wikitext",
+                                  "dataset_name": "WikiText-2 (raw, test)", "dataset_config": "wikitext-2-raw-v1",
+                                  "dataset_split": "test", "metric_type": "word_perplexity", "metric_value": 40.0}])
+    index = ModelCard.load(folder / "README.md").data.to_dict()["model-index"][0]["results"]
+    wikitext_test = [g for g in index if g["dataset"]["type"] == "wikitext" and g["dataset"]["split"] == "test"]
+    assert len(wikitext_test) == 1 and "source" not in wikitext_test[0] and "name" not in wikitext_test[0]["task"]
+    assert [m["type"] for m in wikitext_test[0]["metrics"]] == ["perplexity", "word_perplexity"]
+    piqa = [g for g in index if g["dataset"]["type"] == "baber/piqa"][0]
+    assert piqa["source"] == {"name": "lm-eval 0.4.13", "url": "https://github.com/EleutherAI/lm-evaluation-harness"}
     assert "| hfc_piqa | PIQA (validation) | acc (lm-eval, 0-shot) | 0.61 | lm-eval 0.4.13 |" in card.text
     assert "| text-generation | WikiText-2 (raw, test) | perplexity (2048-token windows) | 21.25 | hf-compress ppl |" in card.text
     card.validate()
@@ -166,7 +176,7 @@ def test_card_written_in_a_staging_folder_names_the_final_one(tmp_path):
     (staging / "config.json").write_text(json.dumps(SB_CONFIG))
     write_model_card(staging)
     card = ModelCard.load(staging / "README.md")
-    assert card.text.count(f'from_pretrained("{tmp_path / "smollm2-bs-0.2"}"') == 2
+    assert card.text.count(f'from_pretrained("{tmp_path / "smollm2-bs-0.2"}"') == 3  # plugin, no plugin, tokenizer
     assert "# smollm2-bs-0.2\n" in card.text
 
 

@@ -95,7 +95,12 @@ def test_push_then_load_without_plugin_gives_identical_logits(client, checkpoint
     ids = torch.tensor([[1, 5, 9, 33, 2, 60, 7]])
     from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaForCausalLM
 
-    expected = SharedBasisLlamaForCausalLM.from_pretrained(checkpoint).eval()(ids).logits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess below runs single-threaded: same reduction order, bitwise-equal logits
+    try:
+        expected = SharedBasisLlamaForCausalLM.from_pretrained(checkpoint).eval()(ids).logits
+    finally:
+        torch.set_num_threads(threads)
     script = textwrap.dedent(f"""
         import sys
         sys.modules["hf_compress"] = None  # the plugin cannot be imported: only the shipped remote code can load it

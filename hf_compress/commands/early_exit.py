@@ -77,7 +77,7 @@ def exit_report_command(
         raise HFCompressError(f"cannot load a ClassExitResNet from {model}: {err}") from None
     network.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_image_dataset(dataset, split, limit=limit, **_normalisation(model))
-    report = exit_report(network, data, batch_size=batch_size)
+    report = exit_report(network, data, batch_size=batch_size, progress=True)
     typer.echo(report_markdown(report), nl=False)
     if json_path:
         with open(json_path, "w") as handle:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import math
+
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import HFCompressError
 from ..modeling.class_exit_resnet import (
@@ -52,7 +55,7 @@ class ExitScores:
 
 @torch.no_grad()
 def collect_exit_scores(
-    model: ClassExitResNetForImageClassification, data: ImageClassificationData, batch_size: int = 512
+    model: ClassExitResNetForImageClassification, data: ImageClassificationData, batch_size: int = 512, progress: bool = False
 ) -> ExitScores:
     """Runs `data` through `model` in eval mode with every exit head evaluated; results on the CPU."""
     if len(data) == 0:
@@ -62,7 +65,9 @@ def collect_exit_scores(
     model.eval()
     exits: list[list[torch.Tensor]] = [[] for _ in model.exit_heads]
     finals = []
-    for images, _ in data.batches(batch_size):
+    batches = tqdm(data.batches(batch_size), total=math.ceil(len(data) / batch_size), desc="exit scores",
+                   disable=not progress, leave=False)
+    for images, _ in batches:
         out = model(pixel_values=images.to(device), early_exit=False)
         finals.append(out.logits.float().cpu())
         for store, logits in zip(exits, out.exit_logits):
@@ -188,7 +193,7 @@ def search_thresholds(scores: ExitScores, rule: str, tolerance: float, step: flo
 
 @torch.no_grad()
 def exit_report(
-    model: ClassExitResNetForImageClassification, data: ImageClassificationData, batch_size: int = 256
+    model: ClassExitResNetForImageClassification, data: ImageClassificationData, batch_size: int = 256, progress: bool = False
 ) -> dict:
     """Accuracy, mean MACs and exit shares (overall and per class) of real batched early-exit inference.
 
@@ -204,7 +209,9 @@ def exit_report(
     was_training = model.training
     model.eval()
     predictions, exits, macs, full_predictions = [], [], [], []
-    for images, _ in data.batches(batch_size):
+    batches = tqdm(data.batches(batch_size), total=math.ceil(len(data) / batch_size), desc="exit report",
+                   disable=not progress, leave=False)
+    for images, _ in batches:
         images = images.to(device)
         out = model(pixel_values=images)
         predictions.append(out.logits.argmax(1).cpu())

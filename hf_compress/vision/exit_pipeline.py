@@ -117,10 +117,10 @@ def run_early_exit(
     if not main_process:
         return {}
 
-    scores = collect_exit_scores(model, val)
+    scores = collect_exit_scores(model, val, progress=progress)
     search = search_thresholds(scores, model.config.exit_rule, options.tolerance, options.step)
     model.config.exit_thresholds = list(search.thresholds)
-    report = exit_report(model, test) if test is not None else None
+    report = exit_report(model, test, progress=progress) if test is not None else None
     record = {
         "method": METHOD if model.config.exit_rule == "class_exclusion" else BASELINE_METHOD,
         "source": {"model": str(model_path), "dataset": options.dataset},
