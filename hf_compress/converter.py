@@ -25,6 +25,7 @@ from .decomposition import (
     refit_coefficients,
     shape_spectrum,
     spectrum,
+    whiten,
 )
 from .errors import HFCompressError
 from .layout import ATTENTION_PROJECTIONS, PROJECTIONS, dense_weight, projection
@@ -198,29 +199,42 @@ class BasisSharingCompressor:
             self._offload(layer_idx)
         return grams
 
-    def _spectrum(self, name: str, group: list[int], grams_by_layer: dict[int, dict[str, torch.Tensor]]):
+    def _spectrum(self, name: str, group: list[int], grams_by_layer: dict[int, dict[str, torch.Tensor]],
+                  whitenings: dict | None = None):
+        """Whitened spectrum of one group; `whitenings` caches the Cholesky factor of each (input, group), which
+        q/k/v (and gate/up) share."""
         weights = [dense_weight(self.model.model.layers[l], name).to(self.device) for l in group]
-        gram = None
-        if self.options.whiten:
+        if not self.options.whiten:
+            return spectrum(name, group, weights, None)
+        key = (GRAM_KEY[name], tuple(group))
+        whitening = whitenings.get(key) if whitenings is not None else None
+        if whitening is None:
             gram = sum(grams_by_layer[l][GRAM_KEY[name]].to(self.device, torch.float64) for l in group)
-        return spectrum(name, group, weights, gram)
+            whitening = whiten(gram)
+            if whitenings is not None:
+                whitenings[key] = whitening
+        return spectrum(name, group, weights, None, whitening=whitening)
 
     def _ranks(self, dense_grams: list[dict[str, torch.Tensor]]) -> dict[str, list[int]]:
         """Ranks of every group, from the formula or from the spectra of the whole model."""
         spectra, owners = [], []
         needs_spectra = self.options.rank_allocation == "global" or self.options.rank_multiple > 1
         grams_by_layer = dict(enumerate(dense_grams)) if needs_spectra else {}
-        for name, groups in self.groups.items():
-            for group_idx, group in enumerate(groups):
-                if needs_spectra:
-                    spec = self._spectrum(name, group, grams_by_layer)
-                    # Only the singular values are needed to choose ranks; drop the factors to save memory.
-                    spec.left, spec.right = spec.left[:, :0], spec.right[:0]
-                else:
-                    d_in, d_out = dense_weight(self.model.model.layers[group[0]], name).shape
-                    spec = shape_spectrum(name, group, d_in, d_out)
-                spectra.append(spec)
-                owners.append((name, group_idx))
+        for span in block_spans(self.groups, self.num_layers):
+            whitenings: dict = {}  # per block, so only one block's Cholesky factors are held at a time
+            for name, groups in self.groups.items():
+                for group_idx, group in enumerate(groups):
+                    if group[0] not in span:
+                        continue
+                    if needs_spectra:
+                        spec = self._spectrum(name, group, grams_by_layer, whitenings)
+                        # Only the singular values are needed to choose ranks; drop the factors to save memory.
+                        spec.left, spec.right, spec.whitening = spec.left[:, :0], spec.right[:0], None
+                    else:
+                        d_in, d_out = dense_weight(self.model.model.layers[group[0]], name).shape
+                        spec = shape_spectrum(name, group, d_in, d_out)
+                    spectra.append(spec)
+                    owners.append((name, group_idx))
         ranks = allocate_ranks(spectra, self.options.ratio, strategy=self.options.rank_allocation,
                                multiple=self.options.rank_multiple, score=self.options.rank_score)
         result: dict[str, list[int]] = {name: [0] * len(groups) for name, groups in self.groups.items()}
@@ -250,10 +264,11 @@ class BasisSharingCompressor:
                                                                     layer_idx, self.keys)
             else:
                 grams_by_layer = {l: dense_grams[l] for l in span}
+            whitenings: dict = {}
             for name, groups in self.groups.items():
                 for group_idx, group in enumerate(groups):
                     if group[0] in span:
-                        spec = self._spectrum(name, group, grams_by_layer)
+                        spec = self._spectrum(name, group, grams_by_layer, whitenings)
                         if spec.whitening is not None:
                             self.whitening_shifts[name].append(spec.whitening.shift)
                         factors[name][group_idx] = _to_cpu(factors_at_rank(spec, ranks[name][group_idx]))

@@ -118,18 +118,21 @@ def spectrum(
     gram: torch.Tensor | None,
     *,
     solver: str = "auto",
+    whitening: Whitening | None = None,
 ) -> GroupSpectrum:
     """Whitened SVD of a group's concatenated weights (`weights[i]` is `d_in x d_out`); `gram=None` is plain SVD.
 
     `solver="eigh"` diagonalises the smaller Gram side of `S W_G` instead of running an SVD; `"auto"` picks it when
     `S W_G` is at least 1.5 times wider than high (or higher than wide), where it is cheaper. Both give the same
     factors up to the sign of each component (components below 1e-12 of the largest are dropped on that path).
+    A `whitening` already computed for the same Gram (q/k/v and gate/up share theirs) can be passed instead.
     """
     d_in, d_out = weights[0].shape
     stacked = torch.cat([w.to(torch.float64) for w in weights], dim=1)
     if not torch.isfinite(stacked).all():
         raise HFCompressError(f"{name} of layer(s) {layers} has NaN or inf weights.")
-    whitening = whiten(gram) if gram is not None else None
+    if whitening is None and gram is not None:
+        whitening = whiten(gram)
     matrix = whitening.factor @ stacked if whitening is not None else stacked
     left, values, right = _svd(matrix, solver)
     return GroupSpectrum(name, list(layers), d_in, d_out, left, values, right, whitening)
