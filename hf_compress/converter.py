@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 REFIT_STAGES = ("attn_in", "o_in", "mlp_in", "down_in")
+GPU_RANK_MULTIPLE = 128
 
 
 @dataclass
@@ -53,7 +55,8 @@ class BasisSharingConfig:
         whiten: whiten with the calibration Gram (SVD-LLM); `False` is plain SVD of the weights.
         rank_allocation: `"uniform"` (the paper's formula per group) or `"global"` (budget spent where the
             whitened truncation loss drops most per parameter).
-        rank_multiple: every rank a multiple of this.
+        rank_multiple: every rank a multiple of this; `None` picks 128 when converting on a GPU (tensor-core kernels
+            run far slower on other ranks) and 1 on a CPU.
         rank_score: how global allocation compares groups: `"relative"` (discarded energy as a fraction of the
             group's total, since types differ in scale) or `"absolute"` (the raw squared singular values).
         refit: re-solve each layer's coefficients by least squares on the inputs of the compressed model.
@@ -66,7 +69,7 @@ class BasisSharingConfig:
     dense: tuple[str, ...] = ()
     whiten: bool = True
     rank_allocation: str = "uniform"
-    rank_multiple: int = 1
+    rank_multiple: int | None = None
     rank_score: str = "relative"
     refit: bool = False
     sequential: bool = False
@@ -86,7 +89,7 @@ class BasisSharingConfig:
             raise HFCompressError(f"--rank-allocation must be 'uniform' or 'global'; got {self.rank_allocation!r}.")
         if self.rank_score not in ("relative", "absolute"):
             raise HFCompressError(f"--rank-score must be 'relative' or 'absolute'; got {self.rank_score!r}.")
-        if self.rank_multiple < 1:
+        if self.rank_multiple is not None and self.rank_multiple < 1:
             raise HFCompressError(f"--rank-multiple must be >= 1; got {self.rank_multiple}.")
         if len(self.dense) == len(PROJECTIONS):
             raise HFCompressError("every projection is dense: nothing to compress.")
@@ -131,6 +134,11 @@ class ConversionResult:
     perplexity_after: float | None = None
 
 
+def default_rank_multiple(device: torch.device) -> int:
+    """128 on a GPU, where ranks off that grid defeat the tensor-core kernels; 1 on a CPU."""
+    return GPU_RANK_MULTIPLE if device.type == "cuda" else 1
+
+
 def block_spans(groups: dict[str, list[list[int]]], num_layers: int) -> list[list[int]]:
     """Smallest runs of consecutive layers that contain whole groups of every type (groups of 2 -> pairs)."""
     reach = list(range(num_layers))
@@ -162,6 +170,9 @@ class BasisSharingCompressor:
         self.device = device
         self.progress = progress
         self.num_layers = model.config.num_hidden_layers
+        if options.rank_multiple is None:
+            options = dataclasses.replace(options, rank_multiple=default_rank_multiple(device))
+            self.options = options
         options.validate(self.num_layers)
         self.groups = options.groups(self.num_layers)
         self.keys = gram_keys(self.groups)
@@ -399,7 +410,7 @@ def convert(
             "params_after": params_after,
             "calibration": {**asdict(calibration), "dataset": text_source.describe()},
             "source": info.to_dict(),
-            "options": {**asdict(options), "share": list(options.share), "dense": list(options.dense)},
+            "options": {**asdict(compressor.options), "share": list(options.share), "dense": list(options.dense)},
             "hf_compress_version": __version__,
         }
         compressed = build_shared_basis_llama(model, factors, compression=compression)

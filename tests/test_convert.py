@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 from conftest import make_tokenizer, tiny_llama
 from hf_compress.calibration import GRAM_KEY, LayerRunner, layer_grams
 from hf_compress.cli import app
-from hf_compress.converter import BasisSharingCompressor, BasisSharingConfig, CalibrationConfig, block_spans, convert
+from hf_compress.converter import (
+    BasisSharingCompressor,
+    BasisSharingConfig,
+    CalibrationConfig,
+    block_spans,
+    convert,
+    default_rank_multiple,
+)
 from hf_compress.decomposition import calibration_loss
 from hf_compress.errors import HFCompressError
 from hf_compress.layout import dense_weight, projection
@@ -37,6 +44,15 @@ def test_calibration_sampling_follows_the_protocol(tokenizer, calib_file):
     assert torch.equal(calibration_ids(tokenizer, calib_file), expected)
     with pytest.raises(HFCompressError, match=r"fewer than the 100000 samples"):
         calibration_ids(tokenizer, calib_file, samples=100000)
+
+
+def test_rank_multiple_defaults_by_device(tokenizer, calib_file):
+    assert default_rank_multiple(torch.device("cuda")) == 128
+    assert default_rank_multiple(torch.device("cpu")) == 1
+    model = tiny_llama(vocab_size=len(tokenizer))
+    compressor = BasisSharingCompressor(model, BasisSharingConfig(), calibration_ids(tokenizer, calib_file),
+                                        torch.device("cpu"), progress=False)
+    assert compressor.options.rank_multiple == 1
 
 
 def test_block_spans_close_over_groups():
