@@ -32,7 +32,7 @@ from .errors import HFCompressError
 from .layout import ATTENTION_PROJECTIONS, PROJECTIONS, dense_weight, projection
 from .modeling.shared_basis_llama import SharedBasisLinear
 from .resources import PeakMemory
-from .sources import SourceInfo, load_source
+from .sources import load_source
 from .text_data import PRESETS, calibration_batch, load_texts, resolve_text_source
 
 logger = logging.getLogger(__name__)
