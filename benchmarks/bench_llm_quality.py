@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 
 from hf_compress.assembly import build_shared_basis_llama
-from hf_compress.converter import BasisSharingCompressor, BasisSharingConfig
+from hf_compress.converter import (
+    BasisSharingCompressor,
+    BasisSharingConfig,
+    count_compressed_params,
+    dense_projection_params,
+)
 from hf_compress.perplexity import window_losses
 from hf_compress.resources import PeakMemory
 from hf_compress.sources import load_source
@@ -98,10 +103,8 @@ def main() -> None:
             factors = compressor.run(dense_grams=shared_grams if options.whiten else None)
             compressed = build_shared_basis_llama(model, factors)
             own_time = time.perf_counter() - start
-        params_before = sum(f.basis.shape[0] * f.coefficients[0].shape[1] * len(f.layers)
-                            for groups in factors.values() for f in groups)
-        params_after = sum(f.basis.numel() + sum(c.numel() for c in f.coefficients)
-                           for groups in factors.values() for f in groups)
+        params_before = dense_projection_params(model, factors)
+        params_after = count_compressed_params(factors)
         start = time.perf_counter()
         value = ppl(compressed)
         # Conversion time of a stand-alone run: the shared dense calibration pass (if the method uses the

@@ -59,6 +59,7 @@ class LayerRunner:
         self.rotary = base.rotary_emb.to(device)
         self.position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
         self._masks: dict[int, torch.Tensor | None] = {}
+        self._position_embeddings: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _layer_kwargs(self, hidden: torch.Tensor) -> dict:
         batch = hidden.shape[0]
@@ -70,11 +71,13 @@ class LayerRunner:
                 cache=None,
                 position_ids=self.position_ids,
             )
-        position_embeddings = self.rotary(hidden, self.position_ids)
+        # cos/sin depend only on the positions (shared by every sample) and the dtype: computed once.
+        if hidden.dtype not in self._position_embeddings:
+            self._position_embeddings[hidden.dtype] = self.rotary(hidden, self.position_ids)
         return {
             "attention_mask": self._masks[batch],
             "position_ids": self.position_ids,
-            "position_embeddings": position_embeddings,
+            "position_embeddings": self._position_embeddings[hidden.dtype],
             "use_cache": False,
         }
 

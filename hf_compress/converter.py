@@ -29,7 +29,7 @@ from .decomposition import (
     whiten,
 )
 from .errors import HFCompressError
-from .layout import ATTENTION_PROJECTIONS, PROJECTIONS, dense_weight, projection
+from .layout import PROJECTIONS, dense_weight, projection, set_projection
 from .modeling.shared_basis_llama import SharedBasisLinear
 from .resources import PeakMemory
 from .sources import load_source
@@ -311,7 +311,7 @@ class BasisSharingCompressor:
             module.coefficients.data = coefficients.T.to(self.device, dense.weight.dtype).contiguous()
             if dense.bias is not None:
                 module.bias.data = dense.bias.data.clone()
-            setattr(layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name, module)
+            set_projection(layer, name, module)
         return layer
 
     def _refit_layer(self, layer_idx, dense_layer, compressed, dense_hidden, comp_hidden, factors):

@@ -15,6 +15,11 @@ def projection(layer: nn.Module, name: str) -> nn.Module:
     return getattr(layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name)
 
 
+def set_projection(layer: nn.Module, name: str, module: nn.Module) -> None:
+    """Replaces the `name` projection module of a decoder layer."""
+    setattr(layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name, module)
+
+
 def dense_weight(layer: nn.Module, name: str) -> torch.Tensor:
     """`W` of a dense projection in the paper's orientation (`d_in x d_out`, so `y = x W`)."""
     return projection(layer, name).weight.detach().T

@@ -65,12 +65,14 @@ def resolve_source(source: str, gguf_file: str | None = None) -> tuple[str, str 
     return source, gguf_file
 
 
-def check_architecture(config: PretrainedConfig) -> None:
-    """Raises a clear error unless `config` has a supported Llama-family layout."""
-    model_type = getattr(config, "model_type", None)
+def check_architecture(config: PretrainedConfig | dict, source: str | None = None) -> None:
+    """Raises a clear error unless `config` (a config or its dict) has a supported Llama-family layout."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    model_type = get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
+        where = f" in {source!r}" if source else ""
         raise HFCompressError(
-            f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
+            f"unsupported architecture {model_type!r} ({', '.join(get('architectures') or [])}){where}; "
             f"Basis Sharing supports the Llama-family layouts: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
 
@@ -114,12 +116,7 @@ def load_source(
         config = PretrainedConfig.get_config_dict(name_or_path, **kwargs)[0]
     except OSError as err:
         raise HFCompressError(f"cannot read the config of source {source!r}: {err}") from err
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise HFCompressError(
-            f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])}) in {source!r}; "
-            f"Basis Sharing supports the Llama-family layouts: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+    check_architecture(config, source)
     model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, revision=revision, dtype=dtype)
     info = SourceInfo(
         model_id=SMOLLM2_ALIAS_ID if source == SMOLLM2_ALIAS else source,
