@@ -46,6 +46,7 @@ METHODS: dict[str, dict] = {
     "basis-sharing+sequential": dict(sequential=True),
     "basis-sharing+multiple128": dict(rank_multiple=128),
     "basis-sharing+global+refit": dict(rank_allocation="global", refit=True),
+    "basis-sharing+sequential+refit": dict(sequential=True, refit=True),
 }
 
 

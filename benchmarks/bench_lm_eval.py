@@ -6,14 +6,14 @@ For each model (the dense SmolLM2-135M-Instruct GGUF as `smollm2`, or a checkpoi
 1. lm-eval `hfc_wikitext2` (stock `wikitext` scoring over the articles rebuilt from the local line-level test file):
    word perplexity = exp(total NLL / words), byte perplexity, and the token perplexity implied by the same NLL
    (exp(total NLL / tokens), tokens counted with the model's tokenizer on the detokenized articles);
-2. `hf-compress ppl` (`hf_compress.perplexity.perplexity`): rows joined with "\\n\\n", windows of 2048 tokens,
-   exp of the mean window loss, the first `--ppl-windows` windows (20 = protocol "quick");
+2. `hf-compress ppl` (`hf_compress.perplexity.perplexity`) on the same articles: joined with "\\n\\n", raw spacing,
+   non-overlapping windows of 2048 tokens (the last partial one dropped), exp of the mean window loss;
 3. optionally the six zero-shot tasks (`hfc_zeroshot`, `--zeroshot-limit` items per task; 200 = protocol "quick").
 
 Results: benchmarks/results/lm_eval_<tag>.json (one record per model, appended as they finish; models already there
 are skipped, so a run resumes) and a markdown table lm_eval_<tag>.md. With --update-card, checkpoint folders also get the numbers in their model cards.
 
-    python benchmarks/bench_lm_eval.py --model dense=smollm2 --model bs-20=outputs/smollm2-bs-0.2 --wikitext-docs 62
+    python benchmarks/bench_lm_eval.py --model dense=smollm2 --model bs-20=outputs/smollm2-bs-0.2 --wikitext-docs 8
 """
 
 from __future__ import annotations
@@ -36,15 +36,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ZEROSHOT_NOTE = "0-shot with its own prompts and metrics, on the first items of each local set"
 
 
-def wikitext_counts(tokenizer, docs: int | None) -> dict:
-    """Words (lm-eval's count, on the original article) and tokens (on the detokenized article lm-eval scores)."""
+def wikitext_pages(docs: int | None) -> list[str]:
+    """The first `docs` WikiText-2 test articles, as lm-eval's `hfc_wikitext2` task cuts them."""
     import datasets
 
     lines = datasets.load_dataset("parquet", data_files={"test": str(data_dir() / WIKITEXT2_TEST)}, split="test")["text"]
-    pages = split_articles(lines)[:docs]
+    return split_articles(lines)[:docs]
+
+
+def wikitext_counts(tokenizer, docs: int | None) -> dict:
+    """Words (lm-eval's count, on the original article), tokens of the detokenized articles lm-eval scores, and
+    tokens of the raw articles joined with "\n\n" that `hf-compress ppl` scores."""
+    pages = wikitext_pages(docs)
     words = sum(len(re.split(r"\s+", p)) for p in pages)
     tokens = sum(len(tokenizer(wikitext_detokenizer({"page": p}), add_special_tokens=False).input_ids) for p in pages)
-    return {"documents": len(pages), "words": words, "tokens": tokens}
+    raw_tokens = len(tokenizer("\n\n".join(pages), add_special_tokens=False).input_ids)
+    return {"documents": len(pages), "words": words, "tokens": tokens, "raw_tokens": raw_tokens}
 
 
 def bench_model(name: str, spec: str, args) -> dict:
@@ -72,14 +79,11 @@ def bench_model(name: str, spec: str, args) -> dict:
         nll = math.log(record["word_perplexity"]) * counts["words"]
         record["lm_eval_token_perplexity"] = math.exp(nll / counts["tokens"])
 
-        import datasets
-
-        rows = datasets.load_dataset("parquet", data_files={"test": str(data_dir() / WIKITEXT2_TEST)},
-                                     split="test")["text"]
+        # The same articles, scored the hf-compress way: joined with "\n\n", raw spacing, 2048-token windows.
         start = time.perf_counter()
-        record["ppl"] = perplexity(model, tokenizer, rows, seq_len=2048, max_windows=args.ppl_windows, progress=False)
+        record["ppl"] = perplexity(model, tokenizer, wikitext_pages(args.wikitext_docs), seq_len=2048, progress=False)
         record["ppl_wall_s"] = time.perf_counter() - start
-        record["ppl_windows"] = args.ppl_windows
+        record["ppl_windows"] = counts["raw_tokens"] // 2048
         del model
 
     if args.zeroshot_limit:
@@ -97,7 +101,7 @@ def bench_model(name: str, spec: str, args) -> dict:
             entries.append({
                 "task_type": "text-generation", "dataset_type": "wikitext", "dataset_name": "WikiText-2 (raw, test)",
                 "dataset_config": "wikitext-2-raw-v1", "dataset_split": "test", "metric_type": "perplexity",
-                "metric_name": f"perplexity (hf-compress ppl, 2048-token windows, first {args.ppl_windows})",
+                "metric_name": f"perplexity (hf-compress ppl, 2048-token windows, first {record['documents']} test articles)",
                 "metric_value": record["ppl"], "source": "hf-compress ppl",
             })
         record_eval_results(path, entries)
@@ -108,7 +112,7 @@ def bench_model(name: str, spec: str, args) -> dict:
 def markdown(records: list[dict], args) -> str:
     lines = [] if not any("word_perplexity" in r for r in records) else [
         f"lm-eval `hfc_wikitext2` ({args.wikitext_docs or 'all 62'} articles, max_length {args.max_length}) vs "
-        f"`hf-compress ppl` (first {args.ppl_windows} windows of 2048 tokens); CPU, float32.",
+        "`hf-compress ppl` on the same articles (joined with \"\\n\\n\", windows of 2048 tokens); CPU, float32.",
         "",
         "| model | target | achieved | lm-eval word ppl | lm-eval byte ppl | lm-eval token ppl (same NLL) | "
         "tokens/word | hf-compress ppl | lm-eval wall s | ppl wall s |",
@@ -147,7 +151,6 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, help="NAME=SPEC (SPEC: folder or 'smollm2').")
     parser.add_argument("--wikitext-docs", type=int, default=None, help="First N of the 62 articles (default all).")
     parser.add_argument("--max-length", type=int, default=2048, help="lm-eval rolling window (tokens).")
-    parser.add_argument("--ppl-windows", type=int, default=20, help="hf-compress ppl windows (20 = quick).")
     parser.add_argument("--zeroshot-limit", type=int, default=0, help="Items per zero-shot task (0: skip).")
     parser.add_argument("--no-wikitext", action="store_true", help="Skip the perplexity part (zero-shot only).")
     parser.add_argument("--zeroshot-batch-size", type=int, default=8)

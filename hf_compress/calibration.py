@@ -61,7 +61,7 @@ class LayerRunner:
         self._masks: dict[int, torch.Tensor | None] = {}
         self._position_embeddings: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _layer_kwargs(self, hidden: torch.Tensor) -> dict:
+    def layer_kwargs(self, hidden: torch.Tensor) -> dict:
         batch = hidden.shape[0]
         if batch not in self._masks:
             self._masks[batch] = create_causal_mask(
@@ -90,11 +90,35 @@ class LayerRunner:
         """Yields `(batch slice, layer output)` over the stored hidden states; checks outputs are finite."""
         for rows in self.batches(hidden.shape[0]):
             inputs = hidden[rows].to(self.device)
-            output = layer(inputs, **self._layer_kwargs(inputs))
+            output = layer(inputs, **self.layer_kwargs(inputs))
             output = output[0] if isinstance(output, tuple) else output
             if not torch.isfinite(output).all():
                 raise HFCompressError(f"calibration activations became NaN or inf in decoder layer {layer_idx}.")
             yield rows, output
+
+
+# Column block of the Gram products; blocks below the diagonal are skipped (a Gram is symmetric).
+GRAM_BLOCK = 256
+
+
+def accumulate_gram(gram: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Adds `x^T x` to the upper block triangle of `gram` (allocated on first use); `symmetrize` completes it.
+
+    Skipping the blocks below the diagonal saves about a third of the Gram's cost at the widths of real models,
+    and the Grams are a third of the calibration's work.
+    """
+    d = x.shape[1]
+    if gram is None:
+        gram = x.new_zeros(d, d)
+    for start in range(0, d, GRAM_BLOCK):
+        stop = start + GRAM_BLOCK
+        gram[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
+    return gram
+
+
+def symmetrize(upper: torch.Tensor) -> torch.Tensor:
+    """The full Gram from the upper triangle that `accumulate_gram` filled."""
+    return upper.triu() + upper.triu(1).T
 
 
 def gram_keys(names) -> tuple[str, ...]:
@@ -115,33 +139,59 @@ def layer_grams(
                 x = x.float()
                 if not torch.isfinite(x).all():
                     raise HFCompressError(f"the input of {KEY_PROJECTION[key]} in decoder layer {layer_idx} has NaN or inf.")
-                if key in grams:
-                    grams[key].addmm_(x.T, x)
-                else:
-                    grams[key] = x.T @ x
-    return grams, outputs
+                grams[key] = accumulate_gram(grams.get(key), x)
+    return {key: symmetrize(gram) for key, gram in grams.items()}, outputs
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a forward once the input it needs has been seen."""
 
 
 @torch.no_grad()
-def paired_grams(
-    runner: LayerRunner,
-    dense_layer: nn.Module,
-    compressed_layer: nn.Module,
-    dense_hidden: torch.Tensor,
-    compressed_hidden: torch.Tensor,
-    layer_idx: int,
-    keys: tuple[str, ...],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """For each key, `(X_hat^T X_hat, X_hat^T X)`: inputs of the compressed layer against the dense layer's."""
-    result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with capture_inputs(dense_layer, keys) as dense_x, capture_inputs(compressed_layer, keys) as comp_x:
-        for (rows, _), _ in zip(runner.run(dense_layer, dense_hidden, layer_idx),
-                                runner.run(compressed_layer, compressed_hidden, layer_idx)):
-            for key in keys:
-                x, x_hat = dense_x[key].float(), comp_x[key].float()
-                if key in result:
-                    result[key][0].addmm_(x_hat.T, x_hat)
-                    result[key][1].addmm_(x_hat.T, x)
-                else:
-                    result[key] = (x_hat.T @ x_hat, x_hat.T @ x)
-    return result
+def record_inputs(
+    runner: LayerRunner, layer: nn.Module, hidden: torch.Tensor, layer_idx: int, keys: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One forward of `layer`: the inputs behind `keys` for every calibration token (2-D, on the hidden states'
+    device and dtype), and the layer's outputs."""
+    tokens = hidden.shape[0] * hidden.shape[1]
+    inputs: dict[str, torch.Tensor] = {}
+    outputs = torch.empty_like(hidden)
+    with capture_inputs(layer, keys) as captured:
+        for rows, output in runner.run(layer, hidden, layer_idx):
+            outputs[rows] = output.to(outputs.device, outputs.dtype)
+            token_rows = slice(rows.start * hidden.shape[1], rows.stop * hidden.shape[1])
+            for key, x in captured.items():
+                if key not in inputs:
+                    inputs[key] = torch.empty(tokens, x.shape[-1], dtype=hidden.dtype, device=hidden.device)
+                inputs[key][token_rows] = x.to(hidden.device, hidden.dtype)
+    return inputs, outputs
+
+
+@torch.no_grad()
+def stage_inputs(
+    runner: LayerRunner, layer: nn.Module, hidden: torch.Tensor, layer_idx: int, key: str
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yields `(token rows, input behind key)` per batch, ending each forward at that projection, so that reaching
+    an early projection (q/k/v) costs almost nothing and a late one (down) less than a full forward."""
+    seq_len = hidden.shape[1]
+    captured: dict[str, torch.Tensor] = {}
+
+    def stop(module, args):
+        captured["x"] = args[0].reshape(-1, args[0].shape[-1])
+        raise _StopForward
+
+    handle = projection(layer, KEY_PROJECTION[key]).register_forward_pre_hook(stop)
+    try:
+        for rows in runner.batches(hidden.shape[0]):
+            inputs = hidden[rows].to(runner.device)
+            try:
+                layer(inputs, **runner.layer_kwargs(inputs))
+            except _StopForward:
+                pass
+            else:
+                raise HFCompressError(f"{KEY_PROJECTION[key]} of decoder layer {layer_idx} was not reached.")
+            if not torch.isfinite(captured["x"]).all():
+                raise HFCompressError(f"the input of {KEY_PROJECTION[key]} in decoder layer {layer_idx} has NaN or inf.")
+            yield slice(rows.start * seq_len, rows.stop * seq_len), captured.pop("x")
+    finally:
+        handle.remove()

@@ -17,7 +17,16 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .assembly import build_shared_basis_llama
-from .calibration import GRAM_KEY, LayerRunner, gram_keys, layer_grams, paired_grams
+from .calibration import (
+    GRAM_KEY,
+    LayerRunner,
+    accumulate_gram,
+    gram_keys,
+    layer_grams,
+    record_inputs,
+    stage_inputs,
+    symmetrize,
+)
 from .decomposition import (
     GroupFactors,
     allocate_ranks,
@@ -130,6 +139,7 @@ class ConversionResult:
     wall_time_s: float
     peak_memory_mb: float
     whitening_shifts: dict[str, list[float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
     perplexity_before: float | None = None
     perplexity_after: float | None = None
 
@@ -178,6 +188,7 @@ class BasisSharingCompressor:
         self.keys = gram_keys(self.groups)
         self.runner = LayerRunner(model, calibration_ids.shape[1], device, batch_size)
         self.whitening_shifts: dict[str, list[float]] = {name: [] for name in self.groups}
+        self.timings: dict[str, float] = {}
         widest = max(dense_weight(model.model.layers[0], name).shape[0] for name in self.groups)
         if calibration_ids.numel() < widest:
             logger.warning(
@@ -258,13 +269,17 @@ class BasisSharingCompressor:
         """Factors of every group. `dense_grams` (from `dense_grams()`) can be passed in to reuse one calibration
         pass across several settings on the same model and data."""
         opts = self.options
+        start = time.perf_counter()
         if dense_grams is None and (not opts.sequential or opts.rank_allocation == "global" or opts.rank_multiple > 1):
             dense_grams = self.dense_grams()
+        self.timings["calibration_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         ranks = self._ranks(dense_grams or [])
         factors: dict[str, list[GroupFactors | None]] = {n: [None] * len(g) for n, g in self.groups.items()}
         needs_stream = opts.sequential or opts.refit
-        dense_hidden = self._embeddings() if needs_stream else None
-        comp_hidden = dense_hidden.clone() if needs_stream else None
+        comp_hidden = self._embeddings() if needs_stream else None
+        # The dense model's own stream is only needed for the refit's targets.
+        dense_hidden = comp_hidden.clone() if opts.refit else None
         spans = block_spans(self.groups, self.num_layers)
         bar = tqdm(total=self.num_layers, desc="decomposition", unit="layer", disable=not self.progress)
         for span in spans:
@@ -288,13 +303,14 @@ class BasisSharingCompressor:
                     dense_layer = self._layer(layer_idx)
                     compressed = self._compressed_layer(layer_idx, factors)
                     if opts.refit:
-                        compressed = self._refit_layer(layer_idx, dense_layer, compressed, dense_hidden,
-                                                       comp_hidden, factors)
-                    dense_hidden = _advance(self.runner, dense_layer, dense_hidden, layer_idx)
+                        dense_hidden = self._refit_layer(layer_idx, dense_layer, compressed, dense_hidden,
+                                                         comp_hidden, factors)
                     comp_hidden = _advance(self.runner, compressed, comp_hidden, layer_idx)
                     self._offload(layer_idx)
             bar.update(len(span))
         bar.close()
+        # With --sequential/--refit this includes their own passes through the layers.
+        self.timings["decomposition_s"] = time.perf_counter() - start
         return {name: list(groups) for name, groups in factors.items()}
 
     # -- compressed copies of single layers -----------------------------------------------------------------
@@ -314,21 +330,32 @@ class BasisSharingCompressor:
             set_projection(layer, name, module)
         return layer
 
-    def _refit_layer(self, layer_idx, dense_layer, compressed, dense_hidden, comp_hidden, factors):
-        """Refits the layer's coefficients input by input, in forward order, so that each stage sees the inputs that
-        the already-refit projections before it produce (o after q/k/v, down after gate/up). Returns the new layer."""
-        for key in REFIT_STAGES:
-            names = [name for name in factors if GRAM_KEY[name] == key]
-            if not names:
-                continue
-            pairs = paired_grams(self.runner, dense_layer, compressed, dense_hidden, comp_hidden, layer_idx, (key,))
-            gram_hat, cross = (g.double() for g in pairs[key])
-            for name in names:
+    def _refit_layer(self, layer_idx, dense_layer, compressed, dense_hidden, comp_hidden, factors) -> torch.Tensor:
+        """Refits the coefficients of `compressed` in place, input by input in forward order, so that each stage sees
+        the inputs that the already-refit projections before it produce (o after q/k/v, down after gate/up).
+
+        One dense forward records every stage's target inputs; the compressed layer is re-run per stage only up to
+        that stage's projection. Returns the dense layer's outputs (the next dense hidden states).
+        """
+        stages = tuple(key for key in REFIT_STAGES if any(GRAM_KEY[name] == key for name in factors))
+        targets, dense_out = record_inputs(self.runner, dense_layer, dense_hidden, layer_idx, stages)
+        for key in stages:
+            gram_hat = cross = None
+            for rows, x_hat in stage_inputs(self.runner, compressed, comp_hidden, layer_idx, key):
+                x_hat = x_hat.float()
+                x = targets[key][rows].to(x_hat.device, torch.float32)
+                gram_hat = accumulate_gram(gram_hat, x_hat)
+                cross = x_hat.T @ x if cross is None else cross.addmm_(x_hat.T, x)
+            gram_hat = symmetrize(gram_hat)
+            del targets[key]
+            for name in (name for name in factors if GRAM_KEY[name] == key):
                 group = next(g for g in factors[name] if layer_idx in g.layers)
-                refit = refit_coefficients(group.basis.to(self.device), dense_weight(dense_layer, name), gram_hat, cross)
+                refit = refit_coefficients(group.basis.to(self.device), dense_weight(dense_layer, name),
+                                           gram_hat.double(), cross.double())
                 group.coefficients[group.layers.index(layer_idx)] = refit.cpu()
-            compressed = self._compressed_layer(layer_idx, factors)
-        return compressed
+                module = projection(compressed, name)
+                module.coefficients.data = refit.T.to(module.coefficients.dtype).contiguous()
+        return dense_out
 
 
 def _to_cpu(factors: GroupFactors) -> GroupFactors:
@@ -393,6 +420,7 @@ def convert(
     start = time.perf_counter()
     with PeakMemory() as peak:
         model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision)
+        load_time = time.perf_counter() - start
         options.validate(model.config.num_hidden_layers)
         text_source = resolve_text_source(calibration.dataset, calibration.config, calibration.split, calibration.column)
         ids = calibration_batch(tokenizer, load_texts(text_source), samples=calibration.samples,
@@ -427,6 +455,7 @@ def convert(
             wall_time_s=0.0,
             peak_memory_mb=0.0,
             whitening_shifts={k: v for k, v in compressor.whitening_shifts.items() if any(v)},
+            timings={"load_s": load_time, **compressor.timings},
         )
         conversion_time = time.perf_counter() - start
         if eval_dataset:

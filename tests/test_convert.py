@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from typer.testing import CliRunner
 
 from conftest import make_tokenizer, tiny_llama
-from hf_compress.calibration import GRAM_KEY, LayerRunner, layer_grams
+from hf_compress.calibration import (
+    GRAM_KEY,
+    LayerRunner,
+    accumulate_gram,
+    capture_inputs,
+    layer_grams,
+    record_inputs,
+    stage_inputs,
+    symmetrize,
+)
 from hf_compress.cli import app
 from hf_compress.converter import (
     BasisSharingCompressor,
@@ -75,6 +85,58 @@ def test_layer_grams_match_an_independent_hook(tokenizer, calib_file):
     torch.testing.assert_close(grams["attn_in"], normed.T @ normed, atol=1e-3, rtol=1e-4)
 
 
+def test_blocked_gram_equals_the_full_product():
+    torch.manual_seed(0)
+    chunks = [torch.randn(50, 600, dtype=torch.float64) for _ in range(3)]  # 600 spans three 256-wide blocks
+    gram = None
+    for x in chunks:
+        gram = accumulate_gram(gram, x)
+    x = torch.cat(chunks)
+    torch.testing.assert_close(symmetrize(gram), x.T @ x)
+    assert gram[300, 10] == 0  # below the diagonal blocks nothing was computed
+
+
+def test_stage_inputs_stop_early_and_match_a_full_forward(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file, samples=5)
+    run = LayerRunner(model, ids.shape[1], torch.device("cpu"), batch_size=2)
+    hidden = model.model.embed_tokens(ids).detach()
+    layer = model.model.layers[1]
+    keys = ("attn_in", "o_in", "mlp_in", "down_in")
+    inputs, out = record_inputs(run, layer, hidden, 1, keys)
+    torch.testing.assert_close(out, layer_grams(run, layer, hidden, 1, ())[1])
+    with torch.no_grad(), capture_inputs(layer, keys) as captured:
+        layer(hidden, **run.layer_kwargs(hidden))
+        reference = {key: x.clone() for key, x in captured.items()}
+    calls = []
+    handle = layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for key in keys:
+            calls.clear()
+            seen = torch.cat([x for _, x in stage_inputs(run, layer, hidden, 1, key)])
+            torch.testing.assert_close(seen, reference[key], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(inputs[key], reference[key], atol=1e-5, rtol=1e-5)
+            # The forward ends at the stage's projection: the MLP only runs for the MLP's own inputs.
+            assert len(calls) == (3 if key in ("mlp_in", "down_in") else 0)
+    finally:
+        handle.remove()
+
+
+def test_refit_of_the_first_layer_reproduces_svd_llm(tokenizer, calib_file):
+    """With groups of one, the whitened SVD's coefficients are already the least-squares optimum for their basis on
+    the dense inputs; layer 0's q/k/v see exactly those inputs, so the refit must give them back."""
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file)
+    options = dict(ratio=0.5, group_size=1)
+    plain = BasisSharingCompressor(model, BasisSharingConfig(**options), ids, torch.device("cpu"), progress=False).run()
+    refit = BasisSharingCompressor(model, BasisSharingConfig(**options, refit=True), ids, torch.device("cpu"),
+                                   progress=False).run()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        torch.testing.assert_close(refit[name][0].coefficients[0], plain[name][0].coefficients[0], atol=1e-4, rtol=1e-3)
+    # Later layers see the compressed model's inputs, so their coefficients move.
+    assert not torch.allclose(refit["q_proj"][1].coefficients[0], plain["q_proj"][1].coefficients[0], atol=1e-3)
+
+
 def loss_of(model, factors, ids, dense=None):
     """Summed whitened-space calibration loss of every compressed projection on the dense model's inputs."""
     run = LayerRunner(model, ids.shape[1], torch.device("cpu"), batch_size=8)
@@ -129,6 +191,11 @@ def test_cli_convert_end_to_end(tiny_source_dir, calib_file, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert "achieved" in result.output and "perplexity" in result.output
+    phases = re.search(r"conversion: ([\d.]+) s \(load ([\d.]+) s, calibration ([\d.]+) s, decomposition ([\d.]+) s\)",
+                       result.output)
+    assert phases, result.output
+    total, *parts = (float(v) for v in phases.groups())
+    assert 0 < sum(parts) <= total + 0.2  # the phases are inside the total (plus rounding)
     config = json.loads((out / "config.json").read_text())
     provenance = config["compression"]
     assert provenance["method"] == "basis_sharing"
