@@ -42,6 +42,7 @@ METHODS: dict[str, dict] = {
     "basis-sharing": dict(),
     "basis-sharing+global": dict(rank_allocation="global"),
     "basis-sharing+global-absolute": dict(rank_allocation="global", rank_score="absolute"),
+    "basis-sharing+layer-fit": dict(layer_fit=True),
     "basis-sharing+refit": dict(refit=True),
     "basis-sharing+sequential": dict(sequential=True),
     "basis-sharing+multiple128": dict(rank_multiple=128),

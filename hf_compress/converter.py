@@ -69,6 +69,8 @@ class BasisSharingConfig:
         rank_score: how global allocation compares groups: `"relative"` (discarded energy as a fraction of the
             group's total, since types differ in scale) or `"absolute"` (the raw squared singular values).
         refit: re-solve each layer's coefficients by least squares on the inputs of the compressed model.
+        layer_fit: re-solve the coefficients of each member of a shared group by least squares on its own dense Gram
+            (the group's SVD fits them on the summed Gram); no extra pass, and implied by `refit`.
         sequential: take the Grams of later layers from the outputs of the already-compressed layers.
     """
 
@@ -81,6 +83,7 @@ class BasisSharingConfig:
     rank_multiple: int | None = None
     rank_score: str = "relative"
     refit: bool = False
+    layer_fit: bool = False
     sequential: bool = False
 
     def validate(self, num_layers: int) -> None:
@@ -297,7 +300,10 @@ class BasisSharingCompressor:
                         spec = self._spectrum(name, group, grams_by_layer, whitenings)
                         if spec.whitening is not None:
                             self.whitening_shifts[name].append(spec.whitening.shift)
-                        factors[name][group_idx] = _to_cpu(factors_at_rank(spec, ranks[name][group_idx]))
+                        group_factors = factors_at_rank(spec, ranks[name][group_idx])
+                        if opts.layer_fit and opts.whiten and not opts.refit and len(group) > 1:
+                            group_factors = self._fit_layers(group_factors, grams_by_layer)
+                        factors[name][group_idx] = _to_cpu(group_factors)
             if needs_stream:
                 for layer_idx in span:
                     dense_layer = self._layer(layer_idx)
@@ -312,6 +318,19 @@ class BasisSharingCompressor:
         # With --sequential/--refit this includes their own passes through the layers.
         self.timings["decomposition_s"] = time.perf_counter() - start
         return {name: list(groups) for name, groups in factors.items()}
+
+    def _fit_layers(self, group: GroupFactors, grams_by_layer: dict[int, dict[str, torch.Tensor]]) -> GroupFactors:
+        """Each member's coefficients re-solved by least squares on its own Gram, for the shared basis.
+
+        The group's SVD fits every member on the summed Gram, as if all members saw the same inputs; they do not, and
+        for a fixed basis each layer's own least-squares fit can only lower its output error on the calibration data.
+        """
+        coefficients = []
+        for layer_idx in group.layers:
+            gram = grams_by_layer[layer_idx][GRAM_KEY[group.name]].to(self.device, torch.float64)
+            weight = dense_weight(self.model.model.layers[layer_idx], group.name).to(self.device)
+            coefficients.append(refit_coefficients(group.basis, weight, gram, gram))
+        return GroupFactors(group.name, group.layers, group.basis, coefficients)
 
     # -- compressed copies of single layers -----------------------------------------------------------------
     def _compressed_layer(self, layer_idx: int, factors: dict[str, list[GroupFactors | None]]):

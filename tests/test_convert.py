@@ -122,6 +122,36 @@ def test_stage_inputs_stop_early_and_match_a_full_forward(tokenizer, calib_file)
         handle.remove()
 
 
+def test_layer_fit_solves_each_members_least_squares(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file)
+
+    def compressor(**options):
+        return BasisSharingCompressor(model, BasisSharingConfig(ratio=0.5, **options), ids, torch.device("cpu"),
+                                      progress=False)
+
+    grams = compressor().dense_grams()
+    plain, fitted = compressor().run(dense_grams=grams), compressor(layer_fit=True).run(dense_grams=grams)
+    lowered = 0
+    for name in ("q_proj", "up_proj"):
+        for before, after in zip(plain[name], fitted[name]):
+            assert len(after.layers) == 2 and torch.equal(before.basis, after.basis)
+            b = after.basis.double()
+            for i, layer_idx in enumerate(after.layers):
+                gram = grams[layer_idx][GRAM_KEY[name]].double()
+                w = dense_weight(model.model.layers[layer_idx], name).double()
+                c = after.coefficients[i].double()
+                # Normal equations of min ||X W - X B C||: B^T G (W - B C) = 0.
+                normal = b.T @ gram @ (w - b @ c)
+                assert normal.abs().max() < 1e-4 * (b.T @ gram @ w).abs().max()
+                loss_after = calibration_loss(b, c, w, gram, gram, gram)
+                loss_before = calibration_loss(b, before.coefficients[i], w, gram, gram, gram)
+                assert loss_after <= loss_before * (1 + 1e-9)
+                lowered += loss_after < loss_before * (1 - 1e-6)
+    assert lowered > 0
+    torch.testing.assert_close(fitted["o_proj"][1].coefficients[0], plain["o_proj"][1].coefficients[0])  # groups of one
+
+
 def test_refit_of_the_first_layer_reproduces_svd_llm(tokenizer, calib_file):
     """With groups of one, the whitened SVD's coefficients are already the least-squares optimum for their basis on
     the dense inputs; layer 0's q/k/v see exactly those inputs, so the refit must give them back."""

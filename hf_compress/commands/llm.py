@@ -36,6 +36,9 @@ def convert_command(
     rank_score: str = typer.Option("relative", "--rank-score",
                                    help="global allocation compares losses relative to each group's energy, or absolute."),
     refit: bool = typer.Option(False, "--refit/--no-refit", help="Least-squares refit of the coefficients."),
+    layer_fit: bool = typer.Option(
+        False, "--layer-fit/--no-layer-fit",
+        help="Fit each shared group member's coefficients on its own Gram (no extra pass; implied by --refit)."),
     sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="Grams from the compressed layers' outputs."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward."),
@@ -55,7 +58,8 @@ def convert_command(
         output,
         options=BasisSharingConfig(
             ratio=ratio, group_size=group_size, share=_split_names(share), dense=_split_names(dense), whiten=whiten,
-            rank_allocation=rank_allocation, rank_multiple=rank_multiple, rank_score=rank_score, refit=refit, sequential=sequential,
+            rank_allocation=rank_allocation, rank_multiple=rank_multiple, rank_score=rank_score, refit=refit,
+            layer_fit=layer_fit, sequential=sequential,
         ),
         calibration=CalibrationConfig(
             dataset=calib_dataset, config=calib_config, split=calib_split, column=calib_column,
