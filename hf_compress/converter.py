@@ -71,7 +71,9 @@ class BasisSharingConfig:
         refit: re-solve each layer's coefficients by least squares on the inputs of the compressed model.
         layer_fit: re-solve the coefficients of each member of a shared group by least squares on its own dense Gram
             (the group's SVD fits them on the summed Gram); no extra pass, and implied by `refit`.
-        sequential: take the Grams of later layers from the outputs of the already-compressed layers.
+        sequential: take the Grams of each block of layers from the outputs of the already-compressed layers before
+            it (the default: on SmolLM2 it roughly halved the perplexity at 40% for 1.5x the time); `False` takes
+            every Gram from the dense model, as the paper does.
     """
 
     ratio: float = 0.2
@@ -84,7 +86,7 @@ class BasisSharingConfig:
     rank_score: str = "relative"
     refit: bool = False
     layer_fit: bool = False
-    sequential: bool = False
+    sequential: bool = True
 
     def validate(self, num_layers: int) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -267,32 +269,40 @@ class BasisSharingCompressor:
             result[name][group_idx] = rank
         return result
 
+    def needs_dense_grams(self) -> bool:
+        """Whether `run` uses Grams of the dense model: for whitening unless calibration is sequential, and for
+        choosing ranks from the spectra (global allocation, rank multiples)."""
+        opts = self.options
+        by_spectra = opts.rank_allocation == "global" or opts.rank_multiple > 1
+        return opts.whiten and (not opts.sequential or by_spectra)
+
     @torch.no_grad()
     def run(self, dense_grams: list[dict[str, torch.Tensor]] | None = None) -> dict[str, list[GroupFactors]]:
         """Factors of every group. `dense_grams` (from `dense_grams()`) can be passed in to reuse one calibration
         pass across several settings on the same model and data."""
         opts = self.options
-        start = time.perf_counter()
-        if dense_grams is None and (not opts.sequential or opts.rank_allocation == "global" or opts.rank_multiple > 1):
+        sequential = opts.sequential and opts.whiten  # plain SVD has no Grams to take from anywhere
+        if dense_grams is None and self.needs_dense_grams():
+            start = time.perf_counter()
             dense_grams = self.dense_grams()
-        self.timings["calibration_s"] = time.perf_counter() - start
+            self.timings["calibration_s"] = time.perf_counter() - start
         start = time.perf_counter()
         ranks = self._ranks(dense_grams or [])
         factors: dict[str, list[GroupFactors | None]] = {n: [None] * len(g) for n, g in self.groups.items()}
-        needs_stream = opts.sequential or opts.refit
+        needs_stream = sequential or opts.refit
         comp_hidden = self._embeddings() if needs_stream else None
         # The dense model's own stream is only needed for the refit's targets.
         dense_hidden = comp_hidden.clone() if opts.refit else None
         spans = block_spans(self.groups, self.num_layers)
         bar = tqdm(total=self.num_layers, desc="decomposition", unit="layer", disable=not self.progress)
         for span in spans:
-            if opts.sequential:
+            if sequential:
                 grams_by_layer, hidden = {}, comp_hidden
                 for layer_idx in span:
                     grams_by_layer[layer_idx], hidden = layer_grams(self.runner, self._layer(layer_idx), hidden,
                                                                     layer_idx, self.keys)
             else:
-                grams_by_layer = {l: dense_grams[l] for l in span}
+                grams_by_layer = {l: dense_grams[l] for l in span} if dense_grams else {}
             whitenings: dict = {}
             for name, groups in self.groups.items():
                 for group_idx, group in enumerate(groups):
@@ -315,7 +325,7 @@ class BasisSharingCompressor:
                     self._offload(layer_idx)
             bar.update(len(span))
         bar.close()
-        # With --sequential/--refit this includes their own passes through the layers.
+        # With sequential calibration or --refit this includes their passes through the layers.
         self.timings["decomposition_s"] = time.perf_counter() - start
         return {name: list(groups) for name, groups in factors.items()}
 

@@ -127,8 +127,8 @@ def test_layer_fit_solves_each_members_least_squares(tokenizer, calib_file):
     ids = calibration_ids(tokenizer, calib_file)
 
     def compressor(**options):
-        return BasisSharingCompressor(model, BasisSharingConfig(ratio=0.5, **options), ids, torch.device("cpu"),
-                                      progress=False)
+        return BasisSharingCompressor(model, BasisSharingConfig(ratio=0.5, sequential=False, **options), ids,
+                                      torch.device("cpu"), progress=False)
 
     grams = compressor().dense_grams()
     plain, fitted = compressor().run(dense_grams=grams), compressor(layer_fit=True).run(dense_grams=grams)
@@ -152,12 +152,34 @@ def test_layer_fit_solves_each_members_least_squares(tokenizer, calib_file):
     torch.testing.assert_close(fitted["o_proj"][1].coefficients[0], plain["o_proj"][1].coefficients[0])  # groups of one
 
 
+def test_sequential_is_the_default_and_takes_grams_from_the_compressed_stream(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file)
+    compressor = BasisSharingCompressor(model, BasisSharingConfig(ratio=0.5, group_size=1), ids, torch.device("cpu"),
+                                        progress=False)
+    assert compressor.options.sequential and not compressor.needs_dense_grams()
+    factors = compressor.run()
+    assert "calibration_s" not in compressor.timings  # no pass over the dense model
+    from hf_compress.assembly import build_shared_basis_llama
+    from hf_compress.decomposition import factors_at_rank, spectrum
+
+    compressed = build_shared_basis_llama(model, factors)
+    with torch.no_grad():
+        entering = compressed(ids, output_hidden_states=True).hidden_states[1]  # after compressed layer 0
+        x = model.model.layers[1].input_layernorm(entering).reshape(-1, entering.shape[-1]).double()
+    for name in ("q_proj", "v_proj"):
+        group = factors[name][1]
+        expected = factors_at_rank(spectrum(name, [1], [dense_weight(model.model.layers[1], name)], x.T @ x), group.rank)
+        torch.testing.assert_close(group.basis.double() @ group.coefficients[0].double(),
+                                   expected.basis @ expected.coefficients[0], atol=1e-4, rtol=1e-3)
+
+
 def test_refit_of_the_first_layer_reproduces_svd_llm(tokenizer, calib_file):
     """With groups of one, the whitened SVD's coefficients are already the least-squares optimum for their basis on
     the dense inputs; layer 0's q/k/v see exactly those inputs, so the refit must give them back."""
     model = tiny_llama(vocab_size=len(tokenizer))
     ids = calibration_ids(tokenizer, calib_file)
-    options = dict(ratio=0.5, group_size=1)
+    options = dict(ratio=0.5, group_size=1, sequential=False)
     plain = BasisSharingCompressor(model, BasisSharingConfig(**options), ids, torch.device("cpu"), progress=False).run()
     refit = BasisSharingCompressor(model, BasisSharingConfig(**options, refit=True), ids, torch.device("cpu"),
                                    progress=False).run()
@@ -198,8 +220,8 @@ def test_sequential_and_refit_run_and_refit_lowers_output_error(tokenizer, calib
         reference = model(ids).logits
     errors = {}
     for label, opts in {
-        "plain": BasisSharingConfig(ratio=0.5),
-        "refit": BasisSharingConfig(ratio=0.5, refit=True),
+        "plain": BasisSharingConfig(ratio=0.5, sequential=False),
+        "refit": BasisSharingConfig(ratio=0.5, sequential=False, refit=True),
         "sequential": BasisSharingConfig(ratio=0.5, sequential=True),
     }.items():
         compressor = BasisSharingCompressor(model, opts, ids, torch.device("cpu"), progress=False)

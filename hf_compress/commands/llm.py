@@ -39,7 +39,9 @@ def convert_command(
     layer_fit: bool = typer.Option(
         False, "--layer-fit/--no-layer-fit",
         help="Fit each shared group member's coefficients on its own Gram (no extra pass; implied by --refit)."),
-    sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="Grams from the compressed layers' outputs."),
+    sequential: bool = typer.Option(
+        True, "--sequential/--no-sequential",
+        help="Grams from the outputs of the already-compressed layers (default); --no-sequential: all from the dense model."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
