@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--convert", action="store_true", help="also time the conversion of the dense model")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--calib-seq-len", type=int, default=2048)
+    parser.add_argument("--no-sequential", dest="sequential", action="store_false",
+                        help="time the one-pass calibration on the dense model instead of the default sequential one")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -166,11 +168,11 @@ def time_conversion(dense, base, ratio, args, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    compressor = BasisSharingCompressor(dense, BasisSharingConfig(ratio=ratio, rank_multiple=args.rank_multiple), ids,
-                                        device, batch_size=8, progress=True)
+    options = BasisSharingConfig(ratio=ratio, rank_multiple=args.rank_multiple, sequential=args.sequential)
+    compressor = BasisSharingCompressor(dense, options, ids, device, batch_size=8, progress=True)
     factors = compressor.run()
     sync(device)
-    row = {"ratio": ratio, "conversion_s": time.perf_counter() - start,
+    row = {"ratio": ratio, "sequential": args.sequential, "conversion_s": time.perf_counter() - start,
            "ranks": {name: sorted(set(f.rank for f in groups)) for name, groups in factors.items()}}
     if device.type == "cuda":
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -245,7 +245,7 @@ class BasisSharingCompressor:
     def _ranks(self, dense_grams: list[dict[str, torch.Tensor]]) -> dict[str, list[int]]:
         """Ranks of every group, from the formula or from the spectra of the whole model."""
         spectra, owners = [], []
-        needs_spectra = self.options.rank_allocation == "global" or self.options.rank_multiple > 1
+        needs_spectra = self._ranks_need_spectra()
         grams_by_layer = dict(enumerate(dense_grams)) if needs_spectra else {}
         for span in block_spans(self.groups, self.num_layers):
             whitenings: dict = {}  # per block, so only one block's Cholesky factors are held at a time
@@ -269,12 +269,18 @@ class BasisSharingCompressor:
             result[name][group_idx] = rank
         return result
 
+    def _ranks_need_spectra(self) -> bool:
+        """Global allocation needs every group's spectrum up front. With rank multiples, the chunks left over after
+        rounding go where the dense spectra say they remove most loss, but only when those spectra come for free:
+        sequential calibration has no dense pass, so there they are spread by shape alone."""
+        opts = self.options
+        return opts.rank_allocation == "global" or (opts.rank_multiple > 1 and not opts.sequential)
+
     def needs_dense_grams(self) -> bool:
         """Whether `run` uses Grams of the dense model: for whitening unless calibration is sequential, and for
-        choosing ranks from the spectra (global allocation, rank multiples)."""
+        choosing ranks from the spectra."""
         opts = self.options
-        by_spectra = opts.rank_allocation == "global" or opts.rank_multiple > 1
-        return opts.whiten and (not opts.sequential or by_spectra)
+        return opts.whiten and (not opts.sequential or self._ranks_need_spectra())
 
     @torch.no_grad()
     def run(self, dense_grams: list[dict[str, torch.Tensor]] | None = None) -> dict[str, list[GroupFactors]]:

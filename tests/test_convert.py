@@ -29,7 +29,9 @@ from hf_compress.converter import (
     CalibrationConfig,
     block_spans,
     convert,
+    count_compressed_params,
     default_rank_multiple,
+    dense_projection_params,
 )
 from hf_compress.decomposition import calibration_loss
 from hf_compress.errors import HFCompressError
@@ -172,6 +174,22 @@ def test_sequential_is_the_default_and_takes_grams_from_the_compressed_stream(to
         expected = factors_at_rank(spectrum(name, [1], [dense_weight(model.model.layers[1], name)], x.T @ x), group.rank)
         torch.testing.assert_close(group.basis.double() @ group.coefficients[0].double(),
                                    expected.basis @ expected.coefficients[0], atol=1e-4, rtol=1e-3)
+
+
+def test_rank_multiples_under_sequential_calibration_need_no_dense_pass(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file)
+    compressor = BasisSharingCompressor(model, BasisSharingConfig(ratio=0.4, rank_multiple=8), ids,
+                                        torch.device("cpu"), progress=False)
+    assert not compressor.needs_dense_grams()
+    factors = compressor.run()
+    assert "calibration_s" not in compressor.timings
+    assert all(f.rank % 8 == 0 for groups in factors.values() for f in groups)
+    before, after = dense_projection_params(model, factors), count_compressed_params(factors)
+    budget = int(0.6 * before)
+    assert after <= budget  # the budget is met, and no chunk of 8 ranks that would still fit is left unspent:
+    cheapest = min(f.basis.shape[0] + len(f.layers) * f.coefficients[0].shape[1] for g in factors.values() for f in g)
+    assert budget - after < 8 * cheapest
 
 
 def test_refit_of_the_first_layer_reproduces_svd_llm(tokenizer, calib_file):
