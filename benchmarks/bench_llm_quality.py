@@ -148,11 +148,25 @@ def write_table(jsonl: Path, md: Path) -> None:
     ]
     for r in sorted(rows, key=lambda r: (r["target_ratio"], list(METHODS).index(r["method"]) if r["method"] in METHODS else -1)):
         conv = f"{r['conversion_time_s']:.0f}" if "conversion_time_s" in r else "-"
+        conv += " (see note)" if r.get("note") else ""
         peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         rel = f"{r['perplexity'] / dense:.2f}" if dense else "-"
         lines.append(f"| {r['method']} | {r['target_ratio']:.0%} | {r['achieved_ratio']:.2%} | {r['perplexity']:.2f} "
                      f"| {rel} | {conv} | {peak} |")
-    md.write_text("\n".join(lines) + "\n")
+    notes = [f"- {r['method']} at {r['target_ratio']:.0%}: {r['note']}" for r in rows if r.get("note")]
+    md.write_text("\n".join(lines + [""] + notes) + "\n\n" + pivot_table(rows) + "\n")
+
+
+def pivot_table(rows: list[dict]) -> str:
+    """WikiText-2 perplexity, one row per method and one column per target ratio ("-": not measured)."""
+    ratios = sorted({r["target_ratio"] for r in rows if r["method"] != "dense"})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    value = {(r["method"], r["target_ratio"]): r["perplexity"] for r in rows}
+    lines = ["| method | " + " | ".join(f"{ratio:.0%}" for ratio in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+    for method in methods:
+        cells = [f"{value[(method, ratio)]:.2f}" if (method, ratio) in value else "-" for ratio in ratios]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
