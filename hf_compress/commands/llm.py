@@ -84,7 +84,8 @@ def convert_command(
     for name, shifts in result.whitening_shifts.items():
         typer.echo(f"note: {len([s for s in shifts if s])} {name} Gram(s) were not positive definite; "
                    f"largest diagonal shift added {max(shifts):.3g}")
-    phases = ", ".join(f"{name.removesuffix('_s')} {seconds:.1f} s" for name, seconds in result.timings.items())
+    phases = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
+                       for name, seconds in result.timings.items())
     typer.echo(f"conversion: {result.wall_time_s:.1f} s ({phases}), peak memory {result.peak_memory_mb:,.0f} MB")
     if result.perplexity_after is not None:
         typer.echo(f"perplexity on {eval_dataset}: {result.perplexity_before:.3f} (source) -> "
