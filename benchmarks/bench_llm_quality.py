@@ -40,6 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS: dict[str, dict] = {
     "svd": dict(group_size=1, whiten=False, sequential=False),
     "svd-llm": dict(group_size=1, sequential=False),
+    "svd-llm+sequential": dict(group_size=1, sequential=True),
     "basis-sharing": dict(sequential=False),
     "basis-sharing+global": dict(rank_allocation="global", sequential=False),
     "basis-sharing+global-absolute": dict(rank_allocation="global", rank_score="absolute", sequential=False),
