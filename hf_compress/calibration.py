@@ -104,8 +104,7 @@ GRAM_BLOCK = 256
 def accumulate_gram(gram: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """Adds `x^T x` to the upper block triangle of `gram` (allocated on first use); `symmetrize` completes it.
 
-    Skipping the blocks below the diagonal saves about a third of the Gram's cost at the widths of real models,
-    and the Grams are a third of the calibration's work.
+    With n column blocks only n(n+1)/2 of the n^2 block products are computed (21 of 36 for a 1536-wide input).
     """
     d = x.shape[1]
     if gram is None:

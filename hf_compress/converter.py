@@ -269,25 +269,29 @@ class BasisSharingCompressor:
             result[name][group_idx] = rank
         return result
 
+    @property
+    def sequential(self) -> bool:
+        """Whether calibration is sequential in effect: plain SVD has no Grams to take from anywhere."""
+        return self.options.sequential and self.options.whiten
+
     def _ranks_need_spectra(self) -> bool:
         """Global allocation needs every group's spectrum up front. With rank multiples, the chunks left over after
         rounding go where the dense spectra say they remove most loss, but only when those spectra come for free:
         sequential calibration has no dense pass, so there they are spread by shape alone."""
         opts = self.options
-        return opts.rank_allocation == "global" or (opts.rank_multiple > 1 and not opts.sequential)
+        return opts.rank_allocation == "global" or (opts.rank_multiple > 1 and not self.sequential)
 
     def needs_dense_grams(self) -> bool:
         """Whether `run` uses Grams of the dense model: for whitening unless calibration is sequential, and for
         choosing ranks from the spectra."""
-        opts = self.options
-        return opts.whiten and (not opts.sequential or self._ranks_need_spectra())
+        return self.options.whiten and (not self.sequential or self._ranks_need_spectra())
 
     @torch.no_grad()
     def run(self, dense_grams: list[dict[str, torch.Tensor]] | None = None) -> dict[str, list[GroupFactors]]:
         """Factors of every group. `dense_grams` (from `dense_grams()`) can be passed in to reuse one calibration
         pass across several settings on the same model and data."""
         opts = self.options
-        sequential = opts.sequential and opts.whiten  # plain SVD has no Grams to take from anywhere
+        sequential = self.sequential
         if dense_grams is None and self.needs_dense_grams():
             start = time.perf_counter()
             dense_grams = self.dense_grams()
@@ -317,7 +321,7 @@ class BasisSharingCompressor:
                         if spec.whitening is not None:
                             self.whitening_shifts[name].append(spec.whitening.shift)
                         group_factors = factors_at_rank(spec, ranks[name][group_idx])
-                        if opts.layer_fit and opts.whiten and not opts.refit and len(group) > 1:
+                        if opts.layer_fit and spec.whitening is not None and not opts.refit and len(group) > 1:
                             group_factors = self._fit_layers(group_factors, grams_by_layer)
                         factors[name][group_idx] = _to_cpu(group_factors)
             if needs_stream:
