@@ -162,6 +162,7 @@ def test_sequential_is_the_default_and_takes_grams_from_the_compressed_stream(to
     assert compressor.options.sequential and not compressor.needs_dense_grams()
     factors = compressor.run()
     assert "calibration_s" not in compressor.timings  # no pass over the dense model
+    assert compressor.timings["calibration_and_decomposition_s"] > 0
     from hf_compress.assembly import build_shared_basis_llama
     from hf_compress.decomposition import factors_at_rank, spectrum
 
@@ -266,7 +267,7 @@ def test_cli_convert_end_to_end(tiny_source_dir, calib_file, tmp_path):
                        r"calibration and decomposition ([\d.]+) s\)", result.output)
     assert phases, result.output
     total, *parts = (float(v) for v in phases.groups())
-    assert 0 < sum(parts) <= total + 0.2  # the phases are inside the total (plus rounding)
+    assert sum(parts) <= total + 0.2  # the phases are inside the total (printed to 0.1 s, so a tiny run shows 0.0)
     config = json.loads((out / "config.json").read_text())
     provenance = config["compression"]
     assert provenance["method"] == "basis_sharing"
