@@ -1,9 +1,10 @@
-"""LLM quality benchmark, protocol "quick" of ../shared/BENCHMARKS.md, on SmolLM2-135M-Instruct (CPU, float32).
+"""LLM quality benchmark, protocol "quick" of ../shared/BENCHMARKS.md, on SmolLM2-135M-Instruct (CPU, float32 weights).
 
 Calibration: the 500 C4 calibration documents joined with "\\n\\n", tokenized once, 512-token chunks, seed 2023,
 the first 128 chunks of `randperm`. Evaluation: WikiText-2 test joined with "\\n\\n", windows of 2048, the first 20
 (quick) or all (--full). One calibration pass of the dense model is shared by every row that only needs the dense
-Grams; rows with --refit or sequential calibration run their own passes.
+Grams; rows with --refit or sequential calibration run their own passes. The calibration forwards run in
+--calib-dtype (default: the converter's choice for this machine); each row records it.
 
 Rows are appended to benchmarks/results/llm_quality_quick.jsonl as they finish (the script resumes: rows already
 there are skipped), and the markdown table benchmarks/results/llm_quality_quick.md is rewritten after each row.
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from hf_compress.assembly import build_shared_basis_llama
+from hf_compress.calibration import CALIBRATION_DTYPES, calibration_dtype
 from hf_compress.converter import (
     BasisSharingCompressor,
     BasisSharingConfig,
@@ -50,6 +52,7 @@ METHODS: dict[str, dict] = {
     "basis-sharing+multiple128": dict(rank_multiple=128, sequential=False),
     "basis-sharing+global+refit": dict(rank_allocation="global", refit=True, sequential=False),
     "basis-sharing+sequential+refit": dict(sequential=True, refit=True),
+    "basis-sharing+sequential+layer-fit": dict(sequential=True, layer_fit=True),
 }
 
 
@@ -60,6 +63,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=20, help="evaluation windows (20 = quick; 0 = all, full)")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calib-dtype", default="auto", choices=CALIBRATION_DTYPES,
+                        help="dtype of the calibration forwards (auto: the converter's default for this machine)")
     parser.add_argument("--tag", default="quick")
     parser.add_argument("--jobs", nargs="+", default=None,
                         help="explicit METHOD@RATIO rows in this order (default: every method at every ratio)")
@@ -68,7 +73,10 @@ def main() -> None:
 
     out_jsonl = RESULTS / f"llm_quality_{args.tag}.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    done = {(r["method"], r["target_ratio"]) for r in read_rows(out_jsonl)}
+    device = torch.device("cpu")
+    dtype = calibration_dtype(args.calib_dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    done = {(r["method"], r["target_ratio"], row_dtype(r)) for r in read_rows(out_jsonl)}
 
     model, tokenizer, _ = load_source("smollm2")
     calib_ids = calibration_batch(tokenizer, load_texts(resolve_text_source("c4-calibration")),
@@ -80,21 +88,21 @@ def main() -> None:
         losses = window_losses(m, eval_ids, seq_len=2048, max_windows=max_windows, progress=False)
         return math.exp(sum(losses) / len(losses))
 
-    if ("dense", 0.0) not in done:
+    if not any(method == "dense" for method, _, _ in done):
         start = time.perf_counter()
         value = ppl(model)
         append(out_jsonl, {"method": "dense", "target_ratio": 0.0, "achieved_ratio": 0.0, "perplexity": value,
                            "eval_time_s": time.perf_counter() - start, "windows": args.windows})
-    device = torch.device("cpu")
     shared_grams, gram_time, gram_peak = None, 0.0, 0.0
     jobs = [(m, r) for r in args.ratios for m in args.methods]
     if args.jobs:
         jobs = [(job.split("@")[0], float(job.split("@")[1])) for job in args.jobs]
     for method, ratio in jobs:
-        if (method, ratio) in done:
-            continue
         options = BasisSharingConfig(ratio=ratio, **METHODS[method])
-        compressor = BasisSharingCompressor(model, options, calib_ids, device, progress=False)
+        runs_forwards = options.whiten or options.refit  # plain SVD without refit never runs a calibration forward
+        if (method, ratio, dtype_name) in done or (not runs_forwards and any(d[:2] == (method, ratio) for d in done)):
+            continue
+        compressor = BasisSharingCompressor(model, options, calib_ids, device, progress=False, dtype=dtype)
         needs_own_pass = options.refit or options.sequential
         uses_dense_grams = compressor.needs_dense_grams()
         if shared_grams is None and uses_dense_grams:
@@ -120,12 +128,21 @@ def main() -> None:
             "perplexity": value, "eval_time_s": time.perf_counter() - start,
             "conversion_time_s": conversion_time, "dense_gram_time_s": gram_time if uses_dense_grams else 0.0,
             "peak_rss_mb": max(peak.peak_mb, gram_peak if uses_dense_grams else 0.0),
-            "own_pass": needs_own_pass, "ranks": {k: [f.rank for f in v] for k, v in factors.items()},
+            "own_pass": needs_own_pass, "calib_dtype": dtype_name if runs_forwards else "none", "ranks": {k: [f.rank for f in v] for k, v in factors.items()},
             "windows": args.windows,
         })
         write_table(out_jsonl, RESULTS / f"llm_quality_{args.tag}.md")
         del compressed
     write_table(out_jsonl, RESULTS / f"llm_quality_{args.tag}.md")
+
+
+def row_dtype(row: dict) -> str:
+    """Calibration dtype of a row ("none": no calibration forward); rows from before the option ran in float32."""
+    return row.get("calib_dtype", "float32")
+
+
+def label(row: dict) -> str:
+    return row["method"] + (f" ({row_dtype(row)})" if row_dtype(row) not in ("float32", "none") else "")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -147,22 +164,25 @@ def write_table(jsonl: Path, md: Path) -> None:
         "| method | target | achieved | WikiText-2 ppl | x dense | conversion (s) | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["target_ratio"], list(METHODS).index(r["method"]) if r["method"] in METHODS else -1)):
+    order = list(METHODS)
+    for r in sorted(rows, key=lambda r: (r["target_ratio"], order.index(r["method"]) if r["method"] in order else -1,
+                                         row_dtype(r))):
         conv = f"{r['conversion_time_s']:.0f}" if "conversion_time_s" in r else "-"
         conv += " (see note)" if r.get("note") else ""
         peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         rel = f"{r['perplexity'] / dense:.2f}" if dense else "-"
-        lines.append(f"| {r['method']} | {r['target_ratio']:.0%} | {r['achieved_ratio']:.2%} | {r['perplexity']:.2f} "
+        lines.append(f"| {label(r)} | {r['target_ratio']:.0%} | {r['achieved_ratio']:.2%} | {r['perplexity']:.2f} "
                      f"| {rel} | {conv} | {peak} |")
-    notes = [f"- {r['method']} at {r['target_ratio']:.0%}: {r['note']}" for r in rows if r.get("note")]
+    notes = [f"- {label(r)} at {r['target_ratio']:.0%}: {r['note']}" for r in rows if r.get("note")]
     md.write_text("\n".join(lines + [""] + notes) + "\n\n" + pivot_table(rows) + "\n")
 
 
 def pivot_table(rows: list[dict]) -> str:
     """WikiText-2 perplexity, one row per method and one column per target ratio ("-": not measured)."""
     ratios = sorted({r["target_ratio"] for r in rows if r["method"] != "dense"})
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    value = {(r["method"], r["target_ratio"]): r["perplexity"] for r in rows}
+    labels = {label(r): (list(METHODS).index(r["method"]), row_dtype(r)) for r in rows if r["method"] in METHODS}
+    methods = sorted(labels, key=labels.get)
+    value = {(label(r), r["target_ratio"]): r["perplexity"] for r in rows}
     lines = ["| method | " + " | ".join(f"{ratio:.0%}" for ratio in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
     for method in methods:
         cells = [f"{value[(method, ratio)]:.2f}" if (method, ratio) in value else "-" for ratio in ratios]

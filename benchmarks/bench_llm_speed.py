@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_compress.calibration import CALIBRATION_DTYPES, calibration_dtype
 from hf_compress.converter import BasisSharingCompressor, BasisSharingConfig
 from hf_compress.decomposition import allocate_ranks, shape_spectrum
 from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaConfig, SharedBasisLlamaForCausalLM
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--no-sequential", dest="sequential", action="store_false",
                         help="time the one-pass calibration on the dense model instead of the default sequential one")
+    parser.add_argument("--calib-dtype", default="auto", choices=CALIBRATION_DTYPES,
+                        help="dtype of the calibration forwards (auto: bfloat16 where the device has it natively)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -169,10 +172,12 @@ def time_conversion(dense, base, ratio, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     options = BasisSharingConfig(ratio=ratio, rank_multiple=args.rank_multiple, sequential=args.sequential)
-    compressor = BasisSharingCompressor(dense, options, ids, device, batch_size=8, progress=True)
+    dtype = calibration_dtype(args.calib_dtype, device)
+    compressor = BasisSharingCompressor(dense, options, ids, device, batch_size=8, progress=True, dtype=dtype)
     factors = compressor.run()
     sync(device)
-    row = {"ratio": ratio, "sequential": args.sequential, "conversion_s": time.perf_counter() - start,
+    row = {"ratio": ratio, "sequential": args.sequential, "calib_dtype": str(dtype).removeprefix("torch."),
+           "conversion_s": time.perf_counter() - start,
            "ranks": {name: sorted(set(f.rank for f in groups)) for name, groups in factors.items()}}
     if device.type == "cuda":
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -28,6 +28,8 @@ GRAM_KEY = {
     "up_proj": "mlp_in",
     "down_proj": "down_in",
 }
+# Gram keys in the order a decoder layer's forward reaches them.
+FORWARD_ORDER = ("attn_in", "o_in", "mlp_in", "down_in")
 # The projection whose input each Gram key observes.
 KEY_PROJECTION = {"attn_in": "q_proj", "o_in": "o_proj", "mlp_in": "gate_proj", "down_in": "down_proj"}
 
@@ -48,13 +50,45 @@ def capture_inputs(layer: nn.Module, keys: tuple[str, ...]) -> Iterator[dict[str
             handle.remove()
 
 
-class LayerRunner:
-    """Runs single decoder layers of a Llama-family model on stored calibration hidden states."""
+CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")
 
-    def __init__(self, model: PreTrainedModel, seq_len: int, device: torch.device, batch_size: int):
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or
+    AMX (elsewhere bfloat16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # oneDNN runs the bfloat16 products. The probes are private but long-standing; a torch without them is
+        # treated as lacking the instructions.
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return torch.backends.mkldnn.is_available() and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return False
+
+
+def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the calibration forwards: `"auto"` is bfloat16 where the device has native bfloat16 matrix
+    products and float32 elsewhere."""
+    if name not in CALIBRATION_DTYPES:
+        raise HFCompressError(f"--calib-dtype must be one of {', '.join(CALIBRATION_DTYPES)}; got {name!r}.")
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return getattr(torch, name)
+
+
+class LayerRunner:
+    """Runs single decoder layers of a Llama-family model on stored calibration hidden states.
+
+    With `dtype=torch.bfloat16` the matrix products of the forwards run under autocast (the residual stream, the
+    norms and every Gram stay in float32); the weights themselves are not touched.
+    """
+
+    def __init__(self, model: PreTrainedModel, seq_len: int, device: torch.device, batch_size: int,
+                 dtype: torch.dtype = torch.float32):
         self.model = model
         self.device = device
         self.batch_size = batch_size
+        self.dtype = dtype
         base = model.model
         self.rotary = base.rotary_emb.to(device)
         self.position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
@@ -81,20 +115,53 @@ class LayerRunner:
             "use_cache": False,
         }
 
+    def forward(self, layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """One decoder layer on one batch of hidden states (already on the device)."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            output = layer(inputs, **self.layer_kwargs(inputs))
+        return output[0] if isinstance(output, tuple) else output
+
     def batches(self, num_samples: int) -> Iterator[slice]:
         for start in range(0, num_samples, self.batch_size):
             yield slice(start, min(start + self.batch_size, num_samples))
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, hidden: torch.Tensor, layer_idx: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yields `(batch slice, layer output)` over the stored hidden states; checks outputs are finite."""
-        for rows in self.batches(hidden.shape[0]):
-            inputs = hidden[rows].to(self.device)
-            output = layer(inputs, **self.layer_kwargs(inputs))
-            output = output[0] if isinstance(output, tuple) else output
-            if not torch.isfinite(output).all():
-                raise HFCompressError(f"calibration activations became NaN or inf in decoder layer {layer_idx}.")
-            yield rows, output
+    def run(self, layer: nn.Module, hidden: torch.Tensor, layer_idx: int,
+            stop_at: str | None = None) -> Iterator[tuple[slice, torch.Tensor | None]]:
+        """Yields `(batch slice, layer output)` over the stored hidden states; checks outputs are finite.
+
+        With `stop_at` (a Gram key) each forward ends on entering the projection behind that key, so the rest of the
+        layer is not computed, and `None` stands for the output. Hooks registered before the call still see that
+        projection's input.
+        """
+        stop = None
+        if stop_at is not None:
+            def raise_stop(module, args):
+                raise _StopForward
+            stop = projection(layer, KEY_PROJECTION[stop_at]).register_forward_pre_hook(raise_stop)
+        try:
+            for rows in self.batches(hidden.shape[0]):
+                inputs = hidden[rows].to(self.device)
+                if stop is None:
+                    output = self.forward(layer, inputs)
+                    # A NaN or inf anywhere makes the sum non-finite: one reduction instead of a mask over the batch.
+                    if not torch.isfinite(output.sum(dtype=torch.float32)):
+                        raise HFCompressError(f"calibration activations became NaN or inf in decoder layer {layer_idx}.")
+                    yield rows, output
+                    continue
+                try:
+                    self.forward(layer, inputs)
+                except _StopForward:
+                    yield rows, None
+                else:
+                    raise HFCompressError(f"{KEY_PROJECTION[stop_at]} of decoder layer {layer_idx} was not reached.")
+        finally:
+            if stop is not None:
+                stop.remove()
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a forward once the input it needs has been seen."""
 
 
 # Column block of the Gram products; blocks below the diagonal are skipped (a Gram is symmetric).
@@ -126,24 +193,28 @@ def gram_keys(names) -> tuple[str, ...]:
 
 @torch.no_grad()
 def layer_grams(
-    runner: LayerRunner, layer: nn.Module, hidden: torch.Tensor, layer_idx: int, keys: tuple[str, ...]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Grams `X^T X` (float32, summed over tokens) of the inputs behind `keys`, and the layer's outputs."""
+    runner: LayerRunner, layer: nn.Module, hidden: torch.Tensor, layer_idx: int, keys: tuple[str, ...],
+    outputs: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Grams `X^T X` (float32, summed over tokens) of the inputs behind `keys`, and the layer's outputs.
+
+    With `outputs=False` the forwards end at the last projection behind `keys` (the down projection's matrix product
+    is a fifth of a layer's) and `None` is returned for the outputs.
+    """
     grams: dict[str, torch.Tensor] = {}
-    outputs = torch.empty_like(hidden)
+    result = torch.empty_like(hidden) if outputs else None
+    stop_at = None if outputs else max(keys, key=FORWARD_ORDER.index)
     with capture_inputs(layer, keys) as captured:
-        for rows, output in runner.run(layer, hidden, layer_idx):
-            outputs[rows] = output.to(outputs.device, outputs.dtype)
+        for rows, output in runner.run(layer, hidden, layer_idx, stop_at=stop_at):
+            if result is not None:
+                result[rows] = output.to(result.device, result.dtype)
             for key, x in captured.items():
-                x = x.float()
-                if not torch.isfinite(x).all():
-                    raise HFCompressError(f"the input of {KEY_PROJECTION[key]} in decoder layer {layer_idx} has NaN or inf.")
-                grams[key] = accumulate_gram(grams.get(key), x)
-    return {key: symmetrize(gram) for key, gram in grams.items()}, outputs
-
-
-class _StopForward(Exception):
-    """Raised by a pre-hook to end a forward once the input it needs has been seen."""
+                grams[key] = accumulate_gram(grams.get(key), x.float())
+    for key, gram in grams.items():
+        # A NaN or inf anywhere in the inputs reaches the diagonal (sums of squares): one check per Gram, not per batch.
+        if not torch.isfinite(gram.diagonal()).all():
+            raise HFCompressError(f"the input of {KEY_PROJECTION[key]} in decoder layer {layer_idx} has NaN or inf.")
+    return {key: symmetrize(gram) for key, gram in grams.items()}, result
 
 
 @torch.no_grad()
@@ -173,24 +244,9 @@ def stage_inputs(
     """Yields `(token rows, input behind key)` per batch, ending each forward at that projection, so that reaching
     an early projection (q/k/v) costs almost nothing and a late one (down) less than a full forward."""
     seq_len = hidden.shape[1]
-    captured: dict[str, torch.Tensor] = {}
-
-    def stop(module, args):
-        captured["x"] = args[0].reshape(-1, args[0].shape[-1])
-        raise _StopForward
-
-    handle = projection(layer, KEY_PROJECTION[key]).register_forward_pre_hook(stop)
-    try:
-        for rows in runner.batches(hidden.shape[0]):
-            inputs = hidden[rows].to(runner.device)
-            try:
-                layer(inputs, **runner.layer_kwargs(inputs))
-            except _StopForward:
-                pass
-            else:
-                raise HFCompressError(f"{KEY_PROJECTION[key]} of decoder layer {layer_idx} was not reached.")
-            if not torch.isfinite(captured["x"]).all():
+    with capture_inputs(layer, (key,)) as captured:
+        for rows, _ in runner.run(layer, hidden, layer_idx, stop_at=key):
+            x = captured.pop(key)
+            if not torch.isfinite(x).all():
                 raise HFCompressError(f"the input of {KEY_PROJECTION[key]} in decoder layer {layer_idx} has NaN or inf.")
-            yield slice(rows.start * seq_len, rows.stop * seq_len), captured.pop("x")
-    finally:
-        handle.remove()
+            yield slice(rows.start * seq_len, rows.stop * seq_len), x

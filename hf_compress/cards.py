@@ -170,7 +170,8 @@ def compression_table(config: dict) -> str:
         if calibration.get("seq_len"):
             size += f" x {calibration['seq_len']} tokens"
         seed = f", seed {calibration['seed']}" if calibration.get("seed") is not None else ""
-        rows.append(f"| Calibration data | {where}; {size}{seed} |")
+        dtype = f"; forwards in {calibration['dtype']}" if calibration.get("dtype") else ""
+        rows.append(f"| Calibration data | {where}; {size}{seed}{dtype} |")
     source = record.get("source") or {}
     if source.get("model_id"):
         extra = "".join(f", {k} {source[k]}" for k in ("revision", "gguf_file") if source.get(k))

@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 from . import __version__
 from .assembly import build_shared_basis_llama
 from .calibration import (
+    FORWARD_ORDER,
     GRAM_KEY,
     LayerRunner,
     accumulate_gram,
+    calibration_dtype,
     gram_keys,
     layer_grams,
     record_inputs,
@@ -47,7 +49,6 @@ from .text_data import PRESETS, calibration_batch, load_texts, resolve_text_sour
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-REFIT_STAGES = ("attn_in", "o_in", "mlp_in", "down_in")
 GPU_RANK_MULTIPLE = 128
 
 
@@ -72,7 +73,7 @@ class BasisSharingConfig:
         layer_fit: re-solve the coefficients of each member of a shared group by least squares on its own dense Gram
             (the group's SVD fits them on the summed Gram); no extra pass, and implied by `refit`.
         sequential: take the Grams of each block of layers from the outputs of the already-compressed layers before
-            it (the default: on SmolLM2 it roughly halved the perplexity at 40% for 1.5x the time); `False` takes
+            it (the default: on SmolLM2 it roughly halved the perplexity at 40% for 1.4x the time); `False` takes
             every Gram from the dense model, as the paper does.
     """
 
@@ -119,7 +120,12 @@ class BasisSharingConfig:
 
 @dataclass
 class CalibrationConfig:
-    """Calibration text: a preset, a local file or a Hub dataset; `samples` chunks of `seq_len` tokens."""
+    """Calibration text: a preset, a local file or a Hub dataset; `samples` chunks of `seq_len` tokens.
+
+    `dtype` is that of the calibration forwards' matrix products: `"auto"` takes bfloat16 where the device multiplies
+    it natively (about 1.7x faster forwards on an AVX512-BF16 CPU) and float32 elsewhere. Grams, whitening and
+    factorizations are float32/float64 either way.
+    """
 
     dataset: str = "c4-calibration"
     config: str | None = None
@@ -129,6 +135,7 @@ class CalibrationConfig:
     seq_len: int = 512
     seed: int = 2023
     batch_size: int = 8
+    dtype: str = "auto"
 
 
 @dataclass
@@ -178,7 +185,7 @@ class BasisSharingCompressor:
     """
 
     def __init__(self, model, options: BasisSharingConfig, calibration_ids: torch.Tensor, device: torch.device,
-                 batch_size: int = 8, progress: bool = True):
+                 batch_size: int = 8, progress: bool = True, dtype: torch.dtype = torch.float32):
         self.model = model
         self.options = options
         self.ids = calibration_ids
@@ -191,7 +198,7 @@ class BasisSharingCompressor:
         options.validate(self.num_layers)
         self.groups = options.groups(self.num_layers)
         self.keys = gram_keys(self.groups)
-        self.runner = LayerRunner(model, calibration_ids.shape[1], device, batch_size)
+        self.runner = LayerRunner(model, calibration_ids.shape[1], device, batch_size, dtype)
         self.whitening_shifts: dict[str, list[float]] = {name: [] for name in self.groups}
         self.timings: dict[str, float] = {}
         widest = max(dense_weight(model.model.layers[0], name).shape[0] for name in self.groups)
@@ -309,8 +316,9 @@ class BasisSharingCompressor:
             if sequential:
                 grams_by_layer, hidden = {}, comp_hidden
                 for layer_idx in span:
+                    # The last layer's dense outputs feed nothing: the stream goes on from the compressed layers.
                     grams_by_layer[layer_idx], hidden = layer_grams(self.runner, self._layer(layer_idx), hidden,
-                                                                    layer_idx, self.keys)
+                                                                    layer_idx, self.keys, outputs=layer_idx != span[-1])
             else:
                 grams_by_layer = {l: dense_grams[l] for l in span} if dense_grams else {}
             whitenings: dict = {}
@@ -331,7 +339,10 @@ class BasisSharingCompressor:
                     if opts.refit:
                         dense_hidden = self._refit_layer(layer_idx, dense_layer, compressed, dense_hidden,
                                                          comp_hidden, factors)
-                    comp_hidden = _advance(self.runner, compressed, comp_hidden, layer_idx)
+                    # The stream is read by the next block's calibration and by the next layer's refit: after the
+                    # last block, only a refit of its later layers still needs it.
+                    if span is not spans[-1] or (opts.refit and layer_idx != span[-1]):
+                        comp_hidden = _advance(self.runner, compressed, comp_hidden, layer_idx)
                     self._offload(layer_idx)
             bar.update(len(span))
         bar.close()
@@ -377,7 +388,7 @@ class BasisSharingCompressor:
         One dense forward records every stage's target inputs; the compressed layer is re-run per stage only up to
         that stage's projection. Returns the dense layer's outputs (the next dense hidden states).
         """
-        stages = tuple(key for key in REFIT_STAGES if any(GRAM_KEY[name] == key for name in factors))
+        stages = tuple(key for key in FORWARD_ORDER if any(GRAM_KEY[name] == key for name in factors))
         targets, dense_out = record_inputs(self.runner, dense_layer, dense_hidden, layer_idx, stages)
         for key in stages:
             gram_hat = cross = None
@@ -457,6 +468,10 @@ def convert(
     output = Path(output_dir) if output_dir is not None else None
     if output is not None and output.exists() and not overwrite:
         raise HFCompressError(f"output directory {output} exists; pass --overwrite to replace it.")
+    compute_device = pick_device(device)
+    # Provenance records the dtype actually used, not "auto".
+    calibration = dataclasses.replace(
+        calibration, dtype=str(calibration_dtype(calibration.dtype, compute_device)).removeprefix("torch."))
     start = time.perf_counter()
     with PeakMemory() as peak:
         model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision)
@@ -465,7 +480,8 @@ def convert(
         text_source = resolve_text_source(calibration.dataset, calibration.config, calibration.split, calibration.column)
         ids = calibration_batch(tokenizer, load_texts(text_source), samples=calibration.samples,
                                 seq_len=calibration.seq_len, seed=calibration.seed)
-        compressor = BasisSharingCompressor(model, options, ids, pick_device(device), calibration.batch_size, progress)
+        compressor = BasisSharingCompressor(model, options, ids, compute_device, calibration.batch_size, progress,
+                                            dtype=getattr(torch, calibration.dtype))
         factors = compressor.run()
         params_before = dense_projection_params(model, compressor.groups)
         params_after = count_compressed_params(factors)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    CONFIG_MAPPING,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .errors import HFCompressError
 
@@ -77,20 +87,46 @@ def check_architecture(config: PretrainedConfig | dict, source: str | None = Non
         )
 
 
+@contextmanager
+def _memoized_gguf_name_maps() -> Iterator[None]:
+    """While loading a GGUF file, transformers rebuilds gguf's tensor-name map, a pure function of the architecture
+    and the depth, once per module (397 times, about 5 s, for SmolLM2): serve the repeats from a cache."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf, "get_tensor_name_map", None)
+    if original is None:
+        yield
+        return
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def load_causal_lm(
     source: str,
     *,
     gguf_file: str | None = None,
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
+    config: PretrainedConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any causal LM transformers can load (stock or hf-compress family) and its tokenizer, in eval mode."""
+    """Any causal LM transformers can load (stock or hf-compress family) and its tokenizer, in eval mode.
+
+    A `config` already read from the source saves reading it again (for a GGUF file, a parse of the whole file).
+    """
     name_or_path, gguf_name = resolve_source(source, gguf_file)
     kwargs = {"revision": revision} if revision else {}
     if gguf_name:
         kwargs["gguf_file"] = gguf_name
+    model_kwargs = {"config": config} if config is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        with _memoized_gguf_name_maps():
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **model_kwargs, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         raise HFCompressError(f"cannot load model {source!r}: {err}") from err
@@ -113,11 +149,13 @@ def load_source(
     if gguf_name:
         kwargs["gguf_file"] = gguf_name
     try:
-        config = PretrainedConfig.get_config_dict(name_or_path, **kwargs)[0]
+        config_dict = PretrainedConfig.get_config_dict(name_or_path, **kwargs)[0]
     except OSError as err:
         raise HFCompressError(f"cannot read the config of source {source!r}: {err}") from err
-    check_architecture(config, source)
-    model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, revision=revision, dtype=dtype)
+    check_architecture(config_dict, source)
+    # Only a GGUF config is worth handing on: it came from parsing the whole file, a config.json is cheap to reread.
+    config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict) if gguf_name else None
+    model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, revision=revision, dtype=dtype, config=config)
     info = SourceInfo(
         model_id=SMOLLM2_ALIAS_ID if source == SMOLLM2_ALIAS else source,
         revision=revision,

@@ -25,7 +25,7 @@ SB_CONFIG = {
         "method": "basis_sharing", "target_ratio": 0.2, "achieved_ratio": 0.2004, "params_before": 123456,
         "params_after": 98700, "total_params_before": 500000, "total_params_after": 475244,
         "calibration": {"dataset": "../shared/data/c4/calibration-00000-of-00001.parquet", "config": None,
-                        "split": "train", "column": "text", "samples": 128, "seq_len": 512, "seed": 2023},
+                        "split": "train", "column": "text", "samples": 128, "seq_len": 512, "seed": 2023, "dtype": "bfloat16"},
         "source": {"model_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": None,
                    "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
         "options": {"whiten": True, "group_size": 2}, "hf_compress_version": "0.1.0",
@@ -73,7 +73,7 @@ def test_metadata_and_tables_of_a_basis_sharing_checkpoint(folder, hub):
     assert "| Target / achieved ratio | 20.00% / 20.04% |" in body
     assert "| Parameters of the compressed layers, before / after | 123,456 / 98,700 |" in body
     assert "| All parameters, before / after | 500,000 / 475,244 |" in body
-    assert "128 samples x 512 tokens, seed 2023" in body
+    assert "128 samples x 512 tokens, seed 2023; forwards in bfloat16 |" in body
     assert "| q_proj | [0,1] [2,3] | 8, 6 |" in body and "| up_proj | [0,1] [2,3] | 12, 10 |" in body
     assert "model_name" not in meta
     assert "| options.whiten | true |" in body and "| options.group_size | 2 |" in body

@@ -16,8 +16,10 @@ from hf_compress.calibration import (
     GRAM_KEY,
     LayerRunner,
     accumulate_gram,
+    calibration_dtype,
     capture_inputs,
     layer_grams,
+    native_bfloat16,
     record_inputs,
     stage_inputs,
     symmetrize,
@@ -85,6 +87,60 @@ def test_layer_grams_match_an_independent_hook(tokenizer, calib_file):
     # attn_in is the input layernorm of the embeddings.
     normed = model.model.layers[0].input_layernorm(hidden).reshape(-1, hidden.shape[-1])
     torch.testing.assert_close(grams["attn_in"], normed.T @ normed, atol=1e-3, rtol=1e-4)
+    # Without outputs the forwards end at the down projection's input: same Grams, down_proj never runs.
+    calls = []
+    handle = projection(model.model.layers[0], "down_proj").register_forward_hook(lambda *args: calls.append(1))
+    try:
+        grams_only, none = layer_grams(run, model.model.layers[0], hidden, 0, ("attn_in", "down_in"), outputs=False)
+    finally:
+        handle.remove()
+    assert none is None and calls == []
+    for key in grams:
+        torch.testing.assert_close(grams_only[key], grams[key], rtol=0, atol=0)
+
+
+def test_auto_calibration_dtype_follows_the_hardware(monkeypatch):
+    for avx512_bf16, amx, expected in ((False, False, torch.float32), (True, False, torch.bfloat16),
+                                       (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert calibration_dtype("auto", torch.device("cpu")) == expected
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert calibration_dtype("auto", torch.device("cuda")) == expected
+
+
+def test_calibration_dtype_resolution():
+    cpu = torch.device("cpu")
+    assert calibration_dtype("auto", cpu) == (torch.bfloat16 if native_bfloat16(cpu) else torch.float32)
+    assert calibration_dtype("float32", cpu) == torch.float32
+    assert calibration_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(HFCompressError, match=r"--calib-dtype must be one of auto, float32, bfloat16; got 'float16'"):
+        calibration_dtype("float16", cpu)
+
+
+def test_bfloat16_calibration_rounds_only_the_matrix_products(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file, samples=4)
+    hidden = model.model.embed_tokens(ids).detach()
+    keys = ("attn_in", "down_in", "mlp_in", "o_in")
+    layer = model.model.layers[1]
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = LayerRunner(model, ids.shape[1], torch.device("cpu"), batch_size=3, dtype=dtype)
+        with capture_inputs(layer, ("o_in",)) as captured:
+            runner.forward(layer, hidden[:1])
+            o_in_dtype = captured["o_in"].dtype
+        runs[dtype] = (*layer_grams(runner, layer, hidden, 1, keys), o_in_dtype)
+    (grams32, out32, dtype32), (grams16, out16, dtype16) = runs[torch.float32], runs[torch.bfloat16]
+    assert (dtype32, dtype16) == (torch.float32, torch.bfloat16)  # autocast reached the projections
+    assert out16.dtype == torch.float32  # ...but the residual stream stays float32
+    # The attention input is the norm of the float32 stream: no product has run yet, so its Gram is unchanged.
+    torch.testing.assert_close(grams16["attn_in"], grams32["attn_in"], rtol=0, atol=0)
+    for key in ("o_in", "mlp_in", "down_in"):
+        error = (grams16[key] - grams32[key]).norm() / grams32[key].norm()
+        assert 0 < error < 2e-2, (key, error)  # rounded to bfloat16's 8 bits, no worse
+    assert 0 < (out16 - out32).norm() / out32.norm() < 1e-2
 
 
 def test_blocked_gram_equals_the_full_product():
@@ -175,6 +231,20 @@ def test_sequential_is_the_default_and_takes_grams_from_the_compressed_stream(to
         expected = factors_at_rank(spectrum(name, [1], [dense_weight(model.model.layers[1], name)], x.T @ x), group.rank)
         torch.testing.assert_close(group.basis.double() @ group.coefficients[0].double(),
                                    expected.basis @ expected.coefficients[0], atol=1e-4, rtol=1e-3)
+
+
+def test_sequential_calibration_runs_no_forward_it_does_not_use(tokenizer, calib_file):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = calibration_ids(tokenizer, calib_file, samples=4)
+    finished = [0] * 4  # completed forwards per layer, dense or compressed (the compressed copies keep the hooks)
+    for idx, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda *args, idx=idx: finished.__setitem__(idx, finished[idx] + 1))
+    runner_batches = math.ceil(ids.shape[0] / 8)
+    BasisSharingCompressor(model, BasisSharingConfig(ratio=0.3), ids, torch.device("cpu"), progress=False).run()
+    # Blocks [0, 1] and [2, 3]. Layer 0: dense (Grams, and input of dense layer 1) + compressed (the stream).
+    # Layer 1: its dense forward ends at down_proj, its compressed one carries the stream to the next block.
+    # Layers 2-3: nothing reads the stream after the last block, so only layer 2's dense forward completes.
+    assert finished == [2 * runner_batches, runner_batches, runner_batches, 0]
 
 
 def test_rank_multiples_under_sequential_calibration_need_no_dense_pass(tokenizer, calib_file):
@@ -274,6 +344,9 @@ def test_cli_convert_end_to_end(tiny_source_dir, calib_file, tmp_path):
     assert provenance["target_ratio"] == 0.3
     assert abs(provenance["achieved_ratio"] - 0.3) < 0.005
     assert provenance["calibration"]["samples"] == 8 and provenance["calibration"]["seed"] == 2023
+    # "auto" is recorded as what it resolved to on this machine.
+    expected_dtype = "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"
+    assert provenance["calibration"]["dtype"] == expected_dtype
     assert provenance["source"]["model_id"] == str(tiny_source_dir)
     assert provenance["options"]["rank_allocation"] == "global"
     # The achieved ratio is counted from the checkpoint's own parameters.
@@ -302,6 +375,7 @@ def test_cli_convert_end_to_end(tiny_source_dir, calib_file, tmp_path):
         (["--group-size", "9"], "--group-size must be between 1 and the number of layers (4)"),
         (["--share", "q_proj,foo"], "--share names unknown projection(s) ['foo']"),
         (["--rank-allocation", "best"], "--rank-allocation must be 'uniform' or 'global'"),
+        (["--calib-dtype", "float16"], "--calib-dtype must be one of auto, float32, bfloat16"),
         (["--calib-samples", "5000"], "fewer than the 5000 samples asked for"),
         (["--calib-column", "body"], "has no column 'body'"),
     ],
@@ -337,10 +411,12 @@ def test_unsupported_architecture_is_named(tmp_path, calib_file):
                 calibration=CalibrationConfig(dataset=str(calib_file), samples=4, seq_len=32), progress=False)
 
 
-def test_nan_weights_are_named(tokenizer, calib_file):
+@pytest.mark.parametrize("layer_idx", [2, 3])
+def test_nan_weights_are_named(tokenizer, calib_file, layer_idx):
+    # Layer 3 ends its block: its sequential calibration forward stops at down_proj, so only its Grams see the NaN.
     model = tiny_llama(vocab_size=len(tokenizer))
     with torch.no_grad():
-        projection(model.model.layers[2], "up_proj").weight[0, 0] = float("nan")
+        projection(model.model.layers[layer_idx], "up_proj").weight[0, 0] = float("nan")
     ids = calibration_ids(tokenizer, calib_file, samples=4)
-    with pytest.raises(HFCompressError, match=r"decoder layer 2"):
+    with pytest.raises(HFCompressError, match=rf"NaN or inf in decoder layer {layer_idx}|decoder layer {layer_idx} has NaN"):
         BasisSharingCompressor(model, BasisSharingConfig(), ids, torch.device("cpu"), progress=False).run()

@@ -35,8 +35,8 @@ def test_benchmark_config_meets_budget_with_rank_multiples():
 def test_conversion_timing_runs_the_converter_path():
     torch.manual_seed(0)
     dense = LlamaForCausalLM(TOY).eval()
-    args = SimpleNamespace(calib_samples=4, calib_seq_len=32, rank_multiple=16, sequential=True)
+    args = SimpleNamespace(calib_samples=4, calib_seq_len=32, rank_multiple=16, sequential=True, calib_dtype="float32")
     row = bench.time_conversion(dense, TOY, 0.3, args, torch.device("cpu"))
-    assert row["conversion_s"] > 0 and row["sequential"] is True
+    assert row["conversion_s"] > 0 and row["sequential"] is True and row["calib_dtype"] == "float32"
     assert all(r % 16 == 0 for ranks in row["ranks"].values() for r in ranks)
     assert set(row["ranks"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

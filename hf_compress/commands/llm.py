@@ -44,6 +44,10 @@ def convert_command(
         help="Grams from the outputs of the already-compressed layers (default); --no-sequential: all from the dense model."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward."),
+    calib_dtype: str = typer.Option(
+        "auto", "--calib-dtype",
+        help="Matrix products of the calibration forwards: float32, bfloat16, or auto (bfloat16 where the device "
+             "has native bfloat16, else float32). Grams and factorizations stay float32/float64."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval-dataset", help="Also report perplexity before/after on this text."),
     eval_seq_len: int = typer.Option(2048, "--eval-seq-len"),
@@ -66,6 +70,7 @@ def convert_command(
         calibration=CalibrationConfig(
             dataset=calib_dataset, config=calib_config, split=calib_split, column=calib_column,
             samples=calib_samples, seq_len=calib_seq_len, seed=seed, batch_size=batch_size,
+            dtype=calib_dtype,
         ),
         gguf_file=gguf_file,
         revision=revision,
