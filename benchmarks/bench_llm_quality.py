@@ -37,21 +37,24 @@ from hf_compress.text_data import calibration_batch, load_texts, resolve_text_so
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# method name -> BasisSharingConfig fields (ratio filled in per row). Every Gram comes from the dense model (the
-# papers' setting) unless the name says "sequential", which is the converter's default.
+# method name -> BasisSharingConfig fields (ratio filled in per row). Every row spells out its calibration mode and
+# coefficient fit, so that the rows keep their meaning whatever the converter's defaults: Grams from the dense model
+# (the papers' setting) unless the name says "sequential"; coefficients from the group's SVD unless it says
+# "layer-fit" (refit implies its own fit).
+_PAPER = dict(sequential=False, layer_fit=False)
 METHODS: dict[str, dict] = {
-    "svd": dict(group_size=1, whiten=False, sequential=False),
-    "svd-llm": dict(group_size=1, sequential=False),
-    "svd-llm+sequential": dict(group_size=1, sequential=True),
-    "basis-sharing": dict(sequential=False),
-    "basis-sharing+global": dict(rank_allocation="global", sequential=False),
-    "basis-sharing+global-absolute": dict(rank_allocation="global", rank_score="absolute", sequential=False),
+    "svd": dict(group_size=1, whiten=False, **_PAPER),
+    "svd-llm": dict(group_size=1, **_PAPER),
+    "svd-llm+sequential": dict(group_size=1, sequential=True, layer_fit=False),
+    "basis-sharing": dict(_PAPER),
+    "basis-sharing+global": dict(rank_allocation="global", **_PAPER),
+    "basis-sharing+global-absolute": dict(rank_allocation="global", rank_score="absolute", **_PAPER),
     "basis-sharing+layer-fit": dict(layer_fit=True, sequential=False),
-    "basis-sharing+refit": dict(refit=True, sequential=False),
-    "basis-sharing+sequential": dict(sequential=True),
-    "basis-sharing+multiple128": dict(rank_multiple=128, sequential=False),
-    "basis-sharing+global+refit": dict(rank_allocation="global", refit=True, sequential=False),
-    "basis-sharing+sequential+refit": dict(sequential=True, refit=True),
+    "basis-sharing+refit": dict(refit=True, **_PAPER),
+    "basis-sharing+sequential": dict(sequential=True, layer_fit=False),
+    "basis-sharing+multiple128": dict(rank_multiple=128, **_PAPER),
+    "basis-sharing+global+refit": dict(rank_allocation="global", refit=True, **_PAPER),
+    "basis-sharing+sequential+refit": dict(sequential=True, refit=True, layer_fit=False),
     "basis-sharing+sequential+layer-fit": dict(sequential=True, layer_fit=True),
 }
 

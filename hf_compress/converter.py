@@ -70,8 +70,10 @@ class BasisSharingConfig:
         rank_score: how global allocation compares groups: `"relative"` (discarded energy as a fraction of the
             group's total, since types differ in scale) or `"absolute"` (the raw squared singular values).
         refit: re-solve each layer's coefficients by least squares on the inputs of the compressed model.
-        layer_fit: re-solve the coefficients of each member of a shared group by least squares on its own dense Gram
-            (the group's SVD fits them on the summed Gram); no extra pass, and implied by `refit`.
+        layer_fit: re-solve the coefficients of each member of a shared group by least squares on its own Gram (the
+            group's SVD fits them on the summed Gram, as if every member saw the same inputs). The default: no extra
+            pass, and on SmolLM2 with sequential calibration it lowered perplexity by 3-21% at ratios of 20-50% (0.4%
+            higher at 10%; see the README); `refit` does its own fit instead.
         sequential: take the Grams of each block of layers from the outputs of the already-compressed layers before
             it (the default: on SmolLM2 it roughly halved the perplexity at 40% for 1.4x the time); `False` takes
             every Gram from the dense model, as the paper does.
@@ -86,7 +88,7 @@ class BasisSharingConfig:
     rank_multiple: int | None = None
     rank_score: str = "relative"
     refit: bool = False
-    layer_fit: bool = False
+    layer_fit: bool = True
     sequential: bool = True
 
     def validate(self, num_layers: int) -> None:

@@ -37,8 +37,9 @@ def convert_command(
                                    help="global allocation compares losses relative to each group's energy, or absolute."),
     refit: bool = typer.Option(False, "--refit/--no-refit", help="Least-squares refit of the coefficients."),
     layer_fit: bool = typer.Option(
-        False, "--layer-fit/--no-layer-fit",
-        help="Fit each shared group member's coefficients on its own Gram (no extra pass; implied by --refit)."),
+        True, "--layer-fit/--no-layer-fit",
+        help="Fit each shared group member's coefficients on its own Gram (default; no extra pass); "
+             "--no-layer-fit keeps the group SVD's coefficients (the paper)."),
     sequential: bool = typer.Option(
         True, "--sequential/--no-sequential",
         help="Grams from the outputs of the already-compressed layers (default); --no-sequential: all from the dense model."),
