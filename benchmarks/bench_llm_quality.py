@@ -169,7 +169,7 @@ def write_table(jsonl: Path, md: Path) -> None:
     ]
     order = list(METHODS)
     for r in sorted(rows, key=lambda r: (r["target_ratio"], order.index(r["method"]) if r["method"] in order else -1,
-                                         row_dtype(r))):
+                                         label(r) != r["method"])):
         conv = f"{r['conversion_time_s']:.0f}" if "conversion_time_s" in r else "-"
         conv += " (see note)" if r.get("note") else ""
         peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
@@ -183,7 +183,7 @@ def write_table(jsonl: Path, md: Path) -> None:
 def pivot_table(rows: list[dict]) -> str:
     """WikiText-2 perplexity, one row per method and one column per target ratio ("-": not measured)."""
     ratios = sorted({r["target_ratio"] for r in rows if r["method"] != "dense"})
-    labels = {label(r): (list(METHODS).index(r["method"]), row_dtype(r)) for r in rows if r["method"] in METHODS}
+    labels = {label(r): (list(METHODS).index(r["method"]), label(r) != r["method"]) for r in rows if r["method"] in METHODS}
     methods = sorted(labels, key=labels.get)
     value = {(label(r), r["target_ratio"]): r["perplexity"] for r in rows}
     lines = ["| method | " + " | ".join(f"{ratio:.0%}" for ratio in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]

@@ -125,8 +125,7 @@ class CalibrationConfig:
     """Calibration text: a preset, a local file or a Hub dataset; `samples` chunks of `seq_len` tokens.
 
     `dtype` is that of the calibration forwards' matrix products: `"auto"` takes bfloat16 where the device multiplies
-    it natively (about 1.7x faster forwards on an AVX512-BF16 CPU) and float32 elsewhere. Grams, whitening and
-    factorizations are float32/float64 either way.
+    it natively and float32 elsewhere. Grams, whitening and factorizations are float32/float64 either way.
     """
 
     dataset: str = "c4-calibration"
