@@ -135,8 +135,12 @@ def test_gguf_round_trip_reproduces_the_model_and_tokenizer(tiny_gguf, ids):
 
 
 def test_full_rank_shared_basis_from_gguf_source_is_exact(tiny_gguf, ids):
+    import gguf
+
     model, _, path = tiny_gguf
+    name_map = gguf.get_tensor_name_map
     source, _, info = load_source(str(path))
+    assert gguf.get_tensor_name_map is name_map  # the name maps are memoised only while the model loads
     assert info.gguf_file == GGUF_NAME and info.model_id == str(path)
     compressed = build_shared_basis_llama(source, full_rank_factors(source))
     torch.testing.assert_close(logits(compressed, ids), logits(source, ids), atol=1e-5, rtol=1e-5)
