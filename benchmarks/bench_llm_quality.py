@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hf_compress.assembly import build_shared_basis_llama
-from hf_compress.calibration import CALIBRATION_DTYPES, calibration_dtype
+from hf_compress.calibration import CALIBRATION_DTYPES, calibration_dtype, dtype_name
 from hf_compress.converter import (
     BasisSharingCompressor,
     BasisSharingConfig,
@@ -78,7 +78,6 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu")
     dtype = calibration_dtype(args.calib_dtype, device)
-    dtype_name = str(dtype).removeprefix("torch.")
     done = {(r["method"], r["target_ratio"], row_dtype(r)) for r in read_rows(out_jsonl)}
 
     model, tokenizer, _ = load_source("smollm2")
@@ -102,10 +101,11 @@ def main() -> None:
         jobs = [(job.split("@")[0], float(job.split("@")[1])) for job in args.jobs]
     for method, ratio in jobs:
         options = BasisSharingConfig(ratio=ratio, **METHODS[method])
-        runs_forwards = options.whiten or options.refit  # plain SVD without refit never runs a calibration forward
-        if (method, ratio, dtype_name) in done or (not runs_forwards and any(d[:2] == (method, ratio) for d in done)):
-            continue
         compressor = BasisSharingCompressor(model, options, calib_ids, device, progress=False, dtype=dtype)
+        # A row without calibration forwards is the same in every dtype.
+        row_calib = dtype_name(dtype) if compressor.runs_forwards else "none"
+        if (method, ratio, row_calib) in done or (row_calib == "none" and any(d[:2] == (method, ratio) for d in done)):
+            continue
         needs_own_pass = options.refit or options.sequential
         uses_dense_grams = compressor.needs_dense_grams()
         if shared_grams is None and uses_dense_grams:
@@ -131,7 +131,8 @@ def main() -> None:
             "perplexity": value, "eval_time_s": time.perf_counter() - start,
             "conversion_time_s": conversion_time, "dense_gram_time_s": gram_time if uses_dense_grams else 0.0,
             "peak_rss_mb": max(peak.peak_mb, gram_peak if uses_dense_grams else 0.0),
-            "own_pass": needs_own_pass, "calib_dtype": dtype_name if runs_forwards else "none", "ranks": {k: [f.rank for f in v] for k, v in factors.items()},
+            "own_pass": needs_own_pass, "calib_dtype": row_calib,
+            "ranks": {k: [f.rank for f in v] for k, v in factors.items()},
             "windows": args.windows,
         })
         write_table(out_jsonl, RESULTS / f"llm_quality_{args.tag}.md")
@@ -146,6 +147,12 @@ def row_dtype(row: dict) -> str:
 
 def label(row: dict) -> str:
     return row["method"] + (f" ({row_dtype(row)})" if row_dtype(row) not in ("float32", "none") else "")
+
+
+def row_order(row: dict) -> tuple[int, bool]:
+    """Tables list methods in `METHODS` order (others first), float32 rows before bfloat16 ones."""
+    index = list(METHODS).index(row["method"]) if row["method"] in METHODS else -1
+    return index, label(row) != row["method"]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -167,9 +174,7 @@ def write_table(jsonl: Path, md: Path) -> None:
         "| method | target | achieved | WikiText-2 ppl | x dense | conversion (s) | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|",
     ]
-    order = list(METHODS)
-    for r in sorted(rows, key=lambda r: (r["target_ratio"], order.index(r["method"]) if r["method"] in order else -1,
-                                         label(r) != r["method"])):
+    for r in sorted(rows, key=lambda r: (r["target_ratio"], *row_order(r))):
         conv = f"{r['conversion_time_s']:.0f}" if "conversion_time_s" in r else "-"
         conv += " (see note)" if r.get("note") else ""
         peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
@@ -183,7 +188,7 @@ def write_table(jsonl: Path, md: Path) -> None:
 def pivot_table(rows: list[dict]) -> str:
     """WikiText-2 perplexity, one row per method and one column per target ratio ("-": not measured)."""
     ratios = sorted({r["target_ratio"] for r in rows if r["method"] != "dense"})
-    labels = {label(r): (list(METHODS).index(r["method"]), label(r) != r["method"]) for r in rows if r["method"] in METHODS}
+    labels = {label(r): row_order(r) for r in rows if r["method"] in METHODS}
     methods = sorted(labels, key=labels.get)
     value = {(label(r), r["target_ratio"]): r["perplexity"] for r in rows}
     lines = ["| method | " + " | ".join(f"{ratio:.0%}" for ratio in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_compress.calibration import CALIBRATION_DTYPES, calibration_dtype
+from hf_compress.calibration import CALIBRATION_DTYPES, calibration_dtype, dtype_name
 from hf_compress.converter import BasisSharingCompressor, BasisSharingConfig
 from hf_compress.decomposition import allocate_ranks, shape_spectrum
 from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaConfig, SharedBasisLlamaForCausalLM
@@ -176,7 +176,7 @@ def time_conversion(dense, base, ratio, args, device) -> dict:
     compressor = BasisSharingCompressor(dense, options, ids, device, batch_size=8, progress=True, dtype=dtype)
     factors = compressor.run()
     sync(device)
-    row = {"ratio": ratio, "sequential": args.sequential, "calib_dtype": str(dtype).removeprefix("torch."),
+    row = {"ratio": ratio, "sequential": args.sequential, "calib_dtype": dtype_name(dtype),
            "conversion_s": time.perf_counter() - start,
            "ranks": {name: sorted(set(f.rank for f in groups)) for name, groups in factors.items()}}
     if device.type == "cuda":

@@ -76,6 +76,11 @@ def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `"bfloat16"`, as `--calib-dtype` and the provenance spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
 class LayerRunner:
     """Runs single decoder layers of a Llama-family model on stored calibration hidden states.
 

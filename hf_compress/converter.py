@@ -23,6 +23,7 @@ from .calibration import (
     LayerRunner,
     accumulate_gram,
     calibration_dtype,
+    dtype_name,
     gram_keys,
     layer_grams,
     record_inputs,
@@ -282,6 +283,11 @@ class BasisSharingCompressor:
         """Whether calibration is sequential in effect: plain SVD has no Grams to take from anywhere."""
         return self.options.sequential and self.options.whiten
 
+    @property
+    def runs_forwards(self) -> bool:
+        """Whether `run` passes calibration data through the layers: plain SVD without refit never does."""
+        return self.options.whiten or self.options.refit
+
     def _ranks_need_spectra(self) -> bool:
         """Global allocation needs every group's spectrum up front. With rank multiples, the chunks left over after
         rounding go where the dense spectra say they remove most loss, but only when those spectra come for free:
@@ -471,8 +477,7 @@ def convert(
         raise HFCompressError(f"output directory {output} exists; pass --overwrite to replace it.")
     compute_device = pick_device(device)
     # Provenance records the dtype actually used, not "auto".
-    calibration = dataclasses.replace(
-        calibration, dtype=str(calibration_dtype(calibration.dtype, compute_device)).removeprefix("torch."))
+    calibration = dataclasses.replace(calibration, dtype=dtype_name(calibration_dtype(calibration.dtype, compute_device)))
     start = time.perf_counter()
     with PeakMemory() as peak:
         model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision)

@@ -6,7 +6,7 @@ import functools
 import importlib.util
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +90,7 @@ def check_architecture(config: PretrainedConfig | dict, source: str | None = Non
 @contextmanager
 def _memoized_gguf_name_maps() -> Iterator[None]:
     """While loading a GGUF file, transformers rebuilds gguf's tensor-name map, a pure function of the architecture
-    and the depth, once per module (397 times, about 5 s, for SmolLM2): serve the repeats from a cache."""
+    and the depth, once per module (397 times for SmolLM2): serve the repeats from a cache."""
     try:
         import gguf
     except ImportError:
@@ -125,7 +125,7 @@ def load_causal_lm(
         kwargs["gguf_file"] = gguf_name
     model_kwargs = {"config": config} if config is not None else {}
     try:
-        with _memoized_gguf_name_maps():
+        with _memoized_gguf_name_maps() if gguf_name else nullcontext():
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **model_kwargs, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except OSError as err:

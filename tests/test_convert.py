@@ -246,6 +246,13 @@ def test_sequential_calibration_runs_no_forward_it_does_not_use(tokenizer, calib
     # Layer 1: its dense forward ends at down_proj, its compressed one carries the stream to the next block.
     # Layers 2-3: nothing reads the stream after the last block, so only layer 2's dense forward completes.
     assert finished == [2 * runner_batches, runner_batches, runner_batches, 0]
+    # Plain SVD says it runs no calibration forward, and none runs.
+    finished[:] = [0] * 4
+    plain = BasisSharingCompressor(model, BasisSharingConfig(ratio=0.3, whiten=False), ids, torch.device("cpu"),
+                                   progress=False)
+    assert not plain.runs_forwards
+    plain.run()
+    assert finished == [0, 0, 0, 0]
 
 
 def test_rank_multiples_under_sequential_calibration_need_no_dense_pass(tokenizer, calib_file):
