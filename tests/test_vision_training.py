@@ -88,3 +88,38 @@ def test_bad_training_input():
         train_classifier(TinyNet(), _blobs(6, 0), epochs=1, schedule="linear", progress=False)
     with pytest.raises(HFCompressError, match="empty"):
         evaluate_accuracy(TinyNet(), _blobs(6, 0).subset([]))
+
+
+def test_training_resumes_after_an_interrupt_to_the_same_weights(tmp_path):
+    """A run interrupted mid-epoch and resumed from its per-epoch state ends with the weights of a run never stopped."""
+    data = _blobs(48, seed=5)
+    kwargs = dict(epochs=3, lr=0.05, batch_size=12, seed=7, progress=False)
+
+    torch.manual_seed(0)
+    straight = TinyNet()
+    train_classifier(straight, data, **kwargs)
+
+    calls = {"n": 0}
+
+    def interrupting_loss(model, images, labels):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the second batch of epoch 2 (4 batches per epoch)
+            raise KeyboardInterrupt
+        return F.cross_entropy(model(pixel_values=images).float(), labels)
+
+    torch.manual_seed(0)
+    first = TinyNet()
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(first, data, loss_fn=interrupting_loss, resume_dir=tmp_path, **kwargs)
+    stored = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    assert stored["epoch"] == 1 and len(stored["history"]["train_loss"]) == 1
+
+    torch.manual_seed(123)  # a different initialisation: the stored weights must replace it
+    resumed = TinyNet()
+    history = train_classifier(resumed, data, resume_dir=tmp_path, **kwargs)
+    assert len(history.train_loss) == 3
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    with pytest.raises(HFCompressError, match="other settings"):
+        train_classifier(TinyNet(), data, resume_dir=tmp_path, **{**kwargs, "lr": 0.1})

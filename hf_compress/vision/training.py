@@ -8,8 +8,11 @@ channels_last, and the data stays on the GPU where it is augmented batch by batc
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -44,6 +47,49 @@ class TrainingHistory:
     train_loss: list[float] = field(default_factory=list)
     eval_accuracy: list[float] = field(default_factory=list)
     learning_rate: list[float] = field(default_factory=list)
+
+
+class TrainingState:
+    """The training state of a run, in one file of a folder, replaced atomically after every epoch.
+
+    The file is written by `torch.save` and read back with `weights_only=True`, which admits tensors and plain
+    containers only (never arbitrary pickled objects), so resuming cannot run code.
+    """
+
+    FILE = "training_state.pt"
+
+    def __init__(self, folder: Path, settings: dict):
+        self.folder = folder
+        self.settings = settings
+
+    def restore(self, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
+                history: TrainingHistory) -> int:
+        """Loads a stored state into the given objects; returns the number of finished epochs (0 without one)."""
+        path = self.folder / self.FILE
+        if not path.is_file():
+            return 0
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["settings"] != self.settings:
+            raise HFCompressError(
+                f"{self.folder} holds a training run with other settings ({state['settings']}); "
+                f"use the same settings ({self.settings}) or another folder"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        for key, values in state["history"].items():
+            getattr(history, key).extend(values)
+        return int(state["epoch"])
+
+    def save(self, model: nn.Module, optimizer, scheduler, generator: torch.Generator, history: TrainingHistory,
+             epoch: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{self.FILE}.tmp"
+        torch.save({"epoch": epoch, "settings": self.settings, "history": asdict(history),
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state()}, tmp)
+        os.replace(tmp, self.folder / self.FILE)
 
 
 def _make_scheduler(optimizer, schedule: str, total_steps: int, milestones: list[float] | None, gamma: float, warmup_steps: int):
@@ -94,6 +140,7 @@ def train_classifier(
     seed: int = 0,
     progress: bool = True,
     desc: str = "train",
+    resume_dir: str | os.PathLike | None = None,
 ) -> TrainingHistory:
     """Trains `model` in place with SGD and momentum.
 
@@ -114,6 +161,9 @@ def train_classifier(
         accelerator: an `accelerate.Accelerator`; one is created (device placement, multi-GPU under
             `accelerate launch`) when not given.
         seed: seeds the batch order and augmentation.
+        resume_dir: when given, the whole training state (weights, optimizer, schedule, random generator, history)
+            is written there after every epoch, and a run that finds a state there continues after its last
+            finished epoch; the result is the same as an uninterrupted run. The settings must match the stored run.
 
     Returns:
         A `TrainingHistory` with per-epoch mean loss, eval accuracy and learning rate.
@@ -138,11 +188,15 @@ def train_classifier(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(data) / world / per_process)
     scheduler = _make_scheduler(optimizer, schedule, max(1, epochs * steps_per_epoch), milestones, gamma, int(warmup_epochs * steps_per_epoch))
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     history = TrainingHistory()
+    state = TrainingState(Path(resume_dir), {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                                             "schedule": schedule, "weight_decay": weight_decay,
+                                             "train_size": len(train_data)}) if resume_dir is not None else None
+    start_epoch = state.restore(model, optimizer, scheduler, generator, history) if state is not None else 0
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
 
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         wrapped.train()
         total_loss = torch.zeros((), device=device)
         seen = 0
@@ -168,6 +222,8 @@ def train_classifier(
         if progress and accelerator.is_local_main_process:
             note = f" eval acc {history.eval_accuracy[-1]:.4f}" if eval_data is not None else ""
             tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f} lr {lr_now:.4g}{note}")
+        if state is not None and accelerator.is_main_process:
+            state.save(accelerator.unwrap_model(wrapped), optimizer, scheduler, generator, history, epoch + 1)
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(wrapped)
     model.to(memory_format=torch.contiguous_format)
