@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from hf_compress import __version__
-from hf_compress.calibration import native_bfloat16
+from hf_compress.device import native_bfloat16
 from hf_compress.modeling.pruned_cnn import PrunedCNNForImageClassification, resnet_cifar_config
 from hf_compress.vision.checkpoint import save_checkpoint
 from hf_compress.vision.counting import count_params_and_macs
-from hf_compress.vision.data import load_image_dataset, train_val_split
+from hf_compress.data.images import load_image_dataset, train_val_split
 from hf_compress.vision.training import evaluate_accuracy, train_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -25,15 +25,15 @@ import torch
 from hf_compress.errors import HFCompressError
 from hf_compress.modeling.class_exit_resnet import ClassExitResNetConfig, ClassExitResNetForImageClassification
 from hf_compress.vision.counting import count_params_and_macs
-from hf_compress.vision.data import load_image_dataset, train_val_split
-from hf_compress.vision.early_exit import (
+from hf_compress.data.images import load_image_dataset, train_val_split
+from hf_compress.early_exit.search import (
     collect_exit_scores,
     exit_report,
     joint_loss_fn,
     measure_throughput,
     search_thresholds,
 )
-from hf_compress.vision.exit_convert import default_exit_positions, from_hf_resnet, reattach_exits
+from hf_compress.early_exit.heads import default_exit_positions, from_hf_resnet, reattach_exits
 from hf_compress.vision.training import evaluate_accuracy, train_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -6,7 +6,7 @@ For each model (the dense SmolLM2-135M-Instruct GGUF as `smollm2`, or a checkpoi
 1. lm-eval `hfc_wikitext2` (stock `wikitext` scoring over the articles rebuilt from the local line-level test file):
    word perplexity = exp(total NLL / words), byte perplexity, and the token perplexity implied by the same NLL
    (exp(total NLL / tokens), tokens counted with the model's tokenizer on the detokenized articles);
-2. `hf-compress ppl` (`hf_compress.perplexity.perplexity`) on the same articles: joined with "\\n\\n", raw spacing,
+2. `hf-compress ppl` (`hf_compress.evaluation.perplexity.perplexity`) on the same articles: joined with "\\n\\n", raw spacing,
    non-overlapping windows of 2048 tokens (the last partial one dropped), exp of the mean window loss;
 3. optionally the six zero-shot tasks (`hfc_zeroshot`, `--zeroshot-limit` items per task; 200 = protocol "quick").
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from hf_compress.evaluation import card_entries, run_lm_eval
-from hf_compress.lm_eval_tasks.utils import WIKITEXT2_TEST, data_dir, split_articles, wikitext_detokenizer
-from hf_compress.perplexity import perplexity
+from hf_compress.evaluation.lm_eval import card_entries, run_lm_eval
+from hf_compress.evaluation.tasks.utils import WIKITEXT2_TEST, data_dir, split_articles, wikitext_detokenizer
+from hf_compress.evaluation.perplexity import perplexity
 from hf_compress.sources import load_causal_lm, resolve_source
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,11 +32,11 @@ import torch
 from hf_compress import __version__
 from hf_compress.modeling.pruned_cnn import PrunedCNNForImageClassification, resnet_cifar_config, vgg_cifar_config
 from hf_compress.modeling.pruned_cnn.configuration_pruned_cnn import VGG16_LAYERS
-from hf_compress.vision.class_aware import ClassAwareSettings, class_aware_prune
+from hf_compress.class_aware.api import ClassAwareSettings, class_aware_prune
 from hf_compress.vision.counting import count_params_and_macs
-from hf_compress.vision.data import load_image_dataset, train_val_split
-from hf_compress.vision.pruning import l1_prune_to_macs
-from hf_compress.vision.regularizers import regularized_loss
+from hf_compress.data.images import load_image_dataset, train_val_split
+from hf_compress.class_aware.shrink import l1_prune_to_macs
+from hf_compress.class_aware.regularizers import regularized_loss
 from hf_compress.vision.training import evaluate_accuracy, train_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -179,7 +179,7 @@ def main() -> None:
 
 def compare_regularizers(args, train, val, test, report, started) -> None:
     """Trains the same network with each regulariser; counts the filters class-aware pruning could remove."""
-    from hf_compress.vision.importance import class_importance
+    from hf_compress.class_aware.importance import class_importance
 
     arch = (args.arch or ["resnet56"])[0]
     rows = []

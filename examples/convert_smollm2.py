@@ -4,7 +4,8 @@
     python examples/convert_smollm2.py
 """
 
-from hf_compress.converter import BasisSharingConfig, CalibrationConfig, convert
+from hf_compress.basis_sharing.config import BasisSharingConfig, CalibrationConfig
+from hf_compress.basis_sharing.api import convert
 
 result = convert(
     "smollm2",  # or a Hub id, a local folder, or a .gguf file

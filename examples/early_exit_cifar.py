@@ -16,8 +16,8 @@ import torch
 from transformers import pipeline
 
 from hf_compress.modeling.class_exit_resnet import ClassExitResNetConfig, ClassExitResNetForImageClassification
-from hf_compress.vision.data import load_image_dataset
-from hf_compress.vision.exit_pipeline import EarlyExitOptions, run_early_exit
+from hf_compress.data.images import load_image_dataset
+from hf_compress.early_exit.api import EarlyExitOptions, run_early_exit
 from hf_compress.vision.training import train_classifier
 
 

@@ -12,9 +12,9 @@ import sys
 import torch
 import transformers
 
-from hf_compress.vision.class_aware import ClassAwareSettings, class_aware_prune, summary_table
-from hf_compress.vision.data import load_image_dataset, train_val_split
-from hf_compress.vision.regularizers import regularized_loss
+from hf_compress.class_aware.api import ClassAwareSettings, class_aware_prune, summary_table
+from hf_compress.data.images import load_image_dataset, train_val_split
+from hf_compress.class_aware.regularizers import regularized_loss
 from hf_compress.vision.resnet_import import load_cnn
 from hf_compress.vision.training import train_classifier
 

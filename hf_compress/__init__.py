@@ -14,7 +14,7 @@ from .registration import register_families
 register_families()
 
 
-_LAZY = {"convert": "converter", "BasisSharingConfig": "converter", "CalibrationConfig": "converter"}
+_LAZY = {"convert": "basis_sharing.api", "BasisSharingConfig": "basis_sharing.config", "CalibrationConfig": "basis_sharing.config"}
 
 
 def __getattr__(name: str):

@@ -79,7 +79,8 @@ def calib_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shared_basis_checkpoint(tmp_path_factory, tiny_source_dir, calib_file) -> Path:
     """A saved tiny SharedBasisLlama checkpoint produced by the real converter (ratio 0.3, groups of 2)."""
-    from hf_compress.converter import BasisSharingConfig, CalibrationConfig, convert
+    from hf_compress.basis_sharing.config import BasisSharingConfig, CalibrationConfig
+    from hf_compress.basis_sharing.api import convert
 
     out = tmp_path_factory.mktemp("converted") / "tiny-bs"
     convert(str(tiny_source_dir), out, options=BasisSharingConfig(ratio=0.3),

@@ -12,8 +12,8 @@ from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_compress.errors import HFCompressError
 from hf_compress.modeling.class_exit_resnet import ClassExitResNetConfig, ClassExitResNetForImageClassification
-from hf_compress.vision.early_exit import ExitScores, collect_exit_scores, search_thresholds, simulate_exits
-from hf_compress.vision.exit_convert import default_exit_positions, from_hf_resnet, reattach_exits
+from hf_compress.early_exit.search import ExitScores, collect_exit_scores, search_thresholds, simulate_exits
+from hf_compress.early_exit.heads import default_exit_positions, from_hf_resnet, reattach_exits
 
 torch.set_num_threads(1)
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -118,7 +118,7 @@ def test_simulation_matches_batched_model():
     with torch.no_grad():
         for head in model.exit_heads:
             head.classifier.weight.mul_(3.0)
-    from hf_compress.vision.data import ImageClassificationData
+    from hf_compress.data.images import ImageClassificationData
 
     data = ImageClassificationData(
         images=torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8), labels=torch.randint(0, 10, (64,)),
@@ -172,7 +172,7 @@ def test_cli_end_to_end_on_cifar(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / ".exit.partial").exists()
 
     # Independent check of the recorded test figures: reload, rerun on the same 200 test images.
-    from hf_compress.vision.data import load_image_dataset
+    from hf_compress.data.images import load_image_dataset
 
     model = ClassExitResNetForImageClassification.from_pretrained(out).eval()
     test = load_image_dataset("cifar10", "test", limit=200, seed=0)
@@ -238,7 +238,7 @@ def test_cli_bad_input(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("layout", [dict(), dict(shortcut_type="projection", stem_kernel_size=7, stem_stride=2, stem_pool=True)])
 def test_from_pruned_cnn_keeps_final_logits(layout):
     from hf_compress.modeling.pruned_cnn import PrunedCNNConfig, PrunedCNNForImageClassification
-    from hf_compress.vision.exit_convert import from_pruned_cnn
+    from hf_compress.early_exit.heads import from_pruned_cnn
 
     torch.manual_seed(0)
     config = PrunedCNNConfig(
@@ -263,9 +263,9 @@ def test_from_pruned_cnn_keeps_final_logits(layout):
 @pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10")
 def test_pipeline_resumes_after_training(tmp_path, monkeypatch):
     """A run that fails after joint training resumes at the search, without training again."""
-    import hf_compress.vision.exit_pipeline as pipeline_module
+    import hf_compress.early_exit.api as pipeline_module
     import hf_compress.vision.training as training_module
-    from hf_compress.vision.exit_pipeline import EarlyExitOptions, run_early_exit
+    from hf_compress.early_exit.api import EarlyExitOptions, run_early_exit
 
     source = tmp_path / "resnet"
     _tiny_hf_resnet().save_pretrained(source)

@@ -12,34 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from typer.testing import CliRunner
 
 from conftest import make_tokenizer, tiny_llama
-from hf_compress.calibration import (
-    GRAM_KEY,
-    LayerRunner,
-    accumulate_gram,
-    calibration_dtype,
-    capture_inputs,
-    layer_grams,
-    native_bfloat16,
-    record_inputs,
-    stage_inputs,
-    symmetrize,
-)
+from hf_compress.basis_sharing.calibration import GRAM_KEY, LayerRunner, accumulate_gram, capture_inputs, layer_grams, record_inputs, stage_inputs, symmetrize
+from hf_compress.device import calibration_dtype, native_bfloat16
 from hf_compress.cli import app
-from hf_compress.converter import (
-    BasisSharingCompressor,
-    BasisSharingConfig,
-    CalibrationConfig,
-    block_spans,
-    convert,
-    count_compressed_params,
-    default_rank_multiple,
-    dense_projection_params,
-)
-from hf_compress.decomposition import calibration_loss
+from hf_compress.basis_sharing.compressor import BasisSharingCompressor, block_spans, count_compressed_params, default_rank_multiple, dense_projection_params
+from hf_compress.basis_sharing.config import BasisSharingConfig, CalibrationConfig
+from hf_compress.basis_sharing.api import convert
+from hf_compress.basis_sharing.decomposition import calibration_loss
 from hf_compress.errors import HFCompressError
-from hf_compress.layout import dense_weight, projection
-from hf_compress.perplexity import perplexity
-from hf_compress.text_data import calibration_batch, load_texts, resolve_text_source
+from hf_compress.basis_sharing.layout import dense_weight, projection
+from hf_compress.evaluation.perplexity import perplexity
+from hf_compress.data.text import calibration_batch, load_texts, resolve_text_source
 
 runner = CliRunner()
 
@@ -220,8 +203,8 @@ def test_sequential_is_the_default_and_takes_grams_from_the_compressed_stream(to
     factors = compressor.run()
     assert "calibration_s" not in compressor.timings  # no pass over the dense model
     assert compressor.timings["calibration_and_decomposition_s"] > 0
-    from hf_compress.assembly import build_shared_basis_llama
-    from hf_compress.decomposition import factors_at_rank, spectrum
+    from hf_compress.basis_sharing.assembly import build_shared_basis_llama
+    from hf_compress.basis_sharing.decomposition import factors_at_rank, spectrum
 
     compressed = build_shared_basis_llama(model, factors)
     with torch.no_grad():
@@ -322,7 +305,7 @@ def test_sequential_and_refit_run_and_refit_lowers_output_error(tokenizer, calib
         "sequential": BasisSharingConfig(ratio=0.5, sequential=True),
     }.items():
         compressor = BasisSharingCompressor(model, opts, ids, torch.device("cpu"), progress=False)
-        from hf_compress.assembly import build_shared_basis_llama
+        from hf_compress.basis_sharing.assembly import build_shared_basis_llama
 
         compressed = build_shared_basis_llama(model, compressor.run())
         with torch.no_grad():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_compress.decomposition import (
+from hf_compress.basis_sharing.decomposition import (
     allocate_ranks,
     calibration_loss,
     factors_at_rank,

@@ -11,8 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_TEXT, make_tokenizer, tiny_llama
-from hf_compress.assembly import build_shared_basis_llama
-from hf_compress.converter import BasisSharingConfig, CalibrationConfig, convert
+from hf_compress.basis_sharing.assembly import build_shared_basis_llama
+from hf_compress.basis_sharing.config import BasisSharingConfig, CalibrationConfig
+from hf_compress.basis_sharing.api import convert
 from hf_compress.sources import load_source
 from test_shared_basis_llama import full_rank_factors
 

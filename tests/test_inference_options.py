@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_llama
-from hf_compress.assembly import build_shared_basis_llama
-from hf_compress.decomposition import factors_at_rank, spectrum
+from hf_compress.basis_sharing.assembly import build_shared_basis_llama
+from hf_compress.basis_sharing.decomposition import factors_at_rank, spectrum
 from hf_compress.modeling.shared_basis_llama import SharedBasisLinear
 from test_shared_basis_llama import IDS, full_rank_factors, logits
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_compress.errors import HFCompressError
-from hf_compress.lm_eval_tasks.utils import split_articles, wikitext_detokenizer
+from hf_compress.evaluation.tasks.utils import split_articles, wikitext_detokenizer
 
 WIKI_LINES = [
     "", " = Alpha = \n", "", " The quick brown fox jumps over the lazy dog . \n", "",
@@ -74,7 +74,7 @@ def _reference_logprobs(model_dir: Path):
 
 
 def test_wikitext_and_piqa_match_an_independent_computation(model_dir, data_dir):
-    from hf_compress.evaluation import card_entries, evaluate
+    from hf_compress.evaluation.lm_eval import card_entries, evaluate
 
     results, path = evaluate(model_dir, ["hfc_wikitext2", "hfc_piqa"], batch_size=1, update_card=True)
     assert path == model_dir / "lm_eval_results.json"
@@ -138,7 +138,7 @@ def test_cli_eval_with_limit(model_dir, data_dir):
 
 
 def test_bad_requests_fail_before_loading_the_model(model_dir, data_dir, tmp_path, monkeypatch):
-    from hf_compress.evaluation import evaluate, run_lm_eval
+    from hf_compress.evaluation.lm_eval import evaluate, run_lm_eval
 
     with pytest.raises(HFCompressError, match="has no config.json"):
         run_lm_eval(tmp_path, ["hfc_piqa"])
@@ -156,7 +156,7 @@ def test_bad_requests_fail_before_loading_the_model(model_dir, data_dir, tmp_pat
 @pytest.mark.slow
 def test_unknown_task_names_are_refused(model_dir):
     """Other names pass through to lm-eval's own index (built here, which takes a while)."""
-    from hf_compress.evaluation import run_lm_eval
+    from hf_compress.evaluation.lm_eval import run_lm_eval
 
     with pytest.raises(HFCompressError, match=r"unknown lm-eval task\(s\) \['no_such_task'\]"):
         run_lm_eval(model_dir, ["hfc_piqa", "no_such_task"])
@@ -165,7 +165,7 @@ def test_unknown_task_names_are_refused(model_dir):
 def test_task_dir_includes_builtin_tasks_and_local_files(data_dir, tmp_path):
     import yaml
 
-    from hf_compress.evaluation import ZEROSHOT_SETS, prepare_task_dir
+    from hf_compress.evaluation.lm_eval import ZEROSHOT_SETS, prepare_task_dir
 
     out = prepare_task_dir(tmp_path / "tasks")
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -179,7 +179,7 @@ def test_task_dir_includes_builtin_tasks_and_local_files(data_dir, tmp_path):
 @pytest.mark.slow
 def test_six_zero_shot_sets_run_offline_and_group_is_the_plain_mean(model_dir):
     """The real local files (../shared/data/zeroshot) through lm-eval's own prompts, 2 items per task."""
-    from hf_compress.evaluation import ZEROSHOT_GROUP, ZEROSHOT_SETS, run_lm_eval
+    from hf_compress.evaluation.lm_eval import ZEROSHOT_GROUP, ZEROSHOT_SETS, run_lm_eval
 
     results = run_lm_eval(model_dir, [ZEROSHOT_GROUP], limit=2, batch_size=4)
     per_task = results["results"]

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from hf_compress.errors import HFCompressError
 from hf_compress.modeling.pruned_cnn import PrunedCNNConfig, PrunedCNNForImageClassification, vgg_cifar_config
-from hf_compress.vision.class_aware import ClassAwareSettings, class_aware_prune
+from hf_compress.class_aware.api import ClassAwareSettings, class_aware_prune
 from hf_compress.vision.counting import count_params_and_macs
-from hf_compress.vision.data import LOCAL_DATA_DIR, ImageClassificationData
-from hf_compress.vision.importance import class_importance, select_filters
-from hf_compress.vision.pruning import l1_norm_keep, l1_prune_to_macs, prunable_layers, shrink
-from hf_compress.vision.regularizers import l1_penalty, orthogonality_penalty
+from hf_compress.data.images import LOCAL_DATA_DIR, ImageClassificationData
+from hf_compress.class_aware.importance import class_importance, select_filters
+from hf_compress.class_aware.shrink import l1_norm_keep, l1_prune_to_macs, prunable_layers, shrink
+from hf_compress.class_aware.regularizers import l1_penalty, orthogonality_penalty
 
 torch.set_num_threads(2)
 

@@ -10,9 +10,9 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import REPO, run_python, tiny_llama
-from hf_compress.assembly import build_shared_basis_llama
-from hf_compress.decomposition import factors_at_rank, make_groups, spectrum
-from hf_compress.layout import PROJECTIONS, dense_weight
+from hf_compress.basis_sharing.assembly import build_shared_basis_llama
+from hf_compress.basis_sharing.decomposition import factors_at_rank, make_groups, spectrum
+from hf_compress.basis_sharing.layout import PROJECTIONS, dense_weight
 from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaConfig, SharedBasisLlamaForCausalLM
 
 SHARED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import DATA
-from hf_compress.assembly import build_shared_basis_llama
-from hf_compress.converter import BasisSharingCompressor, BasisSharingConfig
-from hf_compress.perplexity import window_losses
+from hf_compress.basis_sharing.assembly import build_shared_basis_llama
+from hf_compress.basis_sharing.compressor import BasisSharingCompressor
+from hf_compress.basis_sharing.config import BasisSharingConfig
+from hf_compress.evaluation.perplexity import window_losses
 from hf_compress.sources import load_source
-from hf_compress.text_data import calibration_batch, load_texts, resolve_text_source, tokenize_joined
+from hf_compress.data.text import calibration_batch, load_texts, resolve_text_source, tokenize_joined
 
 pytestmark = pytest.mark.slow
 

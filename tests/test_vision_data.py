@@ -1,4 +1,4 @@
-"""Tests of hf_compress.vision.data: loading, labels, splits, augmentation, normalisation."""
+"""Tests of hf_compress.data.images: loading, labels, splits, augmentation, normalisation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hf_compress.errors import HFCompressError
-from hf_compress.vision.data import (
+from hf_compress.data.images import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     LOCAL_DATA_DIR,

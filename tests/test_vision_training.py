@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from hf_compress.errors import HFCompressError
 from hf_compress.vision.counting import count_params_and_macs
-from hf_compress.vision.data import ImageClassificationData
+from hf_compress.data.images import ImageClassificationData
 from hf_compress.vision.training import evaluate_accuracy, predict_logits, train_classifier
 
 torch.set_num_threads(2)

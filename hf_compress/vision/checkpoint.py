@@ -1,21 +1,17 @@
-"""Writing PrunedCNN checkpoints: safetensors weights, remote code, and a stock image processor.
-
-Every checkpoint is written into a temporary folder beside its destination and moved into place only
-when complete, so an interrupted or failed run never leaves a half-written folder that looks finished.
-"""
+"""Saving image classifiers of every vision family: the checkpoint plus a stock image processor that matches the
+training inputs (the atomic write itself is `hf_compress.checkpoint`'s)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch.nn as nn
 
-from ..errors import HFCompressError
-from .data import CIFAR10_MEAN, CIFAR10_STD
+from ..checkpoint import save_pretrained_checkpoint
+from ..data.images import CIFAR10_MEAN, CIFAR10_STD
 
 
 def image_processor_for(image_size: int, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
@@ -33,7 +29,7 @@ def image_processor_for(image_size: int, mean: Sequence[float] = CIFAR10_MEAN, s
 
 def save_checkpoint(
     model: nn.Module,
-    output_dir: str | Path,
+    output_dir: str | os.PathLike,
     *,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
@@ -48,38 +44,11 @@ def save_checkpoint(
         extra_json: `{file name: JSON-able object}` written beside the model (e.g. a run summary).
         carry: entries of an existing `output_dir` moved into the new one (e.g. `iterations/` of a pruning run).
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise HFCompressError(f"{output_dir} already exists (pass --overwrite to replace it)")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    carried: list[str] = []
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        image_processor_for(model.config.image_size, mean, std).save_pretrained(staging)
-        # Record the backend-neutral class name so any transformers install picks its preferred backend.
-        processor_file = staging / "preprocessor_config.json"
-        processor = json.loads(processor_file.read_text())
-        processor["image_processor_type"] = "ViTImageProcessor"
-        processor_file.write_text(json.dumps(processor, indent=2) + "\n")
-        for name, content in (extra_json or {}).items():
-            (staging / name).write_text(json.dumps(content, indent=2) + "\n")
-        for name in carry:
-            if (output_dir / name).exists():
-                (output_dir / name).rename(staging / name)
-                carried.append(name)
-        if output_dir.exists():
-            # Move the old folder aside first so the destination is never missing a complete model for long.
-            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
-            output_dir.rename(trash / "old")
-            staging.rename(output_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(output_dir)
-    except BaseException:
-        for name in carried:  # never lose what was carried (earlier pruning iterations)
-            if (staging / name).exists() and output_dir.exists():
-                (staging / name).rename(output_dir / name)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
+    processor = image_processor_for(model.config.image_size, mean, std)
+    # Record the backend-neutral class name so any transformers install picks its preferred backend.
+    processor_json = json.loads(processor.to_json_string())
+    processor_json["image_processor_type"] = "ViTImageProcessor"
+    return save_pretrained_checkpoint(
+        model, output_dir, extra_files={**(extra_json or {}), "preprocessor_config.json": processor_json},
+        overwrite=overwrite, carry=carry,
+    )

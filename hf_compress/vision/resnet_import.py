@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 
 from ..errors import HFCompressError
-from ..modeling.pruned_cnn import PrunedCNNConfig, PrunedCNNForImageClassification, resnet_cifar_config, vgg_cifar_config
+from ..modeling.pruned_cnn import (
+    PrunedCNNConfig,
+    PrunedCNNForImageClassification,
+    resnet_cifar_config,
+    vgg_cifar_config,
+)
 
 # transformers ResNet parameter names -> PrunedCNN names (stage, block, conv index are kept).
 _RENAMES = [

@@ -8,7 +8,6 @@ channels_last, and the data stays on the GPU where it is augmented batch by batc
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -20,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.images import ImageClassificationData
 from ..errors import HFCompressError
-from .data import ImageClassificationData
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
