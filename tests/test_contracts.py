@@ -1,0 +1,161 @@
+"""The contracts every method shares: config round trips, the provenance record, the atomic checkpoint writer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from hf_compress.checkpoint import atomic_write_json, write_checkpoint
+from hf_compress.config import MethodConfig
+from hf_compress.errors import HFCompressError
+from hf_compress.provenance import DataRef, SourceRef, config_from_provenance, file_sha256, provenance
+
+
+@dataclass
+class InnerConfig(MethodConfig):
+    samples: int = 4
+    dataset: str = "c4-calibration"
+
+
+@dataclass
+class OuterConfig(MethodConfig):
+    ratio: float = 0.2
+    share: tuple[str, ...] = ("q_proj", "k_proj")
+    positions: list[str] | None = None
+    multiple: int | None = None
+    inner: InnerConfig = field(default_factory=InnerConfig)
+
+
+def test_config_round_trips_through_json_with_tuples_optionals_and_nested_configs():
+    config = OuterConfig(ratio=0.35, share=("up_proj",), positions=["stage1", "stage2.1"], multiple=None,
+                         inner=InnerConfig(samples=9, dataset="calib.parquet"))
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data == {"ratio": 0.35, "share": ["up_proj"], "positions": ["stage1", "stage2.1"], "multiple": None,
+                    "inner": {"samples": 9, "dataset": "calib.parquet"}}
+    rebuilt = OuterConfig.from_dict(data)
+    assert rebuilt == config
+    assert isinstance(rebuilt.share, tuple) and isinstance(rebuilt.inner, InnerConfig)
+    # A record with a field the config does not know is refused, not silently dropped.
+    with pytest.raises(HFCompressError, match=r"OuterConfig has no field\(s\) \['rank'\]"):
+        OuterConfig.from_dict({**data, "rank": 3})
+
+
+def test_source_and_data_refs_never_keep_a_local_path(tmp_path):
+    model_dir = tmp_path / "models" / "tiny-llama"
+    model_dir.mkdir(parents=True)
+    assert SourceRef.of(str(model_dir)) == SourceRef("tiny-llama")
+    assert SourceRef.of("HuggingFaceTB/SmolLM2-135M-Instruct", "main") == SourceRef(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "main")
+    assert SourceRef.of(str(model_dir), gguf_file=str(model_dir / "m.gguf")).gguf_file == "m.gguf"
+
+    data_file = tmp_path / "calib.txt"
+    data_file.write_bytes(b"some calibration text\n" * 100)
+    ref = DataRef.of("calibration", str(data_file))
+    assert ref == DataRef("calibration", "calib.txt", None, hashlib.sha256(data_file.read_bytes()).hexdigest())
+    # A folder hashes its files' bytes in name order.
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "b.parquet").write_bytes(b"second")
+    (folder / "a.parquet").write_bytes(b"first")
+    assert file_sha256(folder) == hashlib.sha256(b"firstsecond").hexdigest()
+    # A Hub dataset name is recorded as given, with no hash.
+    assert DataRef.of("train", "uoft-cs/cifar10", "train") == DataRef("train", "uoft-cs/cifar10", "train", None)
+
+
+def test_provenance_record_layout_and_config_rebuild(tmp_path):
+    record = provenance("class_aware_pruning", OuterConfig(ratio=0.5), SourceRef("resnet20"),
+                        [DataRef("train", "cifar10", "train")], {"macs_before": 100, "macs_after": 40},
+                        calibration=InnerConfig(samples=2))
+    assert record["method"] == "class_aware_pruning"
+    assert record["options"]["ratio"] == 0.5 and record["calibration"] == {"samples": 2, "dataset": "c4-calibration"}
+    assert record["source"] == {"model_id": "resnet20", "revision": None, "gguf_file": None}
+    assert record["data"] == [{"role": "train", "name": "cifar10", "split": "train", "sha256": None}]
+    assert (record["macs_before"], record["macs_after"]) == (100, 40)
+    assert isinstance(record["hf_compress_version"], str)
+    with pytest.raises(ValueError, match="collide"):
+        provenance("basis_sharing", OuterConfig(), SourceRef(None), [], {"options": 1})
+    with pytest.raises(HFCompressError, match="names method 'magic'"):
+        config_from_provenance({"method": "magic", "options": {}})
+
+
+def _write_files(files: dict[str, str]):
+    def write(folder: Path) -> None:
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    return write
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def test_write_checkpoint_refuses_an_existing_output_before_writing(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    called = []
+    with pytest.raises(HFCompressError, match="already exists"):
+        write_checkpoint(out, lambda folder: called.append(folder))
+    assert called == [] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_write_checkpoint_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = write_checkpoint(tmp_path / "ckpt", _write_files({"config.json": "{}"}))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("failing_step", ["write", "move_new_in"])
+def test_overwrite_keeps_the_complete_old_checkpoint_when_interrupted(tmp_path, monkeypatch, failing_step):
+    out = tmp_path / "ckpt"
+    write_checkpoint(out, _write_files({"config.json": "old", "model.safetensors": "old weights"}))
+
+    if failing_step == "write":
+        def write(folder: Path) -> None:
+            (folder / "config.json").write_text("new")
+            raise KeyboardInterrupt  # interrupted before the weights were written
+    else:
+        write = _write_files({"config.json": "new", "model.safetensors": "new weights"})
+        real_rename = Path.rename
+
+        def rename(self, target):
+            # The old folder has been moved aside; moving the new one in is interrupted.
+            if self.name.startswith(".ckpt.incomplete-") and Path(target) == out:
+                raise KeyboardInterrupt
+            return real_rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(out, write, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == "old" and (out / "model.safetensors").read_text() == "old weights"
+    assert _leftovers(tmp_path, "ckpt") == []
+
+
+def test_overwrite_swaps_in_the_new_checkpoint_and_carries_entries(tmp_path):
+    out = tmp_path / "ckpt"
+    write_checkpoint(out, _write_files({"config.json": "old", "stale.bin": "x"}))
+    (out / "iterations").mkdir()
+    (out / "iterations" / "state.json").write_text("{\"rows\": 3}")
+    write_checkpoint(out, _write_files({"config.json": "new"}), overwrite=True, carry=["iterations"])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "iterations"]
+    assert (out / "config.json").read_text() == "new"
+    assert (out / "iterations" / "state.json").read_text() == "{\"rows\": 3}"
+    assert _leftovers(tmp_path, "ckpt") == []
+
+
+def test_atomic_write_json_replaces_whole_files(tmp_path):
+    path = tmp_path / "state.json"
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"b": [1, 2]})
+    assert json.loads(path.read_text()) == {"b": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
