@@ -20,21 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_common import RESULTS, device_note
+from hf_compress.modeling.pruned_cnn import (
+    PrunedCNNForImageClassification,
+    resnet_cifar_config,
+)
 
 from hf_compress import __version__
+from hf_compress.checkpoint import atomic_write_json
+from hf_compress.data.images import load_image_dataset, train_val_split
 from hf_compress.device import native_bfloat16
-from hf_compress.modeling.pruned_cnn import PrunedCNNForImageClassification, resnet_cifar_config
 from hf_compress.vision.checkpoint import save_checkpoint
 from hf_compress.vision.counting import count_params_and_macs
-from hf_compress.data.images import load_image_dataset, train_val_split
 from hf_compress.vision.training import evaluate_accuracy, train_classifier
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CHECKPOINTS = RESULTS / "cnn_cpu"
 PROTOCOL = {
     "name": "cifar-cpu", "arch": "resnet20", "widths": [16, 32, 64], "val_images": 5000, "split_seed": 2023,
@@ -43,22 +46,12 @@ PROTOCOL = {
 }
 
 
-def write_json_atomic(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def update_summary(network: str, entries: dict) -> None:
     """Merges `entries` into `cnn_cpu_summary.json[network]` (fractions in [0, 1])."""
     path = RESULTS / "cnn_cpu_summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {"protocol": "cifar-cpu", "networks": {}}
     summary["networks"].setdefault(network, {}).update(entries)
-    write_json_atomic(path, summary)
-
-
-def device_note() -> str:
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    atomic_write_json(path, summary)
 
 
 def baseline(args) -> None:
@@ -95,7 +88,7 @@ def baseline(args) -> None:
         }
         save_checkpoint(model, CHECKPOINTS / f"resnet20-seed{seed}", mean=train.mean, std=train.std)
         report["rows"].append(row)
-        write_json_atomic(path, report)
+        atomic_write_json(path, report)
         print(f"seed {seed}: test {100 * row['test_acc']:.2f}%, val {100 * row['val_acc']:.2f}%", flush=True)
     rows = report["rows"]
     if rows:

@@ -15,28 +15,28 @@ Reduced scale (CPU):
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-
-from hf_compress.errors import HFCompressError
-from hf_compress.modeling.class_exit_resnet import ClassExitResNetConfig, ClassExitResNetForImageClassification
-from hf_compress.vision.counting import count_params_and_macs
-from hf_compress.data.images import load_image_dataset, train_val_split
-from hf_compress.early_exit.search import (
-    collect_exit_scores,
-    exit_report,
-    joint_loss_fn,
-    measure_throughput,
-    search_thresholds,
+from bench_common import add_data_arguments, device_note, load_data, write_results
+from hf_compress.modeling.class_exit_resnet import (
+    ClassExitResNetConfig,
+    ClassExitResNetForImageClassification,
 )
-from hf_compress.early_exit.heads import default_exit_positions, from_hf_resnet, reattach_exits
+
+from hf_compress.early_exit.heads import (
+    default_exit_positions,
+    from_hf_resnet,
+    reattach_exits,
+)
+from hf_compress.early_exit.report import exit_report, measure_throughput
+from hf_compress.early_exit.search import collect_exit_scores, search_thresholds
+from hf_compress.early_exit.training import joint_loss_fn
+from hf_compress.errors import HFCompressError
+from hf_compress.vision.counting import count_params_and_macs
 from hf_compress.vision.training import evaluate_accuracy, train_classifier
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
 
 
@@ -172,20 +172,14 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=["class_exclusion", "confidence"])
     parser.add_argument("--exits", nargs="+", default=None, help="exit positions (default: middle and end of each stage)")
     parser.add_argument("--tolerances", nargs="+", type=float, default=[0.002, 0.005])
-    parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--test-limit", type=int, default=None)
-    parser.add_argument("--n-val", type=int, default=5000)
+    add_data_arguments(parser, val_flag="--n-val")
     parser.add_argument("--pretrain-epochs", type=int, default=160)
     parser.add_argument("--joint-epochs", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--joint-lr", type=float, default=0.02)
-    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--throughput-batch", type=int, default=256)
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--throughput-batches", type=int, default=None, help="time at most this many test batches")
     parser.add_argument("--step", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default=None, help="suffix of the result files (default: gpu-full or cpu-reduced)")
     parser.add_argument("--progress", action="store_true")
@@ -199,20 +193,16 @@ def main() -> None:
     full_scale = args.train_limit is None and args.test_limit is None
     tag = args.tag or ("gpu-full" if device.type == "cuda" and full_scale else "cpu-reduced")
     args.tag_resolved = tag
-    train = load_image_dataset(args.dataset, "train", limit=args.train_limit, seed=args.seed)
-    train, val = train_val_split(train, n_val=args.n_val, seed=2023)
-    test = load_image_dataset(args.dataset, "test", limit=args.test_limit, seed=args.seed)
+    train, val, test = load_data(args)
     results = {
         "scale": "full protocol" if full_scale else "REDUCED SCALE",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'}, {args.threads} threads)",
+        "device": device_note(args.threads),
         "train_samples": len(train), "val_samples": len(val), "test_samples": len(test), "args": vars(args), "archs": [],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for arch in args.archs:
         results["archs"].append(run_arch(arch, args, train, val, test, device))
         # Written after every architecture so a long run keeps what it measured.
-        (RESULTS / f"early_exit_{tag}.json").write_text(json.dumps(results, indent=2))
-        (RESULTS / f"early_exit_{tag}.md").write_text(markdown(results))
+        write_results(f"early_exit_{tag}", results, markdown(results))
     print(markdown(results))
 
 

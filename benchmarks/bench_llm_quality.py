@@ -23,13 +23,26 @@ from pathlib import Path
 import torch
 
 from hf_compress.basis_sharing.assembly import build_shared_basis_llama
-from hf_compress.device import CALIBRATION_DTYPES, calibration_dtype, dtype_name
-from hf_compress.basis_sharing.compressor import BasisSharingCompressor, count_compressed_params, dense_projection_params
+from hf_compress.basis_sharing.compressor import (
+    BasisSharingCompressor,
+    count_compressed_params,
+    dense_projection_params,
+)
 from hf_compress.basis_sharing.config import BasisSharingConfig
+from hf_compress.data.text import (
+    calibration_batch,
+    load_texts,
+    resolve_text_source,
+    tokenize_joined,
+)
+from hf_compress.device import (
+    CALIBRATION_DTYPES,
+    PeakMemory,
+    calibration_dtype,
+    dtype_name,
+)
 from hf_compress.evaluation.perplexity import window_losses
-from hf_compress.device import PeakMemory
 from hf_compress.sources import load_source
-from hf_compress.data.text import calibration_batch, load_texts, resolve_text_source, tokenize_joined
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,13 +19,16 @@ import time
 from pathlib import Path
 
 import torch
+from hf_compress.modeling.shared_basis_llama import (
+    SharedBasisLlamaConfig,
+    SharedBasisLlamaForCausalLM,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_compress.device import CALIBRATION_DTYPES, calibration_dtype, dtype_name
 from hf_compress.basis_sharing.compressor import BasisSharingCompressor
 from hf_compress.basis_sharing.config import BasisSharingConfig
 from hf_compress.basis_sharing.decomposition import allocate_ranks, shape_spectrum
-from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaConfig, SharedBasisLlamaForCausalLM
+from hf_compress.device import CALIBRATION_DTYPES, calibration_dtype, dtype_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {

@@ -28,8 +28,13 @@ from pathlib import Path
 import torch
 
 from hf_compress.evaluation.lm_eval import card_entries, run_lm_eval
-from hf_compress.evaluation.tasks.utils import WIKITEXT2_TEST, data_dir, split_articles, wikitext_detokenizer
 from hf_compress.evaluation.perplexity import perplexity
+from hf_compress.evaluation.tasks.utils import (
+    WIKITEXT2_TEST,
+    data_dir,
+    split_articles,
+    wikitext_detokenizer,
+)
 from hf_compress.sources import load_causal_lm, resolve_source
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -21,25 +21,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_common import add_data_arguments, device_note, load_data, write_results
+from hf_compress.modeling.pruned_cnn import (
+    PrunedCNNForImageClassification,
+    resnet_cifar_config,
+    vgg_cifar_config,
+)
+from hf_compress.modeling.pruned_cnn.configuration_pruned_cnn import VGG16_LAYERS
 
 from hf_compress import __version__
-from hf_compress.modeling.pruned_cnn import PrunedCNNForImageClassification, resnet_cifar_config, vgg_cifar_config
-from hf_compress.modeling.pruned_cnn.configuration_pruned_cnn import VGG16_LAYERS
-from hf_compress.class_aware.api import ClassAwareSettings, class_aware_prune
-from hf_compress.vision.counting import count_params_and_macs
-from hf_compress.data.images import load_image_dataset, train_val_split
-from hf_compress.class_aware.shrink import l1_prune_to_macs
+from hf_compress.class_aware.config import ClassAwareConfig, ImageDataConfig
+from hf_compress.class_aware.data import data_refs
+from hf_compress.class_aware.loop import class_aware_prune
 from hf_compress.class_aware.regularizers import regularized_loss
+from hf_compress.class_aware.shrink import l1_prune_to_macs
+from hf_compress.provenance import SourceRef
+from hf_compress.vision.counting import count_params_and_macs
 from hf_compress.vision.training import evaluate_accuracy, train_classifier
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(arch: str, divisor: int, id2label: dict[int, str]) -> PrunedCNNForImageClassification:
@@ -70,13 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", action="append", help="resnet20/32/44/56/110 or vgg16 (repeatable)")
     parser.add_argument("--width-divisor", type=int, default=1, help="divide every width (reduced-scale runs)")
-    parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--val-size", type=int, default=5000)
-    parser.add_argument("--test-limit", type=int, default=None)
+    add_data_arguments(parser)
     parser.add_argument("--epochs", type=int, default=160)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--retrain-epochs", type=int, default=30)
     parser.add_argument("--retrain-lr", type=float, default=0.01)
     parser.add_argument("--iterations", type=int, default=6)
@@ -87,7 +86,6 @@ def main() -> None:
     parser.add_argument("--used-threshold", type=float, default=1.0)
     parser.add_argument("--class-threshold", type=float, default=0.5)
     parser.add_argument("--regularizer", default="l1", help="none, orthogonal or l1")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="/tmp/hf_compress_bench_pruning")
     parser.add_argument("--tag", default="run")
     parser.add_argument("--compare-regularizers", action="store_true",
@@ -98,12 +96,10 @@ def main() -> None:
         torch.set_num_threads(2)  # shared CPU machines
 
     started = time.time()
-    train = load_image_dataset(args.dataset, "train", limit=args.train_limit, seed=args.seed)
-    train, val = train_val_split(train, n_val=args.val_size, seed=2023)
-    test = load_image_dataset(args.dataset, "test", limit=args.test_limit, seed=args.seed)
+    train, val, test = load_data(args)
     report = {
         "protocol": "BENCHMARKS.md CNN", "args": vars(args), "hf_compress_version": __version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_note(),
         "train_images": len(train), "val_images": len(val), "test_images": len(test), "networks": [],
     }
     if args.compare_regularizers:
@@ -121,15 +117,16 @@ def main() -> None:
         t0 = time.time()
         work = Path(args.work_dir) / f"{args.tag}_{arch}"
         shutil.rmtree(work, ignore_errors=True)
-        settings = ClassAwareSettings(
+        settings = ClassAwareConfig(
             accuracy_floor=max(0.0, base_val - args.floor_drop), max_classes=args.max_classes,
             images_per_class=args.images_per_class, used_threshold=args.used_threshold,
             class_threshold=args.class_threshold, max_fraction=args.max_fraction, max_iterations=args.iterations,
             retrain_epochs=args.retrain_epochs, lr=args.retrain_lr, batch_size=args.batch_size,
-            regularizer=args.regularizer, seed=args.seed,
+            regularizer=args.regularizer, val_size=args.val_size, seed=args.seed,
         )
-        result = class_aware_prune(model, train, val, work, settings, test_data=test, dataset=args.dataset,
-                                   source={"model_id": f"{arch} baseline (this run)", "revision": None})
+        result = class_aware_prune(model, train, val, work, settings, test_data=test,
+                                   data=data_refs(ImageDataConfig(dataset=args.dataset), with_eval=True),
+                                   source=SourceRef(f"{arch} baseline (this run)"))
         pruned = result.model.to(next(model.parameters()).device)
         class_aware = row(f"{arch} class-aware", pruned, evaluate_accuracy(pruned, test), base)
         class_aware["iterations"] = result.rows
@@ -152,8 +149,6 @@ def main() -> None:
         print(json.dumps(report["networks"][-1]["rows"], indent=1), flush=True)
     report["wall_seconds"] = time.time() - started
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"pruning_{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Class-aware vs L1-norm pruning, CIFAR-10 ({args.tag})", "",
         f"Device: {report['device']}. Train {len(train)} / val {len(val)} / test {len(test)} images; baseline "
@@ -173,7 +168,7 @@ def main() -> None:
         ca = network["rows"][1]
         lines.append(f"{network['arch']}: floor {100 * network['accuracy_floor']:.2f}% (val), stop: {ca['stop_reason']}; iterations "
                      + ", ".join(f"#{r['iteration']} {r['macs'] / 1e6:.2f}M MACs val {100 * r['val_accuracy']:.1f}%" for r in ca["iterations"]))
-    (RESULTS / f"pruning_{args.tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(f"pruning_{args.tag}", report, "\n".join(lines))
     print("\n".join(lines))
 
 
@@ -202,8 +197,6 @@ def compare_regularizers(args, train, val, test, report, started) -> None:
     report["regularizers"] = rows
     report["arch"] = arch
     report["wall_seconds"] = time.time() - started
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"pruning_regularizers_{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Regulariser comparison for class-aware pruning ({arch}, width divisor {args.width_divisor}, {args.tag})", "",
         f"Device: {report['device']}. {len(train)} train images, {args.epochs} epochs, importance from "
@@ -214,7 +207,7 @@ def compare_regularizers(args, train, val, test, report, started) -> None:
     for r in rows:
         lines.append(f"| {r['regularizer']} | {100 * r['test_accuracy']:.2f}% | {100 * r['val_accuracy']:.2f}% | {r['prunable_filters']} "
                      f"| {r['important_for_at_most_1_class']} | {r['important_for_at_most_2_classes']} | {r['mean_classes_per_filter']:.2f} |")
-    (RESULTS / f"pruning_regularizers_{args.tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(f"pruning_regularizers_{args.tag}", report, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -4,13 +4,12 @@
     python examples/convert_smollm2.py
 """
 
-from hf_compress.basis_sharing.config import BasisSharingConfig, CalibrationConfig
-from hf_compress.basis_sharing.api import convert
+from hf_compress.basis_sharing import BasisSharingConfig, CalibrationConfig, convert
 
 result = convert(
     "smollm2",  # or a Hub id, a local folder, or a .gguf file
     "outputs/smollm2-basis-sharing-20",
-    options=BasisSharingConfig(ratio=0.2, group_size=2),  # q/k/v/gate/up shared by pairs of layers
+    BasisSharingConfig(ratio=0.2, group_size=2),  # q/k/v/gate/up shared by pairs of layers
     calibration=CalibrationConfig(dataset="c4-calibration", samples=128, seq_len=512, seed=2023),
     eval_dataset="wikitext2",
     eval_max_windows=20,

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import pipeline
 
-from hf_compress.modeling.class_exit_resnet import ClassExitResNetConfig, ClassExitResNetForImageClassification
 from hf_compress.data.images import load_image_dataset
-from hf_compress.early_exit.api import EarlyExitOptions, run_early_exit
+from hf_compress.early_exit import EarlyExitConfig, add_early_exits
+from hf_compress.modeling.class_exit_resnet import ClassExitResNetConfig, ClassExitResNetForImageClassification
 from hf_compress.vision.training import train_classifier
 
 
@@ -37,14 +37,14 @@ def main() -> None:
     source, output = (args + ["-", "outputs/resnet-early-exit"])[:2]
     if source == "-":
         source = quick_source(Path(output).with_name(Path(output).name + "-source"), 2000 if quick else 20000)
-    options = EarlyExitOptions(
+    config = EarlyExitConfig(
         dataset="cifar10", tolerance=0.005, epochs=1 if quick else 10, train_limit=3000 if quick else None,
         n_val=1000 if quick else 5000, test_limit=1000 if quick else None,
     )
-    record = run_early_exit(source, output, options, overwrite=True)
-    print(f"betas {record['betas']}")
-    print(f"accuracy {record['accuracy_full']:.4f} (full) -> {record['accuracy_early_exit']:.4f} (early exit); "
-          f"mean MACs {record['mean_macs'] / 1e6:.2f}M of {record['macs_full'] / 1e6:.2f}M")
+    result = add_early_exits(source, output, config, overwrite=True)
+    print(f"thresholds {result.thresholds}")
+    print(f"accuracy {result.accuracy_full:.4f} (full) -> {result.accuracy_early_exit:.4f} (early exit); "
+          f"mean MACs {result.mean_macs / 1e6:.2f}M of {result.macs_full / 1e6:.2f}M")
 
     # The checkpoint is an ordinary transformers model: the stock pipeline and Auto classes load it.
     classifier = pipeline("image-classification", model=output)

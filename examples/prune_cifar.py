@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import sys
 
-import torch
 import transformers
 
-from hf_compress.class_aware.api import ClassAwareSettings, class_aware_prune, summary_table
-from hf_compress.data.images import load_image_dataset, train_val_split
-from hf_compress.class_aware.regularizers import regularized_loss
-from hf_compress.vision.resnet_import import load_cnn
-from hf_compress.vision.training import train_classifier
+from hf_compress.class_aware import ClassAwareConfig, ImageDataConfig, TrainConfig, prune, train
+from hf_compress.class_aware.record import summary_table
 
 
 def main(output: str = "outputs/resnet20-class-aware") -> None:
-    torch.manual_seed(0)
-    train = load_image_dataset("cifar10", "train", limit=1200)  # ../shared/data/cifar10 or uoft-cs/cifar10
-    train, val = train_val_split(train, n_val=200)
-    test = load_image_dataset("cifar10", "test", limit=300)
+    # ../shared/data/cifar10 or uoft-cs/cifar10; the same 200 held-out images in both runs (same limit and seed).
+    data = ImageDataConfig(dataset="cifar10", limit=1200, eval_limit=300)
+    base = f"{output}-base"
+    train("resnet20", base, TrainConfig(epochs=2, batch_size=64, regularizer="l1", val_size=200), data=data, overwrite=True)
 
-    model, source = load_cnn("resnet20", id2label=train.id2label())
-    train_classifier(model, train, epochs=2, lr=0.1, batch_size=64, loss_fn=regularized_loss("l1"))
-
-    settings = ClassAwareSettings(accuracy_floor=0.0, max_classes=1, max_fraction=0.2, max_iterations=2,
-                                  retrain_epochs=1, batch_size=64, images_per_class=8)
-    result = class_aware_prune(model, train, val, output, settings, test_data=test, source=source, dataset="cifar10")
+    config = ClassAwareConfig(accuracy_floor=0.0, max_classes=1, max_fraction=0.2, max_iterations=2,
+                              retrain_epochs=1, batch_size=64, images_per_class=8, val_size=200)
+    result = prune(base, output, config, data=data)
     print(summary_table(result.rows))
 
     reloaded = transformers.AutoModelForImageClassification.from_pretrained(output)

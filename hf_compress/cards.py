@@ -12,11 +12,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
+from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import HFCompressError
 
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -119,6 +120,24 @@ def _family_for(config: dict) -> FamilyCard:
     return FamilyCard("text-generation", "AutoModelForCausalLM", "compression", "")
 
 
+# A value of this shape is a path on the machine that made the checkpoint: the card shows only its last part.
+_LOCAL_PATH_RE = re.compile(r"^(/|~|\.{1,2}/|[A-Za-z]:[\\/])")
+# Keys of the record that the table shows in their own rows (or not at all: the version goes to the card's footer).
+_OWN_ROWS = {"method", "target_ratio", "achieved_ratio", "params_before", "params_after", "total_params_before",
+             "total_params_after", "calibration", "source", "data", "hf_compress_version"}
+
+
+def _public(value):
+    """`value` with every local path reduced to its file or folder name (the card is pushed to the Hub)."""
+    if isinstance(value, str) and _LOCAL_PATH_RE.match(value):
+        return Path(value).name
+    if isinstance(value, list):
+        return [_public(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _public(item) for key, item in value.items()}
+    return value
+
+
 def _flatten(record: dict, prefix: str = "") -> list[tuple[str, object]]:
     items = []
     for key, value in record.items():
@@ -130,6 +149,7 @@ def _flatten(record: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def _cell(value) -> str:
+    value = _public(value)
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
     if isinstance(value, int):
@@ -143,15 +163,9 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def compression_table(config: dict) -> str:
-    """The markdown compression table of a checkpoint's `config.json` (generic rows, then family details)."""
-    record = dict(config.get("compression") or {})
-    if not record:
-        return "This checkpoint carries no `compression` record in its config."
-    rows = ["| | |", "|---|---|"]
-    known = {"method", "target_ratio", "achieved_ratio", "params_before", "params_after", "total_params_before",
-             "total_params_after", "calibration", "source", "hf_compress_version"}
-    rows.append(f"| Method | {record.get('method', 'n/a')} |")
+def _headline_rows(record: dict) -> list[str]:
+    """Method, target / achieved ratio and parameter counts."""
+    rows = [f"| Method | {record.get('method', 'n/a')} |"]
     if "target_ratio" in record or "achieved_ratio" in record:
         rows.append(f"| Target / achieved ratio | {_fmt_ratio(record.get('target_ratio'))} / "
                     f"{_fmt_ratio(record.get('achieved_ratio'))} |")
@@ -163,28 +177,73 @@ def compression_table(config: dict) -> str:
     if "total_params_before" in record:
         rows.append(f"| All parameters, before / after | {_fmt_int(record.get('total_params_before'))} / "
                     f"{_fmt_int(record.get('total_params_after'))} |")
-    calibration = record.get("calibration") or {}
-    if calibration:
-        where = ", ".join(str(calibration[k]) for k in ("dataset", "config", "split", "column") if calibration.get(k))
-        size = f"{calibration['samples']} samples" if calibration.get("samples") else ""
-        if calibration.get("seq_len"):
-            size += f" x {calibration['seq_len']} tokens"
-        seed = f", seed {calibration['seed']}" if calibration.get("seed") is not None else ""
-        dtype = f"; forwards in {calibration['dtype']}" if calibration.get("dtype") else ""
-        rows.append(f"| Calibration data | {where}; {size}{seed}{dtype} |")
-    source = record.get("source") or {}
-    if source.get("model_id"):
-        extra = "".join(f", {k} {source[k]}" for k in ("revision", "gguf_file") if source.get(k))
-        rows.append(f"| Source model | {source['model_id']}{extra} |")
-    rest = dict(_flatten({k: v for k, v in record.items() if k not in known}))
+    return rows
+
+
+def _calibration_rows(calibration: dict) -> list[str]:
+    """The calibration text and its size, seed and dtype (a `calibration` config dict of the record)."""
+    if not calibration:
+        return []
+    calibration = _public(calibration)
+    where = ", ".join(str(calibration[k]) for k in ("dataset", "config", "split", "column") if calibration.get(k))
+    size = f"{calibration['samples']} samples" if calibration.get("samples") else ""
+    if calibration.get("seq_len"):
+        size += f" x {calibration['seq_len']} tokens"
+    seed = f", seed {calibration['seed']}" if calibration.get("seed") is not None else ""
+    dtype = f"; forwards in {calibration['dtype']}" if calibration.get("dtype") else ""
+    return [f"| Calibration data | {where}; {size}{seed}{dtype} |"]
+
+
+def _source_rows(source: dict) -> list[str]:
+    """The model the compression started from: id, revision, GGUF file."""
+    source = _public(source or {})
+    if not source.get("model_id"):
+        return []
+    extra = "".join(f", {k} {source[k]}" for k in ("revision", "gguf_file") if source.get(k))
+    return [f"| Source model | {source['model_id']}{extra} |"]
+
+
+def _data_rows(data: list) -> list[str]:
+    """One row per dataset used (provenance `data`): its name, split and the start of its sha256."""
+    rows = []
+    for ref in data or []:
+        if not isinstance(ref, dict) or not ref.get("name"):
+            continue
+        parts = [_cell(ref["name"])]
+        if ref.get("split"):
+            parts.append(f"split {ref['split']}")
+        if ref.get("sha256"):
+            parts.append(f"sha256 {str(ref['sha256'])[:12]}")
+        rows.append(f"| Data ({ref.get('role') or 'used'}) | {', '.join(parts)} |")
+    return rows
+
+
+def _other_rows(record: dict) -> list[str]:
+    """Every other key (options, figures): `x_before` / `x_after` pairs share a row."""
+    rest = dict(_flatten({k: v for k, v in record.items() if k not in _OWN_ROWS}))
+    rows = []
     for key, value in rest.items():
-        if key.endswith("_after") and key[: -len("_after")] + "_before" in rest:
+        stem = key.removesuffix("_after") if key.endswith("_after") else key.removesuffix("_before")
+        if key.endswith("_after") and f"{stem}_before" in rest:
             continue  # shown with its "_before" partner
-        if key.endswith("_before") and key[: -len("_before")] + "_after" in rest:
-            after = rest[key[: -len("_before")] + "_after"]
-            rows.append(f"| {key[: -len('_before')].replace('_', ' ')}, before / after | {_cell(value)} / {_cell(after)} |")
+        if key.endswith("_before") and f"{stem}_after" in rest:
+            rows.append(f"| {stem.replace('_', ' ')}, before / after | {_cell(value)} / {_cell(rest[f'{stem}_after'])} |")
         else:
             rows.append(f"| {key} | {_cell(value)} |")
+    return rows
+
+
+def compression_table(config: dict) -> str:
+    """The markdown compression table of a checkpoint's `config.json` (generic rows, then family details).
+
+    Renders the provenance record (`hf_compress.provenance`: method, `options`, `source`, `data`, figures) as well
+    as older records (a `calibration` dict beside the options); local paths appear by their name only.
+    """
+    record = dict(config.get("compression") or {})
+    if not record:
+        return "This checkpoint carries no `compression` record in its config."
+    rows = ["| | |", "|---|---|", *_headline_rows(record), *_calibration_rows(record.get("calibration") or {}),
+            *_source_rows(record.get("source")), *_data_rows(record.get("data")), *_other_rows(record)]
     table = "\n".join(rows)
     family = _family_for(config)
     details = family.details_table(config) if family.details_table else ""
@@ -232,12 +291,6 @@ def _check_result(result: dict, where: object) -> dict:
     return result
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def record_eval_results(model_dir: str | os.PathLike, results: list[dict]) -> None:
     """Merges `results` into `model_dir/eval_results.json` and re-writes the model card.
 
@@ -257,8 +310,8 @@ def record_eval_results(model_dir: str | os.PathLike, results: list[dict]) -> No
                 break
         else:
             merged.append(result)
-    _atomic_write(folder / EVAL_RESULTS_FILE, json.dumps({"format": "hf-compress eval results", "version": 1,
-                                                          "results": merged}, indent=2) + "\n")
+    atomic_write_json(folder / EVAL_RESULTS_FILE, {"format": "hf-compress eval results", "version": 1,
+                                                   "results": merged})
     write_model_card(folder)
 
 
@@ -286,45 +339,77 @@ def is_generated_card(model_dir: str | os.PathLike) -> bool:
 def build_model_card(model_dir: str | os.PathLike, *, base_model: str | None = None, license: str | None = None,
                      repo_id: str | None = None):
     """The `ModelCard` of a checkpoint folder (see `write_model_card`), without writing it."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(model_dir)
+    config = _read_config(folder)
+    family = _family_for(config)
+    record = config.get("compression") or {}
+    previous = _existing_card_data(folder)
+    base_model = _base_model(base_model, previous, record.get("source") or {})
+    license = license or previous.get("license") or _known_license(base_model)
+    model_ref = repo_id or previous.get("_model_ref") or str(_final_folder(folder))
+    model_name = model_ref.rstrip("/").split("/")[-1]
+    results = read_eval_results(folder)
+    eval_results = _eval_results(results)
+    card_data = ModelCardData(
+        base_model=base_model, library_name="transformers", pipeline_tag=family.pipeline_tag, license=license,
+        tags=_tags(record.get("method")), model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    return ModelCard.from_template(
+        card_data, template_str=_template(config.get("model_type")), model_name=model_name, model_ref=model_ref,
+        summary=_summary(family, base_model, record.get("achieved_ratio")), compression_table=compression_table(config),
+        eval_table=eval_table(results), model_type=config.get("model_type"), auto_class=family.auto_class,
+        citation=family.citation, hf_compress_version=record.get("hf_compress_version"),
+    )
+
+
+def _read_config(folder: Path) -> dict:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise HFCompressError(f"{folder} has no config.json; write the checkpoint before its model card")
-    config = json.loads(config_path.read_text())
-    family = _family_for(config)
-    record = config.get("compression") or {}
-    source = record.get("source") or {}
-    previous = _existing_card_data(folder)
+    return json.loads(config_path.read_text())
 
+
+def _base_model(given: str | None, previous: dict, source: dict) -> str | None:
+    """`given`, else an earlier card's, else the record's source model when it is a Hub id."""
     source_id = source.get("model_id")
-    base_model = base_model or previous.get("base_model") or (
+    return given or previous.get("base_model") or (
         source_id if isinstance(source_id, str) and _REPO_ID_RE.match(source_id) else None)
-    if license is None:
-        license = previous.get("license") or source.get("license") or next(
-            (lic for prefix, lic in KNOWN_SOURCE_LICENSES.items() if (base_model or "").startswith(prefix)), None)
-    # A checkpoint is written into a staging folder (".NAME.incomplete-XXXX") and renamed when complete: name the
-    # card after the final folder.
-    staged = re.match(r"^\.(.+)\.incomplete-[^.]+$", folder.name)
-    final = folder.parent / staged.group(1) if staged else folder
-    model_ref = repo_id or previous.get("_model_ref") or str(final)
-    model_name = model_ref.rstrip("/").split("/")[-1]
 
-    method = record.get("method")
+
+def _known_license(base_model: str | None) -> str | None:
+    """The license of a source we know (`KNOWN_SOURCE_LICENSES`); None leaves it for the user to set."""
+    return next((lic for prefix, lic in KNOWN_SOURCE_LICENSES.items() if (base_model or "").startswith(prefix)), None)
+
+
+def _final_folder(folder: Path) -> Path:
+    """A checkpoint is written into a staging folder (".NAME.incomplete-XXXX") and renamed when complete: the card
+    names the final folder."""
+    staged = re.match(r"^\.(.+)\.incomplete-[^.]+$", folder.name)
+    return folder.parent / staged.group(1) if staged else folder
+
+
+def _tags(method: str | None) -> list[str]:
     tags = ["hf-compress", "custom_code", "compressed"]
     if method:
         tags.insert(1, str(method).replace("_", "-"))
-    results = read_eval_results(folder)
+    return tags
+
+
+def _eval_results(results: list[dict]) -> list:
+    """The recorded evaluations as `huggingface_hub.EvalResult`s (the card's model-index)."""
+    from huggingface_hub import EvalResult
+
     # model-index groups metrics by task type and dataset and keeps the first one's task name and source: where
     # one group mixes tools (lm-eval and hf-compress ppl on WikiText-2), those two fields would mislabel metrics.
-    group_key = lambda r: (r["task_type"], r["dataset_type"], r.get("dataset_config"), r.get("dataset_split"))  # noqa: E731
     labels: dict[tuple, set] = {}
     for r in results:
-        labels.setdefault(group_key(r), set()).add((r.get("task_name"), r.get("source"), r.get("source_url")))
+        labels.setdefault(_group_key(r), set()).add((r.get("task_name"), r.get("source"), r.get("source_url")))
     eval_results = []
     for r in results:
-        shared = len(labels[group_key(r)]) == 1
+        shared = len(labels[_group_key(r)]) == 1
         eval_results.append(EvalResult(
             task_type=r["task_type"], task_name=r.get("task_name") if shared else None,
             dataset_type=r["dataset_type"], dataset_name=r["dataset_name"], dataset_config=r.get("dataset_config"),
@@ -334,25 +419,27 @@ def build_model_card(model_dir: str | os.PathLike, *, base_model: str | None = N
             source_name=r.get("source") if shared and r.get("source_url") else None,
             source_url=r.get("source_url") if shared else None,
         ))
-    card_data = ModelCardData(
-        base_model=base_model, library_name="transformers", pipeline_tag=family.pipeline_tag, license=license,
-        tags=tags, model_name=model_name if eval_results else None, eval_results=eval_results or None,
-    )
-    achieved = record.get("achieved_ratio")
-    summary = (f"A {family.method_title} compression"
-               + (f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else "")
-               + (f": {_fmt_ratio(achieved)} of the parameters of the compressed layers removed" if achieved is not None else "")
-               + ". It is an ordinary `transformers` checkpoint whose modeling code ships with the weights.")
-    template = resources.files("hf_compress.model_cards")
-    name = f"{config.get('model_type')}.md"
-    template_text = (template / name).read_text(encoding="utf-8") if (template / name).is_file() else \
-        (template / "default.md").read_text(encoding="utf-8")
-    return ModelCard.from_template(
-        card_data, template_str=template_text, model_name=model_name, model_ref=model_ref, summary=summary,
-        compression_table=compression_table(config), eval_table=eval_table(results),
-        model_type=config.get("model_type"), auto_class=family.auto_class, citation=family.citation,
-        hf_compress_version=record.get("hf_compress_version"),
-    )
+    return eval_results
+
+
+def _group_key(result: dict) -> tuple:
+    """What model-index groups a result under: task type and dataset (type, config, split)."""
+    return result["task_type"], result["dataset_type"], result.get("dataset_config"), result.get("dataset_split")
+
+
+def _summary(family: FamilyCard, base_model: str | None, achieved) -> str:
+    return (f"A {family.method_title} compression"
+            + (f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else "")
+            + (f": {_fmt_ratio(achieved)} of the parameters of the compressed layers removed" if achieved is not None else "")
+            + ". It is an ordinary `transformers` checkpoint whose modeling code ships with the weights.")
+
+
+def _template(model_type: str | None) -> str:
+    """The family's card template (`model_cards/<model_type>.md`), else `model_cards/default.md`."""
+    templates = resources.files("hf_compress.model_cards")
+    name = f"{model_type}.md"
+    chosen = templates / name if (templates / name).is_file() else templates / "default.md"
+    return chosen.read_text(encoding="utf-8")
 
 
 def write_model_card(model_dir: str | os.PathLike, *, base_model: str | None = None, license: str | None = None,
@@ -368,5 +455,5 @@ def write_model_card(model_dir: str | os.PathLike, *, base_model: str | None = N
     folder = Path(model_dir)
     card = build_model_card(folder, base_model=base_model, license=license, repo_id=repo_id)
     path = folder / "README.md"
-    _atomic_write(path, str(card))
+    atomic_write_text(path, str(card))
     return path

@@ -1,4 +1,11 @@
-"""Device, dtype and "auto" policies, and the peak memory of a block of work (RSS and, where present, CUDA memory)."""
+"""Device, dtype and "auto" policies shared by every command, and the peak memory of a block of work.
+
+- device: `pick_device` is the one default of every `--device` option (cuda when present, else cpu);
+- dtype: `native_bfloat16` says whether a device multiplies bfloat16 in hardware; `dtype_name` spells a dtype as the
+  options and the provenance do;
+- "auto": `calibration_dtype` resolves `--calib-dtype auto` on a device;
+- `PeakMemory` measures peak RSS and CUDA memory of a block.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,58 @@ import torch
 
 from .errors import HFCompressError
 
+CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")
+
+
+# --- device -----------------------------------------------------------------------------------------------------
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as a `torch.device`; None (the default of every `--device`) is cuda when present, else cpu."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- dtype ------------------------------------------------------------------------------------------------------
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or
+    AMX (elsewhere bfloat16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # oneDNN runs the bfloat16 products. The probes are private but long-standing; a torch without them is
+        # treated as lacking the instructions.
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return torch.backends.mkldnn.is_available() and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return False
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `"bfloat16"`, as `--calib-dtype` and the provenance spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
+# --- "auto" policies --------------------------------------------------------------------------------------------
+
+
+def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the calibration forwards: `"auto"` is bfloat16 where the device has native bfloat16 matrix
+    products and float32 elsewhere."""
+    if name not in CALIBRATION_DTYPES:
+        raise HFCompressError(f"--calib-dtype must be one of {', '.join(CALIBRATION_DTYPES)}; got {name!r}.")
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return getattr(torch, name)
+
+
+# --- peak memory ------------------------------------------------------------------------------------------------
+
 
 def _read_status(field: str) -> int | None:
+    """A byte count of `/proc/self/status` (e.g. `VmHWM`), or None where there is no such file."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -21,13 +78,13 @@ def _read_status(field: str) -> int | None:
 
 
 class PeakMemory:
-    """Context manager measuring the peak RSS (and peak CUDA allocation) inside its block.
+    """Context manager measuring the peak RSS (and peak CUDA allocation) inside its block, in MiB.
 
     On Linux the kernel's high-water mark is reset on entry (`/proc/self/clear_refs`), so the figure belongs to the
     block; elsewhere it falls back to the process-lifetime peak.
     """
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.peak_mb = 0.0
         self.cuda_peak_mb = 0.0
         try:
@@ -45,40 +102,3 @@ class PeakMemory:
         self.peak_mb = hwm / 2**20
         if torch.cuda.is_available():
             self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 matrices in hardware: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or
-    AMX (elsewhere bfloat16 is emulated and slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # oneDNN runs the bfloat16 products. The probes are private but long-standing; a torch without them is
-        # treated as lacking the instructions.
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return torch.backends.mkldnn.is_available() and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-    return False
-
-
-def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype of the calibration forwards: `"auto"` is bfloat16 where the device has native bfloat16 matrix
-    products and float32 elsewhere."""
-    if name not in CALIBRATION_DTYPES:
-        raise HFCompressError(f"--calib-dtype must be one of {', '.join(CALIBRATION_DTYPES)}; got {name!r}.")
-    if name == "auto":
-        return torch.bfloat16 if native_bfloat16(device) else torch.float32
-    return getattr(torch, name)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """`torch.bfloat16` -> `"bfloat16"`, as `--calib-dtype` and the provenance spell it."""
-    return str(dtype).removeprefix("torch.")

@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from .errors import HFCompressError
@@ -107,57 +109,90 @@ def push_to_hub(
         HFCompressError: bad folder or repo id, missing or rejected token, a namespace the token cannot write to,
             metadata the Hub refuses, or a network failure that outlived the retries.
     """
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi
 
+    folder = _check_push_request(model_dir, repo_id)
+    token = _resolve_token(token)
+    _refresh_card(folder, repo_id)
+    endpoint = _endpoint()
+    api = HfApi(endpoint=endpoint, token=token)
+    message = commit_message or f"Upload {folder.name} with hf-compress"
+    upload = partial(_upload_once, api, folder, repo_id, private=private, revision=revision, message=message)
+    return _with_retries(upload, repo_id, endpoint, max_retries=max_retries, backoff=backoff)
+
+
+def _check_push_request(model_dir: str | os.PathLike, repo_id: str) -> Path:
+    """The checkpoint folder, once it and the repo id are known to be well-formed."""
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise HFCompressError(f"{folder} is not a checkpoint folder: it has no config.json")
     if not _REPO_ID_RE.match(repo_id):
         raise HFCompressError(f"repo id {repo_id!r} must look like ORG/NAME (letters, digits, '-', '_', '.')")
+    return folder
+
+
+def _resolve_token(token: str | None) -> str:
+    """`token`, else HF_TOKEN or the token saved by `hf auth login`."""
+    from huggingface_hub import get_token
+
     token = token or get_token()
     if not token:
         raise HFCompressError("no Hugging Face token: set HF_TOKEN or run `hf auth login` before pushing")
+    return token
+
+
+def _refresh_card(folder: Path, repo_id: str) -> None:
+    """Re-renders a card hf-compress generated (or writes a missing one) so its usage snippets name the repo; a
+    hand-edited card (marker line removed) is uploaded exactly as it is."""
     from .cards import is_generated_card, write_model_card
 
-    # A card hf-compress generated (or none) is re-rendered so its usage snippets name the repo; a hand-edited
-    # card (marker line removed) is uploaded exactly as it is.
     if not (folder / "README.md").exists() or is_generated_card(folder):
         write_model_card(folder, repo_id=repo_id)
 
-    endpoint = _endpoint()
-    api = HfApi(endpoint=endpoint, token=token)
-    message = commit_message or f"Upload {folder.name} with hf-compress"
 
-    def attempt() -> str:
-        api.whoami()  # fails fast on a bad token, before hashing and uploading anything
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
-            ignore_patterns=list(IGNORE_PATTERNS),
-        )
-        return info.commit_url or info.oid
+def _upload_once(api, folder: Path, repo_id: str, *, private: bool, revision: str | None, message: str) -> str:
+    """One complete push: token check, repo and branch creation, upload of the folder in one commit."""
+    api.whoami()  # fails fast on a bad token, before hashing and uploading anything
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
+        ignore_patterns=list(IGNORE_PATTERNS),
+    )
+    return info.commit_url or info.oid
 
-    httpx2 = _httpx()
-    client_errors = (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError)
+
+def _with_retries(upload: Callable[[], str], repo_id: str, endpoint: str, *, max_retries: int,
+                  backoff: float) -> str:
+    """Runs `upload`, retrying transient failures; a failure it gives up on becomes an explained error."""
     for tries in range(max_retries + 1):
         try:
-            return attempt()
+            return upload()
+        except HFCompressError:
+            raise
         except Exception as err:
-            if isinstance(err, HFCompressError):
-                raise
             if tries < max_retries and _is_transient(err):
                 wait = backoff * 2**tries
-                logger.warning("push to %s failed (%s); retrying in %.1fs [%d/%d]", endpoint, err, wait, tries + 1, max_retries)
+                logger.warning("push to %s failed (%s); retrying in %.1fs [%d/%d]", endpoint, err, wait, tries + 1,
+                               max_retries)
                 time.sleep(wait)
                 continue
-            # Client errors (also when the LFS uploader wraps them) and the Hub's metadata refusal get a clear
-            # message; anything else is a bug and keeps its traceback.
-            if isinstance(err, client_errors) or _is_transient(err) or "Invalid metadata in README.md" in str(err) \
-                    or isinstance(err.__cause__, client_errors):
-                raise _explain(err.__cause__ if isinstance(err.__cause__, HfHubHTTPError) else err, repo_id, endpoint,
-                               tries + 1) from err
-            raise
+            explained = _explained_failure(err, repo_id, endpoint, tries + 1)
+            if explained is None:
+                raise  # not a client error: a bug, which keeps its traceback
+            raise explained from err
     raise AssertionError("unreachable")
+
+
+def _explained_failure(err: Exception, repo_id: str, endpoint: str, attempts: int) -> HFCompressError | None:
+    """The error to raise for a client error (also when the LFS uploader wraps it) or the Hub's metadata refusal;
+    None for anything else."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    client_errors = (HfHubHTTPError, _httpx().HTTPError, ConnectionError, TimeoutError)
+    if isinstance(err, client_errors) or _is_transient(err) or "Invalid metadata in README.md" in str(err) \
+            or isinstance(err.__cause__, client_errors):
+        cause = err.__cause__ if isinstance(err.__cause__, HfHubHTTPError) else err
+        return _explain(cause, repo_id, endpoint, attempts)
+    return None

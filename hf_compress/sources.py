@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from .errors import HFCompressError
+from .provenance import SourceRef
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +33,15 @@ SMOLLM2_ALIAS_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 @dataclass
 class SourceInfo:
-    """Where a source checkpoint came from, recorded in the compressed model's provenance."""
+    """Where a source checkpoint came from: the id or path as given (the SmolLM2 alias as its Hub id)."""
 
     model_id: str
     revision: str | None
     gguf_file: str | None
-    license: str | None = None
 
-    def to_dict(self) -> dict:
-        return {"model_id": self.model_id, "revision": self.revision, "gguf_file": self.gguf_file}
+    def to_ref(self) -> SourceRef:
+        """The provenance form: a local path recorded by its folder or file name only."""
+        return SourceRef.of(self.model_id, self.revision, self.gguf_file)
 
 
 def smollm2_gguf_path() -> Path:
@@ -107,6 +108,15 @@ def _memoized_gguf_name_maps() -> Iterator[None]:
         gguf.get_tensor_name_map = original
 
 
+def _pretrained_args(source: str, gguf_file: str | None, revision: str | None) -> tuple[str, str | None, dict]:
+    """`(pretrained_model_name_or_path, gguf file name, from_pretrained kwargs)` of a source."""
+    name_or_path, gguf_name = resolve_source(source, gguf_file)
+    kwargs = {"revision": revision} if revision else {}
+    if gguf_name:
+        kwargs["gguf_file"] = gguf_name
+    return name_or_path, gguf_name, kwargs
+
+
 def load_causal_lm(
     source: str,
     *,
@@ -119,10 +129,7 @@ def load_causal_lm(
 
     A `config` already read from the source saves reading it again (for a GGUF file, a parse of the whole file).
     """
-    name_or_path, gguf_name = resolve_source(source, gguf_file)
-    kwargs = {"revision": revision} if revision else {}
-    if gguf_name:
-        kwargs["gguf_file"] = gguf_name
+    name_or_path, gguf_name, kwargs = _pretrained_args(source, gguf_file, revision)
     model_kwargs = {"config": config} if config is not None else {}
     try:
         with _memoized_gguf_name_maps() if gguf_name else nullcontext():
@@ -136,26 +143,33 @@ def load_causal_lm(
     return model.eval(), tokenizer
 
 
-def load_source(
-    source: str,
-    *,
-    gguf_file: str | None = None,
-    revision: str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SourceInfo]:
-    """Loads a Llama-family source model and its tokenizer on the CPU, after checking the architecture."""
-    name_or_path, gguf_name = resolve_source(source, gguf_file)
-    kwargs = {"revision": revision} if revision else {}
-    if gguf_name:
-        kwargs["gguf_file"] = gguf_name
+def source_config(source: str, *, gguf_file: str | None = None, revision: str | None = None) -> PretrainedConfig:
+    """The config of a Llama-family source, read without its weights, after checking the architecture."""
+    name_or_path, _, kwargs = _pretrained_args(source, gguf_file, revision)
     try:
         config_dict = PretrainedConfig.get_config_dict(name_or_path, **kwargs)[0]
     except OSError as err:
         raise HFCompressError(f"cannot read the config of source {source!r}: {err}") from err
     check_architecture(config_dict, source)
+    return CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
+
+
+def load_source(
+    source: str,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    config: PretrainedConfig | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SourceInfo]:
+    """Loads a Llama-family source model (float32, on the CPU) and its tokenizer, after checking the architecture.
+
+    `config` is what `source_config` returned for the same source, if the caller has read it already.
+    """
+    _, gguf_name, _ = _pretrained_args(source, gguf_file, revision)
+    config = config if config is not None else source_config(source, gguf_file=gguf_file, revision=revision)
     # Only a GGUF config is worth handing on: it came from parsing the whole file, a config.json is cheap to reread.
-    config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict) if gguf_name else None
-    model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, revision=revision, dtype=dtype, config=config)
+    model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, revision=revision,
+                                      config=config if gguf_name else None)
     info = SourceInfo(
         model_id=SMOLLM2_ALIAS_ID if source == SMOLLM2_ALIAS else source,
         revision=revision,

@@ -83,7 +83,7 @@ def tiny_shared_basis_checkpoint(tmp_path_factory, tiny_source_dir, calib_file) 
     from hf_compress.basis_sharing.api import convert
 
     out = tmp_path_factory.mktemp("converted") / "tiny-bs"
-    convert(str(tiny_source_dir), out, options=BasisSharingConfig(ratio=0.3),
+    convert(str(tiny_source_dir), out, BasisSharingConfig(ratio=0.3),
             calibration=CalibrationConfig(dataset=str(calib_file), samples=8, seq_len=32), progress=False)
     return out
 

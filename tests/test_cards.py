@@ -188,3 +188,44 @@ def test_long_group_and_rank_lists_are_summarised(folder):
     table = compression_table(config)
     assert "| q_proj | 15 groups of 2 consecutive layers (0-29) | 185 x6, 184 x9 |" in table
     assert "| o_proj | [0] [2] [1] | 5 x2, 7 |" in table
+
+
+@pytest.mark.parametrize("method, model_type, architecture", [
+    ("basis_sharing", "shared_basis_llama", "SharedBasisLlamaForCausalLM"),
+    ("class_aware_pruning", "pruned_cnn", "PrunedCNNForImageClassification"),
+    ("class_exclusion_early_exit", "class_exit_resnet", "ClassExitResNetForImageClassification"),
+])
+def test_card_of_a_provenance_record_of_each_method(tmp_path, method, model_type, architecture):
+    import dataclasses
+    import hashlib
+
+    from hf_compress.config import MethodConfig
+    from hf_compress.provenance import DataRef, SourceRef, provenance
+
+    @dataclasses.dataclass
+    class DummyConfig(MethodConfig):
+        ratio: float = 0.25
+        classes: tuple[int, ...] = (3, 5)
+        dataset: str = str(tmp_path / "secret" / "train.parquet")  # a local path: only its name may show
+
+    data_file = tmp_path / "train.parquet"
+    data_file.write_bytes(b"rows of the training split")
+    digest = hashlib.sha256(b"rows of the training split").hexdigest()
+    record = provenance(method, DummyConfig(), SourceRef.of("someone/base-model", "abc123"),
+                        [DataRef.of("train", data_file, "train"), DataRef.of("evaluation", "cifar10", "test")],
+                        {"macs_before": 40_000_000, "macs_after": 10_000_000, "accuracy_after": 0.8125})
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [architecture],
+                                                    "compression": record}))
+    write_model_card(folder, repo_id="alice/compressed", license="mit")
+    text = (folder / "README.md").read_text()
+    assert f"| Method | {method} |" in text
+    assert "| options.ratio | 0.25 |" in text and "| options.classes | [3, 5] |" in text
+    assert "| options.dataset | train.parquet |" in text
+    assert f"| Data (train) | train.parquet, split train, sha256 {digest[:12]} |" in text
+    assert "| Data (evaluation) | cifar10, split test |" in text
+    assert "| Source model | someone/base-model, revision abc123 |" in text
+    assert "| macs, before / after | 40,000,000 / 10,000,000 |" in text and "| accuracy_after | 0.8125 |" in text
+    assert "/tmp" not in text and str(tmp_path) not in text and digest not in text
+    assert ModelCard(text).data.base_model == "someone/base-model"

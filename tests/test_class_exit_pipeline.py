@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification
 
+from hf_compress.early_exit.heads import default_exit_positions, from_hf_resnet, reattach_exits
+from hf_compress.early_exit.search import ExitScores, collect_exit_scores, search_thresholds, simulate_exits
 from hf_compress.errors import HFCompressError
 from hf_compress.modeling.class_exit_resnet import ClassExitResNetConfig, ClassExitResNetForImageClassification
-from hf_compress.early_exit.search import ExitScores, collect_exit_scores, search_thresholds, simulate_exits
-from hf_compress.early_exit.heads import default_exit_positions, from_hf_resnet, reattach_exits
 
 torch.set_num_threads(1)
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -165,7 +165,7 @@ def test_cli_end_to_end_on_cifar(tmp_path, monkeypatch, capsys):
     config = json.loads((out / "config.json").read_text())
     record = config["compression"]
     assert record["method"] == "class_exclusion_early_exit"
-    assert record["betas"] == config["exit_thresholds"] and len(record["betas"]) == 2
+    assert record["thresholds"] == config["exit_thresholds"] and len(record["thresholds"]) == 2
     assert record["validation"]["accuracy_early_exit"] >= record["validation"]["accuracy_full"] - 0.05 - 1e-9
     assert config["id2label"]["0"] == "airplane" and config["image_size"] == 32
     assert (out / "preprocessor_config.json").exists() and (out / "modeling_class_exit_resnet.py").exists()
@@ -237,8 +237,8 @@ def test_cli_bad_input(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("layout", [dict(), dict(shortcut_type="projection", stem_kernel_size=7, stem_stride=2, stem_pool=True)])
 def test_from_pruned_cnn_keeps_final_logits(layout):
-    from hf_compress.modeling.pruned_cnn import PrunedCNNConfig, PrunedCNNForImageClassification
     from hf_compress.early_exit.heads import from_pruned_cnn
+    from hf_compress.modeling.pruned_cnn import PrunedCNNConfig, PrunedCNNForImageClassification
 
     torch.manual_seed(0)
     config = PrunedCNNConfig(
@@ -265,12 +265,12 @@ def test_pipeline_resumes_after_training(tmp_path, monkeypatch):
     """A run that fails after joint training resumes at the search, without training again."""
     import hf_compress.early_exit.api as pipeline_module
     import hf_compress.vision.training as training_module
-    from hf_compress.early_exit.api import EarlyExitOptions, run_early_exit
+    from hf_compress.early_exit import EarlyExitConfig, add_early_exits
 
     source = tmp_path / "resnet"
     _tiny_hf_resnet().save_pretrained(source)
-    options = EarlyExitOptions(exit_positions=["stage1"], epochs=1, batch_size=100, n_val=100, train_limit=300,
-                               test_split=None, step=0.1)
+    options = EarlyExitConfig(exit_positions=["stage1"], epochs=1, batch_size=100, n_val=100, train_limit=300,
+                              test_split=None, step=0.1)
     real_search = pipeline_module.search_thresholds
 
     def broken_search(*args, **kwargs):
@@ -278,7 +278,7 @@ def test_pipeline_resumes_after_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline_module, "search_thresholds", broken_search)
     with pytest.raises(RuntimeError, match="interrupted"):
-        run_early_exit(source, tmp_path / "out", options, progress=False)
+        add_early_exits(source, tmp_path / "out", options, progress=False)
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial" / "hf_compress_stage.json").exists()
     trained = ClassExitResNetForImageClassification.from_pretrained(tmp_path / ".out.partial")
 
@@ -287,7 +287,7 @@ def test_pipeline_resumes_after_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline_module, "search_thresholds", real_search)
     monkeypatch.setattr(training_module, "train_classifier", no_training)
-    record = run_early_exit(source, tmp_path / "out", options, progress=False)
+    record = add_early_exits(source, tmp_path / "out", options, progress=False).provenance
     saved = ClassExitResNetForImageClassification.from_pretrained(tmp_path / "out")
     assert torch.equal(saved.exit_heads[0].classifier.weight, trained.exit_heads[0].classifier.weight)
     assert record["dataset"] == "cifar10:validation" and record["exit_histogram"] is None
@@ -297,7 +297,7 @@ def test_pipeline_resumes_after_training(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(pipeline_module, "search_thresholds", broken_search)
     with pytest.raises(RuntimeError, match="interrupted"):
-        run_early_exit(source, tmp_path / "out3", options, progress=False)
+        add_early_exits(source, tmp_path / "out3", options, progress=False)
     monkeypatch.setattr(training_module, "train_classifier", no_training)
     with pytest.raises(AssertionError, match="training ran again"):
-        run_early_exit(source, tmp_path / "out3", EarlyExitOptions(**{**options.__dict__, "epochs": 2}), progress=False)
+        add_early_exits(source, tmp_path / "out3", EarlyExitConfig(**{**options.__dict__, "epochs": 2}), progress=False)

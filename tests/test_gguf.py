@@ -153,11 +153,11 @@ def test_convert_from_gguf_matches_convert_from_safetensors(tiny_gguf, ids, tmp_
     hf_source = tmp_path / "hf-source"
     model.save_pretrained(hf_source)
     tokenizer.save_pretrained(hf_source)
-    options = BasisSharingConfig(ratio=0.3)
+    config = BasisSharingConfig(ratio=0.3)
     calibration = CalibrationConfig(dataset=str(calib_file), samples=4, seq_len=32)
 
-    from_gguf = convert(str(path), tmp_path / "from-gguf", options=options, calibration=calibration, progress=False)
-    from_hf = convert(str(hf_source), tmp_path / "from-hf", options=options, calibration=calibration, progress=False)
+    from_gguf = convert(str(path), tmp_path / "from-gguf", config, calibration=calibration, progress=False)
+    from_hf = convert(str(hf_source), tmp_path / "from-hf", config, calibration=calibration, progress=False)
     assert from_gguf.ranks == from_hf.ranks
     assert from_gguf.params_after == from_hf.params_after < from_gguf.params_before
 
@@ -165,7 +165,7 @@ def test_convert_from_gguf_matches_convert_from_safetensors(tiny_gguf, ids, tmp_
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "from-hf").eval()
     assert type(compressed).__name__ == "SharedBasisLlamaForCausalLM"
     source = compressed.config.compression["source"]
-    assert source["gguf_file"] == GGUF_NAME and source["model_id"] == str(path)
+    assert source["gguf_file"] == GGUF_NAME and source["model_id"] == path.name  # a file name, never a local path
     assert reference.config.compression["source"]["gguf_file"] is None
     out = logits(compressed, ids)
     assert torch.isfinite(out).all()

@@ -165,7 +165,7 @@ def test_unknown_task_names_are_refused(model_dir):
 def test_task_dir_includes_builtin_tasks_and_local_files(data_dir, tmp_path):
     import yaml
 
-    from hf_compress.evaluation.lm_eval import ZEROSHOT_SETS, prepare_task_dir
+    from hf_compress.evaluation.tasks import ZEROSHOT_SETS, prepare_task_dir
 
     out = prepare_task_dir(tmp_path / "tasks")
     assert sorted(p.name for p in out.iterdir()) == sorted(

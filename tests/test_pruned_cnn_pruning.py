@@ -11,8 +11,10 @@ import transformers
 from typer.testing import CliRunner
 
 from hf_compress.errors import HFCompressError
+from hf_compress.provenance import DataRef, SourceRef
 from hf_compress.modeling.pruned_cnn import PrunedCNNConfig, PrunedCNNForImageClassification, vgg_cifar_config
-from hf_compress.class_aware.api import ClassAwareSettings, class_aware_prune
+from hf_compress.class_aware.config import ClassAwareConfig
+from hf_compress.class_aware.loop import class_aware_prune
 from hf_compress.vision.counting import count_params_and_macs
 from hf_compress.data.images import LOCAL_DATA_DIR, ImageClassificationData
 from hf_compress.class_aware.importance import class_importance, select_filters
@@ -211,14 +213,15 @@ def test_loop_saves_iterations_resumes_and_rejects_a_floor_above_baseline(tmp_pa
     baseline = evaluate_accuracy(model, val)  # untrained: about one in three
     assert baseline < 0.9
     with pytest.raises(HFCompressError, match="above the model's own validation accuracy"):
-        class_aware_prune(model, train, val, tmp_path / "bad", ClassAwareSettings(accuracy_floor=0.9), progress=False)
+        class_aware_prune(model, train, val, tmp_path / "bad", ClassAwareConfig(accuracy_floor=0.9), progress=False)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
     train_classifier(model, train, epochs=4, lr=0.1, batch_size=20, progress=False)
 
-    settings = ClassAwareSettings(accuracy_floor=0.0, max_classes=3, max_fraction=0.25, max_iterations=1,
-                                  retrain_epochs=1, batch_size=20, images_per_class=4)
+    settings = ClassAwareConfig(accuracy_floor=0.0, max_classes=3, max_fraction=0.25, max_iterations=1,
+                                retrain_epochs=1, batch_size=20, images_per_class=4)
     out = tmp_path / "run"
-    first = class_aware_prune(model, train, val, out, settings, source={"model_id": "unit", "revision": None}, dataset="blobs", progress=False)
+    first = class_aware_prune(model, train, val, out, settings, source=SourceRef("unit"),
+                              data=[DataRef.of("train", "blobs", "train")], progress=False)
     assert [r["iteration"] for r in first.rows] == [0, 1] and first.rows[1]["filters_removed"] == 4
     assert first.rows[1]["macs"] < first.rows[0]["macs"]
     saved = transformers.AutoModelForImageClassification.from_pretrained(out)
@@ -239,6 +242,28 @@ def test_loop_saves_iterations_resumes_and_rejects_a_floor_above_baseline(tmp_pa
     with pytest.raises(HFCompressError, match="holds a run with accuracy floor 0.0"):
         class_aware_prune(model, train, val, out, settings, progress=False)
     assert sorted(p.name for p in (out / "iterations").iterdir()) == ["iter_000", "iter_001", "iter_002", "state.json"]
+
+
+def test_loop_saves_the_smallest_iteration_meeting_the_floor_when_the_last_misses_it(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = PrunedCNNForImageClassification(vgg_cifar_config([8, "M", 8], (), num_labels=3, image_size=8))
+    train, val = _images(4, 3, 8, seed=0), _images(2, 3, 8, seed=1)
+    # Validation accuracies in call order: source 0.9, iteration 1 0.85 (meets 0.8), iteration 2 0.7 (misses it).
+    scripted = iter([0.9, 0.85, 0.7])
+    monkeypatch.setattr("hf_compress.class_aware.loop.evaluate_accuracy", lambda *args, **kwargs: next(scripted))
+    config = ClassAwareConfig(accuracy_floor=0.8, max_classes=3, max_fraction=0.25, max_iterations=5,
+                              retrain_epochs=0, batch_size=4, images_per_class=2)
+    out = tmp_path / "run"
+    result = class_aware_prune(model, train, val, out, config, progress=False)
+    rows = result.rows
+    assert [r["meets_floor"] for r in rows] == [True, True, False]
+    assert rows[2]["macs"] < rows[1]["macs"] < rows[0]["macs"]
+    assert result.stop_reason == "accuracy 0.7000 fell below the floor 0.8000" and result.best_iteration == 1
+    saved = transformers.AutoModelForImageClassification.from_pretrained(out)
+    assert saved.config.num_macs == rows[1]["macs"] and saved.config.compression["best_iteration"] == 1
+    assert saved.config.compression["macs_after"] == rows[1]["macs"] and saved.config.compression["accuracy_after"] == 0.85
+    iteration_1 = PrunedCNNForImageClassification.from_pretrained(out / "iterations" / "iter_001").state_dict()
+    assert all(torch.equal(value, iteration_1[name]) for name, value in saved.state_dict().items())
 
 
 @pytest.mark.skipif(not (LOCAL_DATA_DIR / "cifar10").exists(), reason="local CIFAR-10 copy missing")

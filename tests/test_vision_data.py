@@ -130,3 +130,32 @@ def test_batches_normalise_and_cover_every_example_once():
     shard0 = torch.cat([b[1] for b in data.batches(3, shard=(0, 2))])
     shard1 = torch.cat([b[1] for b in data.batches(3, shard=(1, 2))])
     assert shard0.tolist() == data.labels[0::2].tolist() and shard1.tolist() == data.labels[1::2].tolist()
+
+
+def test_hf_compress_data_set_after_import_redirects_text_and_image_presets(tmp_path, monkeypatch):
+    from hf_compress.data.local import DATASET_PRESETS, data_root
+    from hf_compress.data.text import load_texts, resolve_text_source
+
+    (tmp_path / "wikitext-2-raw-v1").mkdir()
+    wiki = tmp_path / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet"
+    pq.write_table(pa.table({"text": ["first line", "", "second line"]}), wiki)
+    (tmp_path / "cifar10").mkdir()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (3, 3, 3), dtype=np.uint8) for _ in range(3)]
+    _write_parquet(tmp_path / "cifar10" / "test-00000-of-00001.parquet", images, [1, 0, 1])
+
+    monkeypatch.setenv("HF_COMPRESS_DATA", str(tmp_path))  # after every module above was imported
+    assert data_root() == tmp_path and DATASET_PRESETS["wikitext2"].local_path() == wiki
+    source = resolve_text_source("wikitext2")
+    assert (source.dataset, source.column) == (str(wiki), "text")
+    assert load_texts(source) == ["first line", "", "second line"]
+    data = load_image_dataset("cifar10", "test")
+    assert data.labels.tolist() == [1, 0, 1] and data.source == "cifar10:test"
+    assert torch.equal(data.images[2], torch.from_numpy(images[2]).permute(2, 0, 1))
+    from hf_compress.data.images import LOCAL_DATA_DIR as redirected
+
+    assert redirected == tmp_path
+    # Without the local copies a preset names its Hub dataset.
+    monkeypatch.setenv("HF_COMPRESS_DATA", str(tmp_path / "empty"))
+    source = resolve_text_source("wikitext2")
+    assert (source.dataset, source.config, source.split) == ("wikitext", "wikitext-2-raw-v1", "test")

@@ -1,61 +1,79 @@
-"""The converter: stock Llama-family checkpoint -> calibration -> Basis Sharing -> SharedBasisLlama checkpoint."""
+"""The converter: stock Llama-family checkpoint -> calibration -> Basis Sharing -> SharedBasisLlama checkpoint.
+
+`convert` runs the steps in order; each step is a function of its own module (`hf_compress.sources`,
+`hf_compress.data.text`, `compressor`, `assembly` + `record`, `evaluation`, `save`, `hf_compress.hub`).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .. import __version__
-from ..data.text import PRESETS, calibration_batch, load_texts, resolve_text_source
-from ..checkpoint import save_pretrained_checkpoint
-from ..device import PeakMemory, calibration_dtype, dtype_name, pick_device
+from ..data.text import calibration_batch, load_texts, resolve_text_source
+from ..device import PeakMemory, pick_device
 from ..errors import HFCompressError
-from ..sources import load_source
+from ..sources import load_source, source_config
 from .assembly import build_shared_basis_llama
-from .compressor import (
-    BasisSharingCompressor,
-    count_compressed_params,
-    dense_projection_params,
-)
-from .config import BasisSharingConfig, CalibrationConfig
+from .compressor import BasisSharingCompressor
+from .config import EVAL_SEQ_LEN, BasisSharingConfig, CalibrationConfig
+from .evaluation import PerplexityResult, measure_perplexity
+from .record import compression_record, conversion_figures
+from .save import save_checkpoint
 
-logger = logging.getLogger(__name__)
+
+def _recorded(key: str, doc: str) -> property:
+    """A read-only attribute of `ConversionResult` read from its provenance record (kept in one place)."""
+    return property(lambda self: self.provenance[key], doc=doc)
+
 
 @dataclass
 class ConversionResult:
-    """What `convert` produced and measured."""
+    """What `convert` produced and measured; the ratios and parameter counts are read from `provenance`.
+
+    Args:
+        output_dir: where the checkpoint was saved (`None`: not saved).
+        provenance: the record saved as the checkpoint's `config.compression`.
+        ranks: the rank of every group, per projection type.
+        wall_time_s: seconds from loading the source to the assembled model (evaluation and saving excluded).
+        peak_memory_mb: peak resident memory of the conversion, evaluation and saving included.
+        whitening_shifts: per projection type, the diagonal shifts added to Grams that were not positive definite.
+        timings: seconds of each phase (`load_s`, `calibration_s`, `decomposition_s`, ...).
+        perplexity_before, perplexity_after: on `eval_dataset`, when given.
+    """
 
     output_dir: Path | None
-    target_ratio: float
-    achieved_ratio: float
-    params_before: int
-    params_after: int
+    provenance: dict[str, Any]
     ranks: dict[str, list[int]]
-    wall_time_s: float
-    peak_memory_mb: float
+    wall_time_s: float = 0.0
+    peak_memory_mb: float = 0.0
     whitening_shifts: dict[str, list[float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     perplexity_before: float | None = None
     perplexity_after: float | None = None
 
+    target_ratio = _recorded("target_ratio", "The ratio asked for.")
+    achieved_ratio = _recorded("achieved_ratio", "The ratio the ranks reach, over the compressed projections.")
+    params_before = _recorded("params_before", "Parameters of the compressed projections, dense.")
+    params_after = _recorded("params_after", "Parameters of the compressed projections' bases and coefficients.")
+
 
 def convert(
     source: str,
     output_dir: str | Path | None,
+    config: BasisSharingConfig | None = None,
     *,
-    options: BasisSharingConfig | None = None,
     calibration: CalibrationConfig | None = None,
     gguf_file: str | None = None,
     revision: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
     eval_dataset: str | None = None,
-    eval_seq_len: int = 2048,
+    eval_seq_len: int = EVAL_SEQ_LEN,
     eval_max_windows: int | None = None,
     push_to_hub: str | None = None,
     private: bool = False,
@@ -67,74 +85,39 @@ def convert(
     Args:
         source: Hub id, local folder, `.gguf` file, or `"smollm2"` for the bundled SmolLM2-135M-Instruct GGUF.
         output_dir: where the checkpoint goes; it appears only once complete. `None` skips saving.
-        options: what to compress (`BasisSharingConfig`).
+        config: what to compress (`BasisSharingConfig`).
         calibration: calibration text and sampling (`CalibrationConfig`).
+        device: where the calibration and the factorizations run (default: cuda if present).
         eval_dataset: if given, perplexity before and after on this text (preset, file or Hub name).
         push_to_hub: `ORG/NAME` to upload the finished checkpoint to.
     """
-    options = options or BasisSharingConfig()
-    calibration = calibration or CalibrationConfig()
-    output = Path(output_dir) if output_dir is not None else None
-    if output is not None and output.exists() and not overwrite:
-        raise HFCompressError(f"output directory {output} exists; pass --overwrite to replace it.")
+    output = _output_path(output_dir, overwrite)
     compute_device = pick_device(device)
-    # Provenance records the dtype actually used, not "auto".
-    calibration = dataclasses.replace(calibration, dtype=dtype_name(calibration_dtype(calibration.dtype, compute_device)))
     start = time.perf_counter()
     with PeakMemory() as peak:
-        model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision)
+        architecture = source_config(source, gguf_file=gguf_file, revision=revision)
+        config, calibration = resolve_configs(config, calibration, architecture.num_hidden_layers, compute_device)
+        model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision, config=architecture)
         load_time = time.perf_counter() - start
-        options.validate(model.config.num_hidden_layers)
-        text_source = resolve_text_source(calibration.dataset, calibration.config, calibration.split, calibration.column)
-        ids = calibration_batch(tokenizer, load_texts(text_source), samples=calibration.samples,
-                                seq_len=calibration.seq_len, seed=calibration.seed)
-        compressor = BasisSharingCompressor(model, options, ids, compute_device, calibration.batch_size, progress,
-                                            dtype=getattr(torch, calibration.dtype))
+        compressor = BasisSharingCompressor(model, config, calibration_ids(tokenizer, calibration), compute_device,
+                                            calibration.batch_size, progress, dtype=getattr(torch, calibration.dtype))
         factors = compressor.run()
-        params_before = dense_projection_params(model, compressor.groups)
-        params_after = count_compressed_params(factors)
-        achieved = 1.0 - params_after / params_before
-        compression = {
-            "method": "basis_sharing",
-            "target_ratio": options.ratio,
-            "achieved_ratio": round(achieved, 6),
-            "params_before": params_before,
-            "params_after": params_after,
-            "calibration": {**asdict(calibration), "dataset": text_source.describe()},
-            "source": info.to_dict(),
-            "options": {**asdict(compressor.options), "share": list(options.share), "dense": list(options.dense)},
-            "hf_compress_version": __version__,
-        }
-        compressed = build_shared_basis_llama(model, factors, compression=compression)
-        compression["total_params_before"] = sum(p.numel() for p in model.parameters())
-        compression["total_params_after"] = sum(p.numel() for p in compressed.parameters())
-        compressed.config.compression = compression
+        compressed = build_shared_basis_llama(model, factors)
+        figures = conversion_figures(config, model, compressed, factors)
+        compressed.config.compression = compression_record(config, calibration, info.to_ref(), figures)
         result = ConversionResult(
             output_dir=output,
-            target_ratio=options.ratio,
-            achieved_ratio=achieved,
-            params_before=params_before,
-            params_after=params_after,
+            provenance=compressed.config.compression,
             ranks={name: [f.rank for f in groups] for name, groups in factors.items()},
-            wall_time_s=0.0,
-            peak_memory_mb=0.0,
+            wall_time_s=time.perf_counter() - start,
             whitening_shifts={k: v for k, v in compressor.whitening_shifts.items() if any(v)},
             timings={"load_s": load_time, **compressor.timings},
         )
-        conversion_time = time.perf_counter() - start
-        if eval_dataset:
-            from ..evaluation.perplexity import perplexity
-
-            eval_source = resolve_text_source(eval_dataset)
-            texts = load_texts(eval_source)
-            result.perplexity_before = perplexity(model, tokenizer, texts, seq_len=eval_seq_len,
-                                                  max_windows=eval_max_windows, progress=progress)
-            result.perplexity_after = perplexity(compressed, tokenizer, texts, seq_len=eval_seq_len,
-                                                 max_windows=eval_max_windows, progress=progress)
+        perplexity = _evaluate(model, compressed, tokenizer, eval_dataset, eval_seq_len, eval_max_windows, progress)
+        if perplexity is not None:
+            result.perplexity_before, result.perplexity_after = perplexity.before, perplexity.after
         if output is not None:
-            save_checkpoint(compressed, tokenizer, output, overwrite=overwrite, eval_source=eval_dataset,
-                            result=result, eval_seq_len=eval_seq_len, eval_max_windows=eval_max_windows)
-    result.wall_time_s = conversion_time
+            save_checkpoint(compressed, tokenizer, output, overwrite=overwrite, perplexity=perplexity)
     result.peak_memory_mb = peak.peak_mb
     if push_to_hub and output is not None:
         from ..hub import push_to_hub as push
@@ -143,42 +126,39 @@ def convert(
     return result
 
 
-def save_checkpoint(model, tokenizer, output: Path, *, overwrite: bool, eval_source: str | None = None,
-                    result: ConversionResult | None = None, eval_seq_len: int = 2048,
-                    eval_max_windows: int | None = None) -> None:
-    """Writes the checkpoint (weights, remote code, tokenizer, perplexity, card) atomically (`hf_compress.checkpoint`)."""
-    extra = {}
-    if result is not None and result.perplexity_after is not None:
-        extra["perplexity.json"] = {
-            "dataset": eval_source, "seq_len": eval_seq_len, "max_windows": eval_max_windows,
-            "perplexity_source": result.perplexity_before, "perplexity": result.perplexity_after,
-        }
-    save_pretrained_checkpoint(
-        model, output, processor=tokenizer, extra_files=extra, overwrite=overwrite,
-        card=lambda folder: _write_card(folder, result, eval_source, eval_seq_len, eval_max_windows),
-    )
+def _output_path(output_dir: str | Path | None, overwrite: bool) -> Path | None:
+    """The output folder; an existing one is refused before any work unless `overwrite`."""
+    output = Path(output_dir) if output_dir is not None else None
+    if output is not None and output.exists() and not overwrite:
+        raise HFCompressError(f"output directory {output} exists; pass --overwrite to replace it.")
+    return output
 
 
-def _write_card(folder: Path, result: ConversionResult | None, eval_source: str | None, eval_seq_len: int,
-                eval_max_windows: int | None) -> None:
-    """Writes the model card; a perplexity measured during the conversion goes in as an evaluation result."""
-    from .. import cards
+def resolve_configs(config: BasisSharingConfig | None, calibration: CalibrationConfig | None, num_layers: int,
+                    device: torch.device) -> tuple[BasisSharingConfig, CalibrationConfig]:
+    """Both configs checked and resolved for `device` (their defaults when `None`), before the model loads.
 
-    if result is None or result.perplexity_after is None:
-        cards.write_model_card(folder)
-        return
-    dataset = resolve_text_source(eval_source)
-    hub = PRESETS[eval_source][0] if eval_source in PRESETS else dataset
-    cards.record_eval_results(folder, [{
-        "task_type": "text-generation",
-        "dataset_type": hub.dataset,
-        "dataset_name": (f"{hub.dataset} {hub.config or ''} ({hub.split})".replace("  ", " ") if eval_source in PRESETS
-                         else Path(dataset.dataset).name),
-        "dataset_config": hub.config,
-        "dataset_split": hub.split,
-        "metric_type": "perplexity",
-        "metric_name": f"perplexity ({eval_seq_len}-token windows, {eval_max_windows or 'all'} windows)",
-        "metric_value": round(result.perplexity_after, 4),
-        "source": "hf-compress ppl",
-        "details": {"perplexity_of_source": round(result.perplexity_before, 4)},
-    }])
+    The group size is checked against `num_layers` (read from the source's config) first, so that a group size of
+    0 gets the message that names the valid range.
+    """
+    config = config if config is not None else BasisSharingConfig()
+    calibration = calibration if calibration is not None else CalibrationConfig()
+    config.check_layers(num_layers)
+    config.validate()
+    calibration.validate()
+    return config.resolve(device), calibration.resolve(device)
+
+
+def calibration_ids(tokenizer: PreTrainedTokenizerBase, calibration: CalibrationConfig) -> torch.Tensor:
+    """The calibration token batch (`samples x seq_len`) that `calibration` describes."""
+    text = resolve_text_source(calibration.dataset, calibration.config, calibration.split, calibration.column)
+    return calibration_batch(tokenizer, load_texts(text), samples=calibration.samples, seq_len=calibration.seq_len,
+                             seed=calibration.seed)
+
+
+def _evaluate(source: PreTrainedModel, compressed: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              dataset: str | None, seq_len: int, max_windows: int | None, progress: bool) -> PerplexityResult | None:
+    if not dataset:
+        return None
+    return measure_perplexity(source, compressed, tokenizer, dataset, seq_len=seq_len, max_windows=max_windows,
+                              progress=progress)

@@ -39,7 +39,6 @@ def build_shared_basis_llama(
     factors: dict[str, list[GroupFactors]],
     *,
     compression: dict | None = None,
-    dtype: torch.dtype | None = None,
 ) -> SharedBasisLlamaForCausalLM:
     """Builds a `SharedBasisLlamaForCausalLM` from a stock Llama/Mistral/Qwen2 causal LM and given factors.
 
@@ -49,11 +48,11 @@ def build_shared_basis_llama(
         factors: per factorised projection type, the groups with basis `B` (`d_in x k`) and coefficients `C_i`
             (`k x d_out`), e.g. from `hf_compress.basis_sharing.decomposition.factors_at_rank`.
         compression: provenance stored in `config.compression`.
-        dtype: dtype of the new model (defaults to the source's).
+
+    The new model has the source's dtype.
     """
     config = shared_basis_config(source.config, factors, compression=compression)
-    dtype = dtype or source.dtype
-    model = SharedBasisLlamaForCausalLM(config).to(dtype)
+    model = SharedBasisLlamaForCausalLM(config).to(source.dtype)
     src, dst = source.model, model.model
     dst.embed_tokens.weight.copy_(src.embed_tokens.weight)
     dst.norm.weight.copy_(src.norm.weight)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 
@@ -22,7 +21,7 @@ from .calibration import (
     stage_inputs,
     symmetrize,
 )
-from .config import GPU_RANK_MULTIPLE, BasisSharingConfig
+from .config import BasisSharingConfig
 from .decomposition import (
     GroupFactors,
     allocate_ranks,
@@ -35,11 +34,6 @@ from .decomposition import (
 from .layout import dense_weight, projection, set_projection
 
 logger = logging.getLogger(__name__)
-
-def default_rank_multiple(device: torch.device) -> int:
-    """128 on a GPU, where ranks off that grid defeat the tensor-core kernels; 1 on a CPU."""
-    return GPU_RANK_MULTIPLE if device.type == "cuda" else 1
-
 
 def block_spans(groups: dict[str, list[list[int]]], num_layers: int) -> list[list[int]]:
     """Smallest runs of consecutive layers that contain whole groups of every type (groups of 2 -> pairs)."""
@@ -67,15 +61,14 @@ class BasisSharingCompressor:
     def __init__(self, model, options: BasisSharingConfig, calibration_ids: torch.Tensor, device: torch.device,
                  batch_size: int = 8, progress: bool = True, dtype: torch.dtype = torch.float32):
         self.model = model
-        self.options = options
         self.ids = calibration_ids
         self.device = device
         self.progress = progress
         self.num_layers = model.config.num_hidden_layers
-        if options.rank_multiple is None:
-            options = dataclasses.replace(options, rank_multiple=default_rank_multiple(device))
-            self.options = options
-        options.validate(self.num_layers)
+        # `convert` hands over a resolved config; benchmarks and tests may not (resolving twice changes nothing).
+        options.validate()
+        options.check_layers(self.num_layers)
+        self.options = options = options.resolve(device)
         self.groups = options.groups(self.num_layers)
         self.keys = gram_keys(self.groups)
         self.runner = LayerRunner(model, calibration_ids.shape[1], device, batch_size, dtype)

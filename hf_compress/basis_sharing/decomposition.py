@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +41,6 @@ class GroupSpectrum:
     singular_values: torch.Tensor  # Sigma (r,), float64, descending
     right: torch.Tensor  # V^T (r x n*d_out), float64
     whitening: Whitening | None
-    extras: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:

@@ -1,256 +1,167 @@
-"""The class-aware pruning loop (Jiang et al., DATE 2024): score, remove, retrain, repeat.
+"""Entry points of class-aware pruning and CNN training: `prune` and `train` (what `hf-compress prune` and
+`hf-compress train` call).
 
-Each iteration scores every prunable filter per class (`importance.class_importance`), removes the
-filters important for at most `max_classes` classes (`importance.select_filters`), physically shrinks the
-network (`pruning.shrink`) and retrains it with the class-specificity regulariser. The loop stops when no
-filter can be removed, when the validation accuracy after retraining falls below the floor, at a MAC
-target, or after `max_iterations`. The smallest model that meets the floor is the result.
-
-Every iteration is saved under `OUTPUT/iterations/iter_XXX/` with `OUTPUT/iterations/state.json` updated
-after it, so an interrupted run resumes from the last finished iteration; the final model is written to
-`OUTPUT/` itself, last.
+Both load the source (a PrunedCNN checkpoint, a transformers ResNet checkpoint, a Hub id, an architecture name or,
+for `prune`, an already-loaded PrunedCNN) and the image data themselves; `loop.class_aware_prune` is the loop on
+loaded objects.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from ..vision.checkpoint import save_checkpoint
-from ..data.images import ImageClassificationData
 from ..errors import HFCompressError
 from ..modeling.pruned_cnn import PrunedCNNForImageClassification
-from ..vision.training import evaluate_accuracy, train_classifier
-from .importance import class_importance, select_filters
-from .regularizers import regularized_loss
-from .shrink import shrink
+from ..provenance import SourceRef
+from .config import ClassAwareConfig, ImageDataConfig, TrainConfig
+from .data import data_refs, load_splits
+from .loop import ITERATIONS_DIR, STATE_FILE, class_aware_prune
+from .record import PruningResult
 
-STATE_FILE = "state.json"
-
-
-@dataclass
-class ClassAwareSettings:
-    """Settings of `class_aware_prune` (see the module docstring and `importance` for the scores).
-
-    `accuracy_floor` is a fraction (0.925); `target_macs`, when set, stops the loop once MACs are at or below it.
-    """
-
-    accuracy_floor: float
-    max_classes: int = 1
-    images_per_class: int = 32
-    used_threshold: float = 1.0
-    class_threshold: float = 0.5
-    max_fraction: float = 0.2
-    max_iterations: int = 10
-    target_macs: int | None = None
-    retrain_epochs: int = 20
-    lr: float = 0.01
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    regularizer: str = "l1"
-    regularizer_weight: float | None = None
-    seed: int = 0
+TRAINING_SUMMARY = "training_summary.json"
 
 
-@dataclass
-class PruningResult:
-    model: PrunedCNNForImageClassification
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    best_iteration: int = 0
-    stop_reason: str = ""
+def _check_output(output_dir: str | Path, overwrite: bool, resumable: bool = False) -> None:
+    """Refuses a non-empty `output_dir` unless `overwrite`, or unless it holds a run to resume (`resumable`)."""
+    path = Path(output_dir)
+    if resumable and (path / ITERATIONS_DIR / STATE_FILE).exists():
+        return
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise HFCompressError(f"{output_dir} exists and is not empty (pass --overwrite to replace it)")
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of the iterations (params, MACs, accuracies)."""
-    lines = [
-        "| iteration | params | MACs | filters removed | val acc | test acc | meets floor |",
-        "|---:|---:|---:|---:|---:|---:|:---:|",
-    ]
-    for row in rows:
-        test = f"{100 * row['test_accuracy']:.2f}%" if row.get("test_accuracy") is not None else "-"
-        lines.append(
-            f"| {row['iteration']} | {row['params'] / 1e6:.3f}M | {row['macs'] / 1e6:.2f}M | {row['filters_removed']} "
-            f"| {100 * row['val_accuracy']:.2f}% | {test} | {'yes' if row['meets_floor'] else 'no'} |"
-        )
-    return "\n".join(lines)
+def _load_source(
+    source: str | Path | PrunedCNNForImageClassification, revision: str | None
+) -> tuple[PrunedCNNForImageClassification, SourceRef]:
+    """The network to prune and its provenance (a loaded model by the name or folder it was loaded from)."""
+    from ..vision.resnet_import import load_cnn
+
+    if isinstance(source, PrunedCNNForImageClassification):
+        return source, SourceRef.of(getattr(source.config, "_name_or_path", None) or None, revision)
+    return load_cnn(str(source), revision=revision)
 
 
-def _write_json_atomic(path: Path, content: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def class_aware_prune(
-    model: PrunedCNNForImageClassification,
-    train_data: ImageClassificationData,
-    val_data: ImageClassificationData,
+def prune(
+    source: str | Path | PrunedCNNForImageClassification,
     output_dir: str | Path,
-    settings: ClassAwareSettings,
+    config: ClassAwareConfig,
     *,
-    test_data: ImageClassificationData | None = None,
-    source: dict[str, Any] | None = None,
-    dataset: str | None = None,
+    data: ImageDataConfig | None = None,
+    revision: str | None = None,
     accelerator=None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> PruningResult:
-    """Runs class-aware pruning of `model` and writes the result to `output_dir` (resuming a run found there).
+    """Class-aware pruning of `source` on `data`, saved to `output_dir` (a run found there is resumed).
 
     Args:
-        model: the trained network to prune (its accuracy on `val_data` is the baseline).
-        train_data: images for retraining and for the per-class importance scores.
-        val_data: accuracy checked against the floor after every iteration.
-        test_data: also evaluated and reported when given (never used for decisions).
-        source, dataset: provenance recorded in `config.compression`.
+        source: a trained PrunedCNN (loaded, or its checkpoint folder / Hub id) or a transformers ResNet checkpoint.
+        config: the pruning settings; `config.val_size` train images are held out to check the floor.
+        data: the dataset and evaluation split (default: CIFAR-10, test split reported).
+        revision: Hub revision of `source`.
+        overwrite: replace a non-empty `output_dir` that holds no resumable run.
 
     Returns:
-        A `PruningResult` with the best model (smallest MACs meeting the floor), the summary rows and why it stopped.
+        A `PruningResult`; the saved checkpoint's `config.compression` holds the provenance record.
     """
-    from accelerate import Accelerator
+    config.validate()
+    data = data or ImageDataConfig()
+    _check_output(output_dir, overwrite, resumable=True)
+    if config.val_size <= 0:
+        raise HFCompressError("val_size must be positive: the accuracy floor is checked on held-out train images")
+    model, source_ref = _load_source(source, revision)
+    train_data, val_data, test_data = load_splits(data, config.val_size, config.seed)
+    return class_aware_prune(
+        model, train_data, val_data, output_dir, config, test_data=test_data, source=source_ref,
+        data=data_refs(data, test_data is not None), accelerator=accelerator, progress=progress,
+    )
 
-    from .. import __version__
 
-    if settings.max_classes < 0 or not 0 < settings.max_fraction <= 1:
-        raise HFCompressError(f"max_classes must be >= 0 and max_fraction in (0, 1], got {settings.max_classes}, {settings.max_fraction}")
-    if model.config.num_labels != train_data.num_classes:
-        raise HFCompressError(
-            f"the model has {model.config.num_labels} labels but the dataset has {train_data.num_classes} classes"
-        )
-    accelerator = accelerator or Accelerator()
-    device = accelerator.device
-    output_dir = Path(output_dir)
-    work = output_dir / "iterations"
-    state_path = work / STATE_FILE
-    loss_fn = regularized_loss(settings.regularizer, settings.regularizer_weight)
+@dataclass
+class TrainingResult:
+    """What `train` returns: the trained model and the `training_summary.json` written beside it."""
 
-    def evaluate(net) -> tuple[float, float | None]:
-        val = evaluate_accuracy(net, val_data, bf16=device.type == "cuda")
-        test = evaluate_accuracy(net, test_data, bf16=device.type == "cuda") if test_data is not None else None
-        return val, test
+    model: PrunedCNNForImageClassification
+    summary: dict[str, Any] = field(default_factory=dict)
 
-    # Under `accelerate launch` every process runs the same deterministic scoring and selection and
-    # trains in sync; only the main process writes.
-    def save_iteration(net, index: int) -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(net, work / f"iter_{index:03d}", mean=train_data.mean, std=train_data.std)
-        accelerator.wait_for_everyone()
 
-    def write_state(content: dict[str, Any]) -> None:
-        if accelerator.is_main_process:
-            _write_json_atomic(state_path, content)
-        accelerator.wait_for_everyone()
+def _network_for_training(source: str, train_data) -> tuple[PrunedCNNForImageClassification, SourceRef]:
+    """A PrunedCNN from a config JSON (fresh weights), a checkpoint or an architecture name, labelled as the data."""
+    from ..modeling.pruned_cnn import PrunedCNNConfig
+    from ..vision.resnet_import import load_cnn
 
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        rows = state["rows"]
-        if state["settings"]["accuracy_floor"] != settings.accuracy_floor:
-            raise HFCompressError(
-                f"{output_dir} holds a run with accuracy floor {state['settings']['accuracy_floor']}; "
-                "use the same settings to resume or another output folder"
-            )
-        model = PrunedCNNForImageClassification.from_pretrained(work / f"iter_{rows[-1]['iteration']:03d}")
-        if progress:
-            tqdm.write(f"resuming {output_dir} after iteration {rows[-1]['iteration']}")
+    id2label = train_data.id2label()
+    label2id = {name: i for i, name in enumerate(train_data.class_names)}
+    if source.endswith(".json") and Path(source).is_file():
+        config = PrunedCNNConfig.from_json_file(source)
+        # The data's label set, before the head is built: a layout file describes the body, not the classes.
+        config.id2label, config.label2id = id2label, label2id
+        network, source_ref = PrunedCNNForImageClassification(config), SourceRef.of(source)
     else:
-        model.to(device)
-        val_acc, test_acc = evaluate(model)
-        if settings.accuracy_floor > val_acc:
-            raise HFCompressError(
-                f"accuracy floor {settings.accuracy_floor:.4f} is above the model's own validation accuracy "
-                f"{val_acc:.4f}: no pruned model can be expected to meet it"
-            )
-        rows = [_row(model, 0, 0, val_acc, test_acc, True)]
-        if accelerator.is_main_process:
-            work.mkdir(parents=True, exist_ok=True)
-        save_iteration(model, 0)
-        state = {"settings": asdict(settings), "rows": rows, "stop_reason": None}
-        write_state(state)
-    model.to(device)
+        network, source_ref = load_cnn(source, id2label=id2label)
+    if network.config.num_labels != train_data.num_classes:
+        raise HFCompressError(f"{source} has {network.config.num_labels} labels but the dataset has {train_data.num_classes} classes")
+    network.config.id2label, network.config.label2id = id2label, label2id
+    return network, source_ref
 
-    # Re-checked on resume: a run stopped at max_iterations continues when given more.
-    stop_reason = None
-    progress = progress and accelerator.is_local_main_process
-    bar = tqdm(total=settings.max_iterations, initial=rows[-1]["iteration"], desc="class-aware pruning", disable=not progress)
-    while stop_reason is None:
-        iteration = rows[-1]["iteration"] + 1
-        if not rows[-1]["meets_floor"]:
-            stop_reason = f"accuracy {rows[-1]['val_accuracy']:.4f} fell below the floor {settings.accuracy_floor:.4f}"
-            break
-        if iteration > settings.max_iterations:
-            stop_reason = f"reached {settings.max_iterations} iterations"
-            break
-        if settings.target_macs is not None and rows[-1]["macs"] <= settings.target_macs:
-            stop_reason = f"reached the MAC target {settings.target_macs}"
-            break
-        importance = class_importance(
-            model, train_data, images_per_class=settings.images_per_class,
-            used_threshold=settings.used_threshold, class_threshold=settings.class_threshold,
-        )
-        keep, removed = select_filters(model, importance, max_classes=settings.max_classes, max_fraction=settings.max_fraction)
-        if removed == 0:
-            stop_reason = "no filter can be removed"
-            break
-        pruned = shrink(model, keep)
-        train_classifier(
-            pruned, train_data, epochs=settings.retrain_epochs, lr=settings.lr, batch_size=settings.batch_size,
-            weight_decay=settings.weight_decay, loss_fn=loss_fn, accelerator=accelerator,
-            seed=settings.seed + iteration, progress=progress, desc=f"retrain {iteration}",
-        )
-        val_acc, test_acc = evaluate(pruned)
-        row = _row(pruned, iteration, removed, val_acc, test_acc, val_acc >= settings.accuracy_floor)
-        save_iteration(pruned, iteration)
-        rows.append(row)
-        write_state({**state, "rows": rows})
-        bar.update(1)
-        if progress:
-            tqdm.write(
-                f"iteration {iteration}: removed {removed} filters, MACs {row['macs'] / 1e6:.2f}M, "
-                f"params {row['params'] / 1e6:.3f}M, val acc {val_acc:.4f}"
-            )
-        if row["meets_floor"]:
-            model = pruned
-    bar.close()
-    write_state({**state, "rows": rows, "stop_reason": stop_reason})
 
-    best = min((r for r in rows if r["meets_floor"]), key=lambda r: (r["macs"], -r["val_accuracy"]))
-    final = PrunedCNNForImageClassification.from_pretrained(work / f"iter_{best['iteration']:03d}")
-    base = rows[0]
-    final.config.compression = {
-        "method": "class_aware_pruning",
-        "source": source or {"model_id": None, "revision": None},
-        "params_before": base["params"],
-        "params_after": best["params"],
-        "macs_before": base["macs"],
-        "macs_after": best["macs"],
-        "accuracy_before": base["test_accuracy"] if base.get("test_accuracy") is not None else base["val_accuracy"],
-        "accuracy_after": best["test_accuracy"] if best.get("test_accuracy") is not None else best["val_accuracy"],
-        "accuracy_split": "test" if best.get("test_accuracy") is not None else "validation",
-        "accuracy_floor": settings.accuracy_floor,
-        "dataset": dataset,
-        "iterations": rows,
-        "best_iteration": best["iteration"],
-        "stop_reason": stop_reason,
-        "settings": asdict(settings),
-        "hf_compress_version": __version__,
+def _training_summary(network, config: TrainConfig, data: ImageDataConfig, source: SourceRef, history, train_data,
+                      test_data) -> dict[str, Any]:
+    """The `training_summary.json` of a run: provenance as in `config.compression`, the history, the test result."""
+    from .. import __version__
+    from ..vision.training import evaluate_accuracy
+
+    summary = {
+        "source": asdict(source), "data": [asdict(ref) for ref in data_refs(data, test_data is not None)],
+        "options": config.to_dict(), "train_images": len(train_data), "train_loss": history.train_loss,
+        "val_accuracy": history.eval_accuracy,
     }
-    if accelerator.is_main_process:
-        save_checkpoint(final, output_dir, mean=train_data.mean, std=train_data.std, carry=["iterations"])
-    accelerator.wait_for_everyone()
-    return PruningResult(model=final, rows=rows, best_iteration=best["iteration"], stop_reason=stop_reason)
+    if test_data is not None:
+        summary.update(test_accuracy=evaluate_accuracy(network, test_data), test_images=len(test_data))
+    return {**summary, "hf_compress_version": __version__}
 
 
-def _row(model, iteration: int, removed: int, val_acc: float, test_acc: float | None, meets: bool) -> dict[str, Any]:
-    return {
-        "iteration": iteration,
-        "params": int(model.config.num_parameters),
-        "macs": int(model.config.num_macs),
-        "filters_removed": removed,
-        "val_accuracy": val_acc,
-        "test_accuracy": test_acc,
-        "meets_floor": bool(meets),
-    }
+def train(
+    source: str | Path,
+    output_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    data: ImageDataConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainingResult:
+    """Trains a PrunedCNN (or a converted ResNet) on an image dataset and saves it with `training_summary.json`.
+
+    Args:
+        source: an architecture name (`resnet20/32/44/56/110`, `vgg16`), a `PrunedCNNConfig` JSON file (fresh
+            weights), a PrunedCNN checkpoint or a transformers ResNet checkpoint.
+        config: the training settings (default `TrainConfig()`).
+        data: the dataset and the split evaluated at the end (default: CIFAR-10, test split).
+        overwrite: replace a non-empty `output_dir`.
+    """
+    import torch
+    from accelerate import PartialState
+
+    from ..vision.checkpoint import save_checkpoint
+    from ..vision.training import train_classifier
+    from .regularizers import regularized_loss
+
+    config, data = config or TrainConfig(), data or ImageDataConfig()
+    config.validate()
+    _check_output(output_dir, overwrite)
+    train_data, val_data, test_data = load_splits(data, config.val_size, config.seed)
+    torch.manual_seed(config.seed)
+    network, source_ref = _network_for_training(str(source), train_data)
+    history = train_classifier(
+        network, train_data, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+        weight_decay=config.weight_decay, schedule=config.schedule, eval_data=val_data, seed=config.seed,
+        loss_fn=regularized_loss(config.regularizer, config.regularizer_weight), progress=progress,
+    )
+    summary = _training_summary(network, config, data, source_ref, history, train_data, test_data)
+    network.to("cpu")
+    if PartialState().is_main_process:  # one writer under `accelerate launch`
+        save_checkpoint(network, output_dir, mean=train_data.mean, std=train_data.std,
+                        extra_json={TRAINING_SUMMARY: summary})
+    return TrainingResult(model=network, summary=summary)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from ..errors import HFCompressError
 from ..vision.training import logits_of
+from .config import REGULARIZER_WEIGHTS as DEFAULT_WEIGHTS
+from .config import REGULARIZERS
 
-REGULARIZERS = ("none", "orthogonal", "l1")
-DEFAULT_WEIGHTS = {"none": 0.0, "orthogonal": 0.01, "l1": 1e-4}
 
 
 def _prunable_convs(model: nn.Module) -> list[nn.Conv2d]:

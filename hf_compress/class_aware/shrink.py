@@ -107,6 +107,67 @@ def _check_keep(layers: list[PrunableLayer], keep: dict[str, torch.Tensor]) -> d
     return checked
 
 
+def _conv_chain(new_layers, old_layers, names: list[str], keep: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Copies a chain of conv layers, each reading the kept channels of the one before; returns the last kept index."""
+    previous = None
+    for new, old, name in zip(new_layers, old_layers, names):
+        out_index = keep.get(name)
+        _copy_conv_layer(new, old, out_index, previous)
+        previous = out_index
+    return previous
+
+
+def _plain_layout(model: PrunedCNNForImageClassification, keep: dict[str, torch.Tensor]) -> list:
+    """`plain_layers` of the shrunk plain net ("M" pooling entries stay)."""
+    widths = iter(len(keep.get(f"plain.{i}", range(layer.conv.out_channels))) for i, layer in enumerate(model.cnn.layers))
+    return [item if item == "M" else next(widths) for item in model.config.plain_layers]
+
+
+def _resnet_layout(config: PrunedCNNConfig, keep: dict[str, torch.Tensor]) -> tuple[list, list[list[int]]]:
+    """`block_widths` of the shrunk residual net, and the old index of each block kept, per stage."""
+    relu = config.hidden_act == "relu"
+    specs = config.blocks()
+    block_widths, old_blocks = [], []
+    for s, stage in enumerate(config.block_widths):
+        kept_stage = []
+        for b, widths in enumerate(stage):
+            new_widths = [len(keep.get(f"stage{s}.block{b}.conv{j}", range(w))) for j, w in enumerate(widths)]
+            if 0 in new_widths:
+                new_widths = [0] * len(widths)
+            spec = next(x for x in specs if x["stage"] == s and x["index"] == b)
+            if new_widths[0] == 0 and spec["shortcut"] == "identity" and relu:
+                continue  # the block computes the identity: it leaves the network
+            kept_stage.append((b, new_widths))
+        if not kept_stage:
+            # Every block of the stage became the identity: keep one empty block (no MACs) so the stage exists.
+            kept_stage.append((0, [0] * len(stage[0])))
+        block_widths.append([w for _, w in kept_stage])
+        old_blocks.append([b for b, _ in kept_stage])
+    return block_widths, old_blocks
+
+
+def _copy_plain(new_model, model, keep: dict[str, torch.Tensor]) -> None:
+    names = [f"plain.{i}" for i in range(len(model.cnn.layers))]
+    last = _conv_chain(new_model.cnn.layers, model.cnn.layers, names, keep)
+    # The first classifier linear layer reads one pooled feature per channel of the last conv.
+    state = dict(model.classifier.state_dict())
+    first_key = "hidden.0.weight" if model.config.classifier_hidden else "output.weight"
+    if last is not None:
+        state[first_key] = state[first_key][:, last]
+    new_model.classifier.load_state_dict(state)
+
+
+def _copy_resnet(new_model, model, keep: dict[str, torch.Tensor], old_blocks: list[list[int]]) -> None:
+    _copy_module(new_model.cnn.stem, model.cnn.stem)
+    for s, (new_stage, kept) in enumerate(zip(new_model.cnn.stages, old_blocks)):
+        for new_block, b in zip(new_stage, kept):
+            old_block = model.cnn.stages[s][b]
+            _copy_module(new_block.shortcut, old_block.shortcut)
+            names = [f"stage{s}.block{b}.conv{j}" for j in range(len(old_block.convs))]
+            _conv_chain(new_block.convs, old_block.convs, names, keep)  # nothing to copy into an emptied branch
+    _copy_module(new_model.classifier, model.classifier)
+
+
 @torch.no_grad()
 def shrink(model: PrunedCNNForImageClassification, keep: dict[str, torch.Tensor]) -> PrunedCNNForImageClassification:
     """A new, smaller model that keeps, for each prunable layer named in `keep`, only those output channels.
@@ -115,68 +176,22 @@ def shrink(model: PrunedCNNForImageClassification, keep: dict[str, torch.Tensor]
     whose branch is emptied keeps only its shortcut, and disappears when that is the identity) and fresh
     tensors holding the kept weights, on the same device and dtype as `model`.
     """
-    layers = prunable_layers(model)
-    keep = _check_keep(layers, keep)
+    keep = _check_keep(prunable_layers(model), keep)
     config: PrunedCNNConfig = model.config
     new_dict = copy.deepcopy(config.to_dict())
     for key in ("num_parameters", "num_macs", "auto_map", "architectures", "transformers_version"):
-        new_dict.pop(key, None)
-    index_of = {name: index for name, index in keep.items()}
-    old_blocks = []  # (s, b) of each kept residual block, in new order per stage
+        new_dict.pop(key, None)  # recomputed or rewritten for the new model
     if config.architecture == "plain":
-        widths = iter(len(index_of.get(f"plain.{i}", range(layer.conv.out_channels))) for i, layer in enumerate(model.cnn.layers))
-        new_dict["plain_layers"] = [item if item == "M" else next(widths) for item in config.plain_layers]
+        new_dict["plain_layers"] = _plain_layout(model, keep)
     else:
-        relu = config.hidden_act == "relu"
-        specs = config.blocks()
-        block_widths = []
-        for s, stage in enumerate(config.block_widths):
-            kept_stage = []
-            for b, widths in enumerate(stage):
-                new_widths = [len(index_of.get(f"stage{s}.block{b}.conv{j}", range(w))) for j, w in enumerate(widths)]
-                if 0 in new_widths:
-                    new_widths = [0] * len(widths)
-                spec = next(x for x in specs if x["stage"] == s and x["index"] == b)
-                if new_widths[0] == 0 and spec["shortcut"] == "identity" and relu:
-                    continue
-                kept_stage.append((b, new_widths))
-            if not kept_stage:
-                # Every block of the stage became the identity: keep one empty block (no MACs) so the stage exists.
-                kept_stage.append((0, [0] * len(stage[0])))
-            block_widths.append([w for _, w in kept_stage])
-            old_blocks.append([b for b, _ in kept_stage])
-        new_dict["block_widths"] = block_widths
-    new_config = PrunedCNNConfig.from_dict(new_dict)
+        new_dict["block_widths"], old_blocks = _resnet_layout(config, keep)
     parameter = next(model.parameters())
-    new_model = PrunedCNNForImageClassification(new_config).to(device=parameter.device, dtype=parameter.dtype)
-    new_model.train(model.training)
-
+    new_model = PrunedCNNForImageClassification(PrunedCNNConfig.from_dict(new_dict))
+    new_model.to(device=parameter.device, dtype=parameter.dtype).train(model.training)
     if config.architecture == "plain":
-        previous = None
-        for i, (new, old) in enumerate(zip(new_model.cnn.layers, model.cnn.layers)):
-            out_index = index_of.get(f"plain.{i}")
-            _copy_conv_layer(new, old, out_index, previous)
-            previous = out_index
-        # The first classifier linear layer reads one pooled feature per channel of the last conv.
-        state = dict(model.classifier.state_dict())
-        first_key = "hidden.0.weight" if config.classifier_hidden else "output.weight"
-        if previous is not None:
-            state[first_key] = state[first_key][:, previous]
-        new_model.classifier.load_state_dict(state)
+        _copy_plain(new_model, model, keep)
     else:
-        _copy_module(new_model.cnn.stem, model.cnn.stem)
-        for s, (new_stage, kept) in enumerate(zip(new_model.cnn.stages, old_blocks)):
-            for new_block, b in zip(new_stage, kept):
-                old_block = model.cnn.stages[s][b]
-                _copy_module(new_block.shortcut, old_block.shortcut)
-                if len(new_block.convs) == 0:
-                    continue
-                previous = None
-                for j, (new, old) in enumerate(zip(new_block.convs, old_block.convs)):
-                    out_index = index_of.get(f"stage{s}.block{b}.conv{j}")
-                    _copy_conv_layer(new, old, out_index, previous)
-                    previous = out_index
-        _copy_module(new_model.classifier, model.classifier)
+        _copy_resnet(new_model, model, keep, old_blocks)
     new_model.config.compression = copy.deepcopy(config.compression)
     return new_model
 

@@ -27,7 +27,7 @@ def eval_command(
                               "hfc_piqa, hfc_arc_easy, ... (local data) or any lm-eval task name (Hub data)."),
     limit: Optional[float] = typer.Option(None, "--limit", help="Items per task (an integer) or a fraction (< 1)."),
     batch_size: str = typer.Option("1", "--batch-size", help="An integer or 'auto'."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:0, ..."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:0, ... (default: cuda if present)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot"),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside MODEL."),

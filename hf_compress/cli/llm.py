@@ -1,10 +1,25 @@
-"""`hf-compress convert` and `hf-compress ppl`."""
+"""`hf-compress convert` and `hf-compress ppl`.
+
+The option defaults are read from `BasisSharingConfig` and `CalibrationConfig`; the converter itself is imported
+inside the command, so that `--help` stays fast.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import typer
+
+from ..basis_sharing.config import (
+    DEFAULT_SHARED,
+    EVAL_SEQ_LEN,
+    GPU_RANK_MULTIPLE,
+    BasisSharingConfig,
+    CalibrationConfig,
+)
+
+_BS = BasisSharingConfig()
+_CAL = CalibrationConfig()
 
 
 def _split_names(value: str) -> tuple[str, ...]:
@@ -16,42 +31,43 @@ def convert_command(
     output: str = typer.Argument(..., help="Output folder; it appears only once the checkpoint is complete."),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside SOURCE (loaded through transformers)."),
     revision: Optional[str] = typer.Option(None, "--source-revision", help="Revision of a Hub SOURCE."),
-    ratio: float = typer.Option(0.2, "--ratio", help="Fraction of the compressed projections' parameters to remove."),
-    group_size: int = typer.Option(2, "--group-size", help="Layers per shared basis for the --share types."),
-    share: str = typer.Option("q_proj,k_proj,v_proj,gate_proj,up_proj", "--share",
+    ratio: float = typer.Option(_BS.ratio, "--ratio", help="Fraction of the compressed projections' parameters to remove."),
+    group_size: int = typer.Option(_BS.group_size, "--group-size", help="Layers per shared basis for the --share types."),
+    share: str = typer.Option(",".join(DEFAULT_SHARED), "--share",
                               help="Projection types whose basis is shared across --group-size layers (others: per layer)."),
-    dense: str = typer.Option("", "--dense", help="Projection types left dense."),
-    whiten: bool = typer.Option(True, "--whiten/--no-whiten", help="Whitened SVD (SVD-LLM); --no-whiten is plain SVD."),
-    calib_dataset: str = typer.Option("c4-calibration", "--calib-dataset",
+    dense: str = typer.Option(",".join(_BS.dense), "--dense", help="Projection types left dense."),
+    whiten: bool = typer.Option(_BS.whiten, "--whiten/--no-whiten", help="Whitened SVD (SVD-LLM); --no-whiten is plain SVD."),
+    calib_dataset: str = typer.Option(_CAL.dataset, "--calib-dataset",
                                       help="Preset (c4-calibration, wikitext2, ptb, c4), local parquet/jsonl/txt file or Hub name."),
-    calib_config: Optional[str] = typer.Option(None, "--calib-config"),
-    calib_split: Optional[str] = typer.Option(None, "--calib-split"),
-    calib_column: Optional[str] = typer.Option(None, "--calib-column"),
-    calib_samples: int = typer.Option(128, "--calib-samples"),
-    calib_seq_len: int = typer.Option(512, "--calib-seq-len"),
-    seed: int = typer.Option(2023, "--seed"),
-    rank_allocation: str = typer.Option("uniform", "--rank-allocation", help="uniform (the paper) or global."),
-    rank_multiple: Optional[int] = typer.Option(None, "--rank-multiple",
-                                                help="Every rank a multiple of this (default: 128 on a GPU, 1 on a CPU)."),
-    rank_score: str = typer.Option("relative", "--rank-score",
+    calib_config: Optional[str] = typer.Option(_CAL.config, "--calib-config"),
+    calib_split: Optional[str] = typer.Option(_CAL.split, "--calib-split"),
+    calib_column: Optional[str] = typer.Option(_CAL.column, "--calib-column"),
+    calib_samples: int = typer.Option(_CAL.samples, "--calib-samples"),
+    calib_seq_len: int = typer.Option(_CAL.seq_len, "--calib-seq-len"),
+    seed: int = typer.Option(_CAL.seed, "--seed"),
+    rank_allocation: str = typer.Option(_BS.rank_allocation, "--rank-allocation", help="uniform (the paper) or global."),
+    rank_multiple: Optional[int] = typer.Option(
+        _BS.rank_multiple, "--rank-multiple",
+        help=f"Every rank a multiple of this (default: {GPU_RANK_MULTIPLE} on a GPU, 1 on a CPU)."),
+    rank_score: str = typer.Option(_BS.rank_score, "--rank-score",
                                    help="global allocation compares losses relative to each group's energy, or absolute."),
-    refit: bool = typer.Option(False, "--refit/--no-refit", help="Least-squares refit of the coefficients."),
+    refit: bool = typer.Option(_BS.refit, "--refit/--no-refit", help="Least-squares refit of the coefficients."),
     layer_fit: bool = typer.Option(
-        True, "--layer-fit/--no-layer-fit",
-        help="Fit each shared group member's coefficients on its own Gram (default; no extra pass); "
+        _BS.layer_fit, "--layer-fit/--no-layer-fit",
+        help="Fit each shared group member's coefficients on its own Gram (no extra pass); "
              "--no-layer-fit keeps the group SVD's coefficients (the paper)."),
     sequential: bool = typer.Option(
-        True, "--sequential/--no-sequential",
-        help="Grams from the outputs of the already-compressed layers (default); --no-sequential: all from the dense model."),
+        _BS.sequential, "--sequential/--no-sequential",
+        help="Grams from the outputs of the already-compressed layers; --no-sequential: all from the dense model."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward."),
+    batch_size: int = typer.Option(_CAL.batch_size, "--batch-size", help="Calibration samples per forward."),
     calib_dtype: str = typer.Option(
-        "auto", "--calib-dtype",
+        _CAL.dtype, "--calib-dtype",
         help="Matrix products of the calibration forwards: float32, bfloat16, or auto (bfloat16 where the device "
              "has native bfloat16, else float32). Grams and factorizations stay float32/float64."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval-dataset", help="Also report perplexity before/after on this text."),
-    eval_seq_len: int = typer.Option(2048, "--eval-seq-len"),
+    eval_seq_len: int = typer.Option(EVAL_SEQ_LEN, "--eval-seq-len"),
     eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows"),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="ORG/NAME to upload the checkpoint to."),
     private: bool = typer.Option(False, "--private"),
@@ -59,33 +75,29 @@ def convert_command(
 ) -> None:
     """Compress a Llama/Mistral/Qwen2 checkpoint with Basis Sharing and save a SharedBasisLlama checkpoint."""
     from ..basis_sharing.api import convert
-    from ..basis_sharing.config import BasisSharingConfig, CalibrationConfig
 
     result = convert(
         source,
         output,
-        options=BasisSharingConfig(
+        BasisSharingConfig(
             ratio=ratio, group_size=group_size, share=_split_names(share), dense=_split_names(dense), whiten=whiten,
             rank_allocation=rank_allocation, rank_multiple=rank_multiple, rank_score=rank_score, refit=refit,
             layer_fit=layer_fit, sequential=sequential,
         ),
         calibration=CalibrationConfig(
             dataset=calib_dataset, config=calib_config, split=calib_split, column=calib_column,
-            samples=calib_samples, seq_len=calib_seq_len, seed=seed, batch_size=batch_size,
-            dtype=calib_dtype,
+            samples=calib_samples, seq_len=calib_seq_len, seed=seed, batch_size=batch_size, dtype=calib_dtype,
         ),
-        gguf_file=gguf_file,
-        revision=revision,
-        device=device,
-        overwrite=overwrite,
-        eval_dataset=eval_dataset,
-        eval_seq_len=eval_seq_len,
-        eval_max_windows=eval_max_windows,
-        push_to_hub=push_to_hub,
-        private=private,
+        gguf_file=gguf_file, revision=revision, device=device, overwrite=overwrite, eval_dataset=eval_dataset,
+        eval_seq_len=eval_seq_len, eval_max_windows=eval_max_windows, push_to_hub=push_to_hub, private=private,
         hub_revision=hub_revision,
     )
     typer.echo(f"saved {output}")
+    _echo_summary(result, eval_dataset)
+
+
+def _echo_summary(result, eval_dataset: str | None) -> None:
+    """Prints what a conversion achieved and what it cost (a `ConversionResult`)."""
     typer.echo(f"compressed projections: {result.params_before:,} -> {result.params_after:,} parameters; "
                f"target ratio {result.target_ratio:.2%}, achieved {result.achieved_ratio:.2%}")
     for name, shifts in result.whitening_shifts.items():
@@ -105,24 +117,17 @@ def ppl_command(
     config: Optional[str] = typer.Option(None, "--config"),
     split: Optional[str] = typer.Option(None, "--split"),
     column: Optional[str] = typer.Option(None, "--column"),
-    seq_len: int = typer.Option(2048, "--seq-len"),
+    seq_len: int = typer.Option(EVAL_SEQ_LEN, "--seq-len"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows"),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
 ) -> None:
     """Perplexity: rows joined with blank lines, tokenized once, windows of --seq-len, exp of the mean window loss."""
-    import torch
+    from ..basis_sharing.evaluation import model_perplexity
 
-    from ..data.text import load_texts, resolve_text_source
-    from ..device import pick_device
-    from ..evaluation.perplexity import perplexity
-    from ..sources import load_causal_lm
-
-    lm, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=getattr(torch, dtype))
-    lm.to(pick_device(device))
-    texts = load_texts(resolve_text_source(dataset, config, split, column))
-    value = perplexity(lm, tokenizer, texts, seq_len=seq_len, max_windows=max_windows)
+    value = model_perplexity(model, dataset, config=config, split=split, column=column, seq_len=seq_len,
+                             max_windows=max_windows, gguf_file=gguf_file, device=device, dtype=dtype)
     typer.echo(f"perplexity {value:.4f} ({dataset}, seq_len {seq_len}, "
                f"{max_windows if max_windows else 'all'} windows)")
 

@@ -18,21 +18,21 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HFCompressError
-from .local import data_root
+from .local import data_root, find_preset
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-# The local copies (see `data_root`); read at import for the tests' skip conditions, at call time by the loaders.
-LOCAL_DATA_DIR = data_root()
-
-# alias -> (local folder under LOCAL_DATA_DIR, Hub dataset name used when the folder is missing)
-DATASET_ALIASES: dict[str, tuple[str, str]] = {
-    "cifar10": ("cifar10", "uoft-cs/cifar10"),
-}
-
 _IMAGE_COLUMN_NAMES = ("img", "image", "images", "pixel_values")
 _LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "target")
+
+
+def __getattr__(name: str):
+    # `LOCAL_DATA_DIR` (the local data folder, as the tests' skip conditions name it) is `data_root()` at the
+    # moment it is looked up, so setting HF_COMPRESS_DATA after import redirects it as it does the loaders.
+    if name == "LOCAL_DATA_DIR":
+        return data_root()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -166,8 +166,12 @@ def augment_images(
     return images
 
 
+# The protocol's hold-out seed: the validation images do not move with a run's own seed.
+VALIDATION_SEED = 2023
+
+
 def train_val_split(
-    data: ImageClassificationData, n_val: int = 5000, seed: int = 2023
+    data: ImageClassificationData, n_val: int = 5000, seed: int = VALIDATION_SEED
 ) -> tuple[ImageClassificationData, ImageClassificationData]:
     """Holds out `n_val` examples chosen by `torch.randperm` under `seed` (the benchmark protocol).
 
@@ -180,28 +184,33 @@ def train_val_split(
 
 
 def resolve_dataset(name_or_path: str, split: str):
-    """Loads split `split` of a local parquet file/folder, an alias, or a Hub dataset as a `datasets.Dataset`."""
+    """Loads split `split` of a local parquet file/folder, an image preset (`cifar10`), or a Hub dataset as a
+    `datasets.Dataset`."""
     import datasets
 
-    if name_or_path in DATASET_ALIASES:
-        folder, hub_name = DATASET_ALIASES[name_or_path]
-        local = data_root() / folder
-        name_or_path = str(local) if local.is_dir() else hub_name
+    preset = find_preset(name_or_path, "image")
+    if preset is not None:
+        name_or_path = str(preset.local_path()) if preset.local_path().is_dir() else preset.hub_id
     path = Path(name_or_path)
     if path.is_file():
         if path.suffix != ".parquet":
             raise HFCompressError(f"local dataset files must be parquet, got {path}")
         return datasets.load_dataset("parquet", data_files=str(path), split="train")
     if path.is_dir():
-        files = sorted(path.glob(f"{split}-*.parquet")) or sorted(path.glob(f"{split}/*.parquet"))
-        files = files or sorted(path.glob(f"*/{split}-*.parquet"))
-        if not files:
-            found = sorted(p.name for p in path.rglob("*.parquet"))
-            raise HFCompressError(f"no parquet file for split {split!r} in {path} (found: {found or 'none'})")
-        return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        return datasets.load_dataset("parquet", data_files=[str(f) for f in _split_files(path, split)], split="train")
     if path.suffix == ".parquet" or name_or_path.startswith((".", "/")):
         raise HFCompressError(f"dataset path {name_or_path} does not exist")
     return datasets.load_dataset(name_or_path, split=split)
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """The parquet files of `split` in a local dataset folder (`split-*.parquet`, `split/*.parquet` or one level down)."""
+    files = sorted(folder.glob(f"{split}-*.parquet")) or sorted(folder.glob(f"{split}/*.parquet"))
+    files = files or sorted(folder.glob(f"*/{split}-*.parquet"))
+    if not files:
+        found = sorted(p.name for p in folder.rglob("*.parquet"))
+        raise HFCompressError(f"no parquet file for split {split!r} in {folder} (found: {found or 'none'})")
+    return files
 
 
 def _pick_column(dataset, given: str | None, feature_type: type, names: Sequence[str], what: str) -> str:
@@ -250,8 +259,8 @@ def load_image_dataset(
 
     Args:
         name_or_path: a Hub dataset (`uoft-cs/cifar10`), a local parquet file, a folder holding
-            `<split>-*.parquet` files, or the alias `cifar10` (the copy in `../shared/data/cifar10/` beside
-            the repository when present, else the Hub dataset).
+            `<split>-*.parquet` files, or the preset `cifar10` (its copy under `data_root()`, i.e.
+            `$HF_COMPRESS_DATA/cifar10/`, when present, else the Hub dataset).
         split: split name; ignored for a single parquet file.
         image_column, label_column: column names; found from the features (`Image`, `ClassLabel`) or the
             usual names when not given.
@@ -276,26 +285,72 @@ def load_image_dataset(
     if isinstance(dataset.features[image_col], datasets.Image):
         # Decoding ourselves from the raw bytes is several times faster than going through the feature.
         dataset = dataset.cast_column(image_col, datasets.Image(decode=False))
+    labels, class_names = _labels_and_classes(dataset[label_col], label_feature, label_col)
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return ImageClassificationData(
+        images=_decode_all(dataset[image_col], size), labels=labels, class_names=class_names, mean=tuple(mean),
+        std=tuple(std), source=f"{name_or_path}:{split}",
+    )
 
-    labels = torch.tensor(np.asarray(dataset[label_col]), dtype=torch.long)
-    if isinstance(label_feature, datasets.ClassLabel):
-        class_names = list(label_feature.names)
+
+def _labels_and_classes(values, feature, column: str) -> tuple[torch.Tensor, list[str]]:
+    """int64 labels and class names: a `ClassLabel`'s names, else "0" .. str(max label)."""
+    import datasets
+
+    labels = torch.tensor(np.asarray(values), dtype=torch.long)
+    if isinstance(feature, datasets.ClassLabel):
+        class_names = list(feature.names)
     else:
         if labels.numel() and labels.min() < 0:
-            raise HFCompressError(f"label column {label_col!r} has negative labels (min {int(labels.min())}); unlabeled split?")
+            raise HFCompressError(f"label column {column!r} has negative labels (min {int(labels.min())}); unlabeled split?")
         class_names = [str(i) for i in range(int(labels.max()) + 1 if labels.numel() else 0)]
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(class_names)):
         raise HFCompressError(
-            f"label column {label_col!r} has values from {int(labels.min())} to {int(labels.max())}, "
+            f"label column {column!r} has values from {int(labels.min())} to {int(labels.max())}, "
             f"outside the {len(class_names)} classes [0, {len(class_names) - 1}]"
         )
+    return labels, class_names
 
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    arrays = [_decode(item, size) for item in dataset[image_col]]
+
+def _decode_all(items, size: tuple[int, int] | None) -> torch.Tensor:
+    """uint8 `[N, 3, H, W]` of the encoded images; they must share one size unless `size` resizes them."""
+    arrays = [_decode(item, size) for item in items]
+    if not arrays:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise HFCompressError(f"images have different sizes {sorted(shapes)[:4]}...; pass image_size to resize them")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-    return ImageClassificationData(
-        images=images, labels=labels, class_names=class_names, mean=tuple(mean), std=tuple(std), source=f"{name_or_path}:{split}"
-    )
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_splits(
+    dataset: str,
+    *,
+    val_size: int,
+    eval_split: str | None,
+    seed: int = 0,
+    limit: int | None = None,
+    eval_limit: int | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> tuple[ImageClassificationData, ImageClassificationData | None, ImageClassificationData | None]:
+    """`(train, validation, evaluation)` of a dataset, as every vision method uses them.
+
+    Validation holds out `val_size` train images with `VALIDATION_SEED` (None when 0); evaluation is `eval_split`
+    (None when unset) and must have the train split's classes. `limit`/`eval_limit` draw random subsets with `seed`.
+    """
+    columns = {"image_column": image_column, "label_column": label_column}
+    train = load_image_dataset(dataset, "train", limit=limit, seed=seed, **columns)
+    val = None
+    if val_size > 0:
+        if val_size >= len(train):
+            raise HFCompressError(f"val_size {val_size} leaves no training image (the train split has {len(train)})")
+        train, val = train_val_split(train, n_val=val_size)
+    test = None
+    if eval_split:
+        test = load_image_dataset(dataset, eval_split, limit=eval_limit, seed=seed, **columns)
+        if test.class_names != train.class_names:
+            raise HFCompressError(
+                f"eval_split {eval_split!r} has classes {test.class_names}, the train split {train.class_names}"
+            )
+    return train, val, test

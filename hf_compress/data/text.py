@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import HFCompressError
-from .local import data_root
+from .local import DATASET_PRESETS, find_preset
 
 LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".csv": "csv"}
 
@@ -29,34 +29,36 @@ class TextSource:
         return ":".join(parts)
 
 
-# name -> (Hub source, local file under data_root() that stands in for it)
+def preset_hub_source(name: str) -> TextSource | None:
+    """The Hub split a text preset stands for (what a card or provenance names), or None if `name` is no preset."""
+    preset = find_preset(name, "text")
+    if preset is None:
+        return None
+    return TextSource(preset.hub_id, preset.config, preset.split, preset.column, preset.data_files)
+
+
+# name -> (Hub source, local file under data_root()): a view of the text entries of `DATASET_PRESETS`, for callers
+# that index it; new code uses `preset_hub_source` / `find_preset`.
 PRESETS: dict[str, tuple[TextSource, str]] = {
-    "wikitext2": (TextSource("wikitext", "wikitext-2-raw-v1", "test", "text"), "wikitext-2-raw-v1/test-00000-of-00001.parquet"),
-    "ptb": (TextSource("ptb_text_only", None, "test", "sentence"), "ptb_text_only/test-00000-of-00001.parquet"),
-    "c4": (
-        TextSource("allenai/c4", None, "validation", "text", "en/c4-validation.00000-of-00008.json.gz"),
-        "c4/validation-00000-of-00001.parquet",
-    ),
-    # Calibration text: the first shard of C4 train (never the validation documents used for evaluation).
-    "c4-calibration": (
-        TextSource("allenai/c4", None, "train", "text", "en/c4-train.00000-of-01024.json.gz"),
-        "c4/calibration-00000-of-00001.parquet",
-    ),
+    name: (preset_hub_source(name), preset.local_file)
+    for name, preset in DATASET_PRESETS.items()
+    if preset.modality == "text"
 }
 
 
-def resolve_text_source(dataset: str, config: str | None = None, split: str | None = None, column: str | None = None) -> TextSource:
+def resolve_text_source(dataset: str, config: str | None = None, split: str | None = None,
+                        column: str | None = None) -> TextSource:
     """Turns a preset name, a local file/folder or a Hub name into a `TextSource`.
 
     Presets read the local copy under `data_root()` when it exists (always the case offline) and the Hub otherwise.
     """
-    if dataset in PRESETS:
-        hub, local = PRESETS[dataset]
-        local_path = data_root() / local
-        if local_path.is_file():
-            return TextSource(str(local_path), None, "train", column or hub.column)
-        return TextSource(hub.dataset, config or hub.config, split or hub.split, column or hub.column, hub.data_files)
-    return TextSource(dataset, config, split or "train", column or "text")
+    preset = find_preset(dataset, "text")
+    if preset is None:
+        return TextSource(dataset, config, split or "train", column or "text")
+    if preset.local_path().is_file():
+        return TextSource(str(preset.local_path()), None, "train", column or preset.column)
+    return TextSource(preset.hub_id, config or preset.config, split or preset.split, column or preset.column,
+                      preset.data_files)
 
 
 def load_texts(source: TextSource) -> list[str]:

@@ -1,154 +1,184 @@
-"""`hf-compress early-exit` end to end: attach exit heads, train jointly, search thresholds, save.
+"""`add_early_exits`: attach exit heads to a ResNet, train them jointly, search thresholds, save a ClassExitResNet.
 
-Stages: (1) load the source (a transformers ResNet or a ClassExitResNet) and attach heads; (2) train backbone
-and heads jointly on the training split minus a held-out validation split; (3) search the thresholds on the
-validation split; (4) report real batched early-exit inference on the test split; (5) write the checkpoint
-atomically. After stage 2 the trained model is kept in `.<output>.partial/`, so a rerun with the same
-settings resumes at the search instead of training again.
+Stages: (1) load the source (a transformers ResNet, an unpruned ResNet PrunedCNN or a ClassExitResNet) and attach
+heads; (2) train backbone and heads jointly on the training split minus a held-out validation split (kept in
+`.<output>.partial/`, so a rerun with the same settings resumes at the search); (3) search the thresholds on the
+validation split; (4) report real batched early-exit inference on the test split; (5) write the checkpoint with its
+provenance record atomically.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .. import __version__
-from ..data.images import ImageClassificationData, load_image_dataset, train_val_split
+from ..data.images import ImageClassificationData
+from ..data.images import load_splits as load_image_splits
 from ..errors import HFCompressError
 from ..modeling.class_exit_resnet import ClassExitResNetForImageClassification
+from ..provenance import DataRef, SourceRef, provenance
+from .config import EarlyExitConfig
 from .heads import load_exit_model
-from .search import (
-    BASELINE_METHOD,
-    METHOD,
-    collect_exit_scores,
-    exit_report,
-    joint_loss_fn,
-    search_thresholds,
-)
+from .report import exit_report
+from .search import ThresholdSearch, collect_exit_scores, search_thresholds
+from .training import partial_dir, stage_settings, train_jointly
+
+# The seed of the validation hold-out (the benchmark protocol's), independent of `config.seed`.
 
 
 @dataclass
-class EarlyExitOptions:
-    """Settings of one early-exit run (all recorded in the checkpoint's `compression` record)."""
+class EarlyExitResult:
+    """What `add_early_exits` measured, on the test split (or on the validation split when there is none).
 
-    dataset: str = "cifar10"
-    tolerance: float = 0.005
-    exit_rule: str = "class_exclusion"
-    exit_positions: list[str] | None = None
-    exit_pool_size: int | None = None
-    epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 128
-    n_val: int = 5000
-    train_limit: int | None = None
-    test_split: str | None = "test"
-    test_limit: int | None = None
-    step: float = 0.01
-    seed: int = 0
+    Attributes:
+        thresholds: one per exit (class-exclusion betas, or confidence thresholds for the baseline rule).
+        accuracy_full / accuracy_early_exit: accuracy of the final classifier alone / of early-exit inference.
+        macs_full / mean_macs: MACs of the whole network / mean MACs per image with early exit.
+        exit_histogram: share of images leaving at each exit and at `"final"` (`None` without a test split).
+        dataset: `"<dataset name>:<split>"` the figures above were measured on.
+        config: the resolved config the model was made with.
+        provenance: the record written into the checkpoint's `config.compression`.
+    """
 
-
-def load_splits(options: EarlyExitOptions) -> tuple[ImageClassificationData, ImageClassificationData, ImageClassificationData | None]:
-    """Training and validation splits (the protocol's hold-out, seed 2023) and the test split when asked."""
-    train = load_image_dataset(options.dataset, "train", limit=options.train_limit, seed=options.seed)
-    train, val = train_val_split(train, n_val=options.n_val, seed=2023)
-    test = None
-    if options.test_split:
-        test = load_image_dataset(options.dataset, options.test_split, limit=options.test_limit, seed=options.seed)
-    return train, val, test
+    thresholds: list[float]
+    accuracy_full: float
+    accuracy_early_exit: float
+    macs_full: int
+    mean_macs: float
+    exit_histogram: dict[str, float] | None
+    dataset: str
+    config: EarlyExitConfig
+    provenance: dict[str, Any]
 
 
-def _check_classes(model: ClassExitResNetForImageClassification, data: ImageClassificationData, source: str) -> None:
-    if model.config.num_labels != data.num_classes:
+def load_splits(
+    config: EarlyExitConfig,
+) -> tuple[ImageClassificationData, ImageClassificationData, ImageClassificationData | None]:
+    """Training and validation splits (the protocol's hold-out) and the test split when asked."""
+    return load_image_splits(config.dataset, val_size=config.n_val, eval_split=config.test_split, seed=config.seed,
+                             limit=config.train_limit, eval_limit=config.test_limit)
+
+
+def attach_exits(
+    source: str | Path, config: EarlyExitConfig, train: ImageClassificationData, device=None
+) -> tuple[ClassExitResNetForImageClassification, EarlyExitConfig]:
+    """Loads `source` with the exits of `config`, labelled as `train`; returns it and the config resolved on it."""
+    model = load_exit_model(
+        source, exit_positions=config.exit_positions, exit_pool_size=config.exit_pool_size, exit_rule=config.exit_rule
+    )
+    if model.config.num_labels != train.num_classes:
         raise HFCompressError(
             f"{source} classifies {model.config.num_labels} classes (its heads have {model.config.num_labels} outputs) "
-            f"but the dataset has {data.num_classes}; fine-tune it on this dataset first (hf-compress train)"
+            f"but the dataset has {train.num_classes}; fine-tune it on this dataset first (hf-compress train)"
         )
+    if model.config.id2label != train.id2label():
+        model.config.id2label, model.config.label2id = train.id2label(), {n: i for i, n in train.id2label().items()}
+    model.config.image_size = train.image_size[0]
+    return model, config.resolve(device, model.config)
 
 
-def run_early_exit(
-    model_path: str | Path,
+def add_early_exits(
+    source: str | Path,
     output_dir: str | Path,
-    options: EarlyExitOptions | None = None,
+    config: EarlyExitConfig | None = None,
     *,
     overwrite: bool = False,
     progress: bool = True,
     accelerator=None,
-) -> dict:
-    """Runs the whole early-exit conversion; returns the `compression` record written to the config ({} on the
-    other processes of a multi-GPU run)."""
+) -> EarlyExitResult | None:
+    """Turns the ResNet `source` (folder or Hub id) into a ClassExitResNet checkpoint in `output_dir`.
+
+    Under `accelerate launch` every process trains its shard; the search, report and save run on the main process,
+    and the other processes return `None`.
+    """
     from accelerate import Accelerator
 
-    from ..vision.checkpoint import save_checkpoint
-    from ..vision.training import train_classifier
-
-    options = options or EarlyExitOptions()
+    config = config or EarlyExitConfig()
+    config.validate()
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise HFCompressError(f"{output_dir} already exists (pass --overwrite to replace it)")
-    if not 0 <= options.tolerance < 1:
-        raise HFCompressError(f"tolerance must be in [0, 1) (0.005 = half an accuracy point), got {options.tolerance}")
-    train, val, test = load_splits(options)
-    # Under `accelerate launch` every process trains its shard; the search, report and save run once.
+    train, val, test = load_splits(config)
     accelerator = accelerator or Accelerator()
-    main_process = accelerator.is_main_process
-    model = load_exit_model(
-        model_path, exit_positions=options.exit_positions, exit_pool_size=options.exit_pool_size, exit_rule=options.exit_rule
+    model, config = attach_exits(source, config, train, accelerator.device)
+    partial = partial_dir(output_dir)
+    model, history = train_jointly(
+        model, train, config, partial, stage_settings(source, config), progress=progress, accelerator=accelerator
     )
-    _check_classes(model, train, str(model_path))
-    if model.config.id2label != train.id2label():
-        model.config.id2label, model.config.label2id = train.id2label(), {n: i for i, n in train.id2label().items()}
-    model.config.image_size = train.image_size[0]
-
-    partial = output_dir.parent / f".{output_dir.name}.partial"
-    settings = {"model": str(model_path), **asdict(options), "exit_positions": list(model.config.exit_positions),
-                "exit_pool_size": model.config.exit_pool_size}
-    settings.pop("tolerance"), settings.pop("step"), settings.pop("test_split"), settings.pop("test_limit")
-    stamp = partial / "hf_compress_stage.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == settings:
-        model = ClassExitResNetForImageClassification.from_pretrained(partial)
-        history = json.loads((partial / "train_history.json").read_text())
-    else:
-        trained = train_classifier(
-            model, train, epochs=options.epochs, lr=options.lr, batch_size=options.batch_size, loss_fn=joint_loss_fn,
-            seed=options.seed, progress=progress, desc="joint exit training", accelerator=accelerator,
-        )
-        history = asdict(trained)
-        if main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            model.save_pretrained(partial)
-            (partial / "train_history.json").write_text(json.dumps(history))
-            stamp.write_text(json.dumps(settings))
     accelerator.wait_for_everyone()
-    if not main_process:
-        return {}
+    if not accelerator.is_main_process:
+        return None
+    search, report = search_and_report(model, config, val, test, progress=progress)
+    result = measured_result(source, config, search, report, val=val, train=train, history=history)
+    model.config.compression = result.provenance
+    _save(model, output_dir, train, report, overwrite=overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
+    return result
 
+
+def search_and_report(
+    model: ClassExitResNetForImageClassification,
+    config: EarlyExitConfig,
+    val: ImageClassificationData,
+    test: ImageClassificationData | None,
+    *,
+    progress: bool = True,
+) -> tuple[ThresholdSearch, dict[str, Any] | None]:
+    """Searches the thresholds on `val` and sets them on `model`; then reports its real inference on `test`."""
     scores = collect_exit_scores(model, val, progress=progress)
-    search = search_thresholds(scores, model.config.exit_rule, options.tolerance, options.step)
+    search = search_thresholds(scores, config.exit_rule, config.tolerance, config.step)
     model.config.exit_thresholds = list(search.thresholds)
     report = exit_report(model, test, progress=progress) if test is not None else None
-    record = {
-        "method": METHOD if model.config.exit_rule == "class_exclusion" else BASELINE_METHOD,
-        "source": {"model": str(model_path), "dataset": options.dataset},
-        "exit_rule": model.config.exit_rule,
-        "exit_positions": list(model.config.exit_positions),
-        "betas" if model.config.exit_rule == "class_exclusion" else "confidence_thresholds": list(search.thresholds),
-        "tolerance": options.tolerance,
-        "dataset": f"{options.dataset}:{options.test_split}" if report else f"{options.dataset}:validation",
+    return search, report
+
+
+def measured_result(
+    source: str | Path,
+    config: EarlyExitConfig,
+    search: ThresholdSearch,
+    report: dict[str, Any] | None,
+    *,
+    val: ImageClassificationData,
+    train: ImageClassificationData,
+    history: dict[str, Any],
+) -> EarlyExitResult:
+    """The figures of the test `report` (or of the validation `search` without one) and their provenance record."""
+    train_ref = DataRef.of("train", config.dataset, "train")
+    refs = [train_ref] + ([DataRef.of("evaluation", config.dataset, config.test_split)] if report else [])
+    measured = {
+        "thresholds": list(search.thresholds),
         "accuracy_full": report["accuracy_full"] if report else search.accuracy_full,
         "accuracy_early_exit": report["accuracy"] if report else search.accuracy,
         "macs_full": report["macs_full"] if report else search.macs_full,
         "mean_macs": report["mean_macs"] if report else search.mean_macs,
         "exit_histogram": report["exit_histogram"] if report else None,
-        "validation": {"samples": len(val), "accuracy_full": search.accuracy_full, "accuracy_early_exit": search.accuracy,
-                       "mean_macs": search.mean_macs},
-        "training": {"epochs": options.epochs, "lr": options.lr, "batch_size": options.batch_size,
-                     "train_samples": len(train), "final_loss": history["train_loss"][-1] if history["train_loss"] else None},
-        "hf_compress_version": __version__,
+        # the dataset by the name its DataRef records: a local path is never written into the checkpoint
+        "dataset": f"{train_ref.name}:{config.test_split if report else 'validation'}",
     }
-    model.config.compression = record
+    figures = {
+        **measured,
+        "tolerance": config.tolerance,
+        "exit_rule": config.exit_rule,
+        "exit_positions": list(config.exit_positions),
+        "validation": {"samples": len(val), "accuracy_full": search.accuracy_full,
+                       "accuracy_early_exit": search.accuracy, "mean_macs": search.mean_macs},
+        "training": {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size,
+                     "train_samples": len(train),
+                     "final_loss": history["train_loss"][-1] if history["train_loss"] else None},
+    }
+    options = dataclasses.replace(config, dataset=train_ref.name)
+    record = provenance(config.method, options, SourceRef.of(source), refs, figures)
+    return EarlyExitResult(**measured, config=config, provenance=record)
+
+
+def _save(
+    model, output_dir: Path, train: ImageClassificationData, report: dict[str, Any] | None, *, overwrite: bool
+) -> None:
+    """Writes the checkpoint, its image processor (the training normalisation) and `exit_report.json` atomically."""
+    from ..vision.checkpoint import save_checkpoint
+
     extra = {"exit_report.json": report} if report else {}
     save_checkpoint(model, output_dir, mean=train.mean, std=train.std, extra_json=extra, overwrite=overwrite)
-    shutil.rmtree(partial, ignore_errors=True)
-    return record

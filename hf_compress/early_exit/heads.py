@@ -17,6 +17,7 @@ from ..modeling.class_exit_resnet import (
     ClassExitResNetConfig,
     ClassExitResNetForImageClassification,
 )
+from .config import DEFAULT_EXIT_POOL_SIZE
 
 BACKBONE_FIELDS = (
     "num_channels", "stem_type", "embedding_size", "hidden_sizes", "depths", "layer_type", "shortcut_type",
@@ -51,13 +52,8 @@ def _exit_config(backbone: dict, labels: dict, exit_positions, exit_pool_size: i
         raise HFCompressError(str(err)) from None
 
 
-def from_hf_resnet(
-    model,
-    *,
-    exit_positions: list[str] | None = None,
-    exit_pool_size: int = 2,
-    exit_rule: str = "class_exclusion",
-) -> ClassExitResNetForImageClassification:
+def from_hf_resnet(model, *, exit_positions: list[str] | None = None, exit_pool_size: int = DEFAULT_EXIT_POOL_SIZE,
+                   exit_rule: str = "class_exclusion") -> ClassExitResNetForImageClassification:
     """Builds a ClassExitResNet from a transformers `ResNetForImageClassification`, weights copied.
 
     The stem is transformers' (7x7 stride 2 then max pool) whatever the input size; exit heads are new, so
@@ -78,15 +74,20 @@ def from_hf_resnet(
     return target
 
 
-def from_pruned_cnn(
-    model,
-    *,
-    exit_positions: list[str] | None = None,
-    exit_pool_size: int = 2,
-    exit_rule: str = "class_exclusion",
-) -> ClassExitResNetForImageClassification:
+def from_pruned_cnn(model, *, exit_positions: list[str] | None = None, exit_pool_size: int = DEFAULT_EXIT_POOL_SIZE,
+                    exit_rule: str = "class_exclusion") -> ClassExitResNetForImageClassification:
     """Builds a ClassExitResNet from an unpruned ResNet-layout `PrunedCNNForImageClassification`."""
     source = model.config
+    labels = {**_labels(source), "image_size": source.image_size}
+    target = ClassExitResNetForImageClassification(
+        _exit_config(_pruned_cnn_backbone(source), labels, exit_positions, exit_pool_size, exit_rule)
+    )
+    _load_backbone(target, _renamed_pruned_cnn_state(model.state_dict()), what="PrunedCNN")
+    return target
+
+
+def _pruned_cnn_backbone(source) -> dict:
+    """The ClassExitResNet backbone fields of a PrunedCNN config; refuses layouts ClassExitResNet cannot express."""
     if source.architecture != "resnet":
         raise HFCompressError(f"early exit needs a ResNet; this PrunedCNN has architecture {source.architecture!r}")
     stems = {(3, 1, False): "cifar", (7, 2, True): "imagenet"}
@@ -100,20 +101,21 @@ def from_pruned_cnn(
         )
     if source.block_widths != full_width:
         raise HFCompressError("the PrunedCNN is pruned (inner widths below the stage widths); early exit needs the full network")
-    backbone = {
+    return {
         "num_channels": source.num_channels, "stem_type": stem, "embedding_size": source.stem_width,
         "hidden_sizes": list(source.hidden_sizes), "depths": [len(stage) for stage in source.block_widths],
         "layer_type": source.layer_type, "shortcut_type": source.shortcut_type,
         "downsample_in_first_stage": source.stage_strides[0] == 2, "downsample_in_bottleneck": source.downsample_in_bottleneck,
         "hidden_act": source.hidden_act,
     }
-    target = ClassExitResNetForImageClassification(
-        _exit_config(backbone, {**_labels(source), "image_size": source.image_size}, exit_positions, exit_pool_size, exit_rule)
-    )
+
+
+def _renamed_pruned_cnn_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PrunedCNN state dict under the ClassExitResNet (transformers ResNet) module names."""
     renames = [("cnn.stem.", "resnet.embedder.embedder."), ("cnn.stages.", "resnet.encoder.stages."), (".convs.", ".layer."),
                ("classifier.output.", "classifier.1.")]
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in state_dict.items():
         for old, new in renames:
             key = key.replace(old, new)
         parts = key.split(".")
@@ -121,8 +123,7 @@ def from_pruned_cnn(
             parts.insert(4, "layers")  # stages.S.B -> stages.S.layers.B
         parts = [{"conv": "convolution", "bn": "normalization"}.get(part, part) for part in parts]
         state[".".join(parts)] = value
-    _load_backbone(target, state, what="PrunedCNN")
-    return target
+    return state
 
 
 def reattach_exits(
@@ -184,18 +185,15 @@ def load_exit_model(
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise HFCompressError(f"cannot load a model config from {path}: {err}") from None
+    # A network without exits gets the default pool size and rule; a ClassExitResNet keeps its own.
+    fresh = {"exit_positions": exit_positions, "exit_pool_size": exit_pool_size or DEFAULT_EXIT_POOL_SIZE,
+             "exit_rule": exit_rule or "class_exclusion"}
     if config.model_type == "resnet":
-        source = ResNetForImageClassification.from_pretrained(path)
-        return from_hf_resnet(
-            source, exit_positions=exit_positions, exit_pool_size=exit_pool_size or 2, exit_rule=exit_rule or "class_exclusion"
-        )
+        return from_hf_resnet(ResNetForImageClassification.from_pretrained(path), **fresh)
     if config.model_type == "pruned_cnn":
         from ..modeling.pruned_cnn import PrunedCNNForImageClassification
 
-        source = PrunedCNNForImageClassification.from_pretrained(path)
-        return from_pruned_cnn(
-            source, exit_positions=exit_positions, exit_pool_size=exit_pool_size or 2, exit_rule=exit_rule or "class_exclusion"
-        )
+        return from_pruned_cnn(PrunedCNNForImageClassification.from_pretrained(path), **fresh)
     if config.model_type == ClassExitResNetConfig.model_type:
         model = ClassExitResNetForImageClassification.from_pretrained(path)
         return reattach_exits(model, exit_positions=exit_positions, exit_pool_size=exit_pool_size, exit_rule=exit_rule)

@@ -1,15 +1,9 @@
 """Evaluation with lm-evaluation-harness, offline-capable.
 
 `run_lm_eval` calls `lm_eval.simple_evaluate` with the `hf` model (`trust_remote_code=True`, so a compressed
-checkpoint loads through its shipped modeling code) and a task folder from `prepare_task_dir`:
-
-- `hfc_wikitext2`: WikiText-2 raw test perplexity over the local file (`lm_eval_tasks/hfc_wikitext2.yaml`);
-- `hfc_piqa`, `hfc_arc_easy`, `hfc_arc_challenge`, `hfc_winogrande`, `hfc_openbookqa`, `hfc_mathqa` and the group
-  `hfc_zeroshot` of all six: each `include:`s lm-eval's own task YAML and only points its dataset at a local parquet
-  file, so prompts and metrics are lm-eval's. They are generated at run time because both paths (lm-eval's install,
-  the data folder) are only known then.
-
-Any other task name is passed to lm-eval unchanged (it needs Hub access for its data).
+checkpoint loads through its shipped modeling code) and the task folder of `hf_compress.evaluation.tasks`
+(`hfc_wikitext2`, the six `hfc_*` zero-shot sets and their group `hfc_zeroshot`, all over local data files). Any
+other task name is passed to lm-eval unchanged (it needs Hub access for its data).
 """
 
 from __future__ import annotations
@@ -19,104 +13,44 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from ..checkpoint import atomic_write_text
+from ..device import pick_device
 from ..errors import HFCompressError
+from .tasks import (
+    LOCAL_TASKS,
+    WIKITEXT_TASK,
+    ZEROSHOT_GROUP,
+    ZEROSHOT_SETS,
+    check_local_data,
+    prepare_task_dir,
+)
 
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 RESULTS_FILE = "lm_eval_results.json"
 
 
-@dataclass(frozen=True)
-class LocalSet:
-    """A local stand-in for the dataset of one built-in lm-eval task."""
-
-    builtin_yaml: str  # relative to lm_eval/tasks
-    data_file: str  # relative to the data folder
-    split: str  # the split the task evaluates on ("validation" or "test")
-    hub_id: str  # the Hub dataset this file stands in for (model-index `dataset.type`)
-    hub_config: str | None
-    title: str
+def _check_request(model: str | os.PathLike, tasks: list[str], gguf_file: str | None) -> None:
+    """Refuses an empty task list, a folder that is no checkpoint and missing local data, before any loading."""
+    if not tasks:
+        raise HFCompressError("no task given: pass --tasks, e.g. hfc_wikitext2 or hfc_zeroshot")
+    if Path(str(model)).exists() and not gguf_file and not (Path(model) / "config.json").is_file():
+        raise HFCompressError(f"{model} is not a model folder: it has no config.json")
+    check_local_data(tasks)
 
 
-ZEROSHOT_SETS: dict[str, LocalSet] = {
-    "hfc_piqa": LocalSet("piqa/piqa.yaml", "zeroshot/piqa/validation-00000-of-00001.parquet", "validation",
-                         "baber/piqa", None, "PIQA"),
-    "hfc_arc_easy": LocalSet("arc/arc_easy.yaml", "zeroshot/arc_easy/test-00000-of-00001.parquet", "test",
-                             "allenai/ai2_arc", "ARC-Easy", "ARC-Easy"),
-    "hfc_arc_challenge": LocalSet("arc/arc_challenge.yaml", "zeroshot/arc_challenge/test-00000-of-00001.parquet",
-                                  "test", "allenai/ai2_arc", "ARC-Challenge", "ARC-Challenge"),
-    "hfc_winogrande": LocalSet("winogrande/default.yaml", "zeroshot/winogrande/validation-00000-of-00001.parquet",
-                               "validation", "allenai/winogrande", "winogrande_xl", "WinoGrande"),
-    "hfc_openbookqa": LocalSet("openbookqa/openbookqa.yaml", "zeroshot/openbookqa/test-00000-of-00001.parquet",
-                               "test", "allenai/openbookqa", "main", "OpenBookQA"),
-    "hfc_mathqa": LocalSet("mathqa/mathqa.yaml", "zeroshot/mathqa/test-00000-of-00001.parquet", "test",
-                           "allenai/math_qa", None, "MathQA"),
-}
-ZEROSHOT_GROUP = "hfc_zeroshot"
-WIKITEXT_TASK = "hfc_wikitext2"
-LOCAL_TASKS = (WIKITEXT_TASK, *ZEROSHOT_SETS, ZEROSHOT_GROUP)
+def _task_manager(include: str, tasks: list[str]):
+    """lm-eval's `TaskManager` over the hf-compress tasks; unknown task names are refused here."""
+    from lm_eval.tasks import TaskManager
 
-
-def data_dir() -> Path:
-    from .tasks.utils import data_dir as _data_dir
-
-    return _data_dir()
-
-
-def prepare_task_dir(dest: str | os.PathLike | None = None) -> Path:
-    """Writes the hf-compress lm-eval task configs into `dest` (default: a new temp folder) and returns it.
-
-    Pass it to lm-eval as `--include_path` (or `TaskManager(include_path=...)`).
-    """
-    import lm_eval.tasks
-    import yaml
-
-    out = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="hfc_lm_eval_tasks_"))
-    out.mkdir(parents=True, exist_ok=True)
-    for item in resources.files("hf_compress.evaluation.tasks").iterdir():
-        if item.name.endswith(".yaml"):
-            (out / item.name).write_text(item.read_text(encoding="utf-8"), encoding="utf-8")
-    builtin = Path(lm_eval.tasks.__file__).parent
-    data = data_dir().resolve()
-    for name, local in ZEROSHOT_SETS.items():
-        config = {
-            "include": str(builtin / local.builtin_yaml),
-            "task": name,
-            "tag": [],  # keep out of the built-in groups (ai2_arc, ...), which would pull Hub data
-            "dataset_path": "parquet",
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": {local.split: str(data / local.data_file)}},
-            "training_split": None,
-            "validation_split": local.split if local.split == "validation" else None,
-            "test_split": local.split if local.split == "test" else None,
-        }
-        (out / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    group = {
-        "group": ZEROSHOT_GROUP,
-        "task": list(ZEROSHOT_SETS),
-        # The papers report the plain mean over tasks, not one weighted by task size.
-        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}],
-        "metadata": {"version": 1.0},
-    }
-    (out / f"{ZEROSHOT_GROUP}.yaml").write_text(yaml.safe_dump(group, sort_keys=False), encoding="utf-8")
-    return out
-
-
-def _check_local_data(tasks: list[str]) -> None:
-    needed = [ZEROSHOT_SETS[t].data_file for t in tasks if t in ZEROSHOT_SETS]
-    if ZEROSHOT_GROUP in tasks:
-        needed += [s.data_file for s in ZEROSHOT_SETS.values()]
-    if WIKITEXT_TASK in tasks:
-        from .tasks.utils import WIKITEXT2_TEST
-
-        needed.append(WIKITEXT2_TEST)
-    missing = [f for f in needed if not (data_dir() / f).is_file()]
-    if missing:
-        raise HFCompressError(f"local task data missing under {data_dir()}: {', '.join(missing)}; "
-                              "set HF_COMPRESS_DATA to the data folder")
+    # Indexing lm-eval's thousands of built-in tasks takes seconds; only do it when a task needs it.
+    task_manager = TaskManager(include_path=str(prepare_task_dir(include)),
+                               include_defaults=any(t not in LOCAL_TASKS for t in tasks))
+    unknown = [t for t in tasks if not task_manager.match_tasks([t])]
+    if unknown:
+        raise HFCompressError(f"unknown lm-eval task(s) {unknown}; local tasks: {', '.join(LOCAL_TASKS)}")
+    return task_manager
 
 
 def run_lm_eval(
@@ -125,7 +59,7 @@ def run_lm_eval(
     *,
     limit: int | float | None = None,
     batch_size: int | str = 1,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
     gguf_file: str | None = None,
     tokenizer: str | None = None,
@@ -134,33 +68,22 @@ def run_lm_eval(
 ) -> dict:
     """Runs lm-eval's `simple_evaluate` on `model` (a folder, a Hub id, or a GGUF folder with `gguf_file`).
 
+    `device` None is `hf_compress.device.pick_device(None)` (cuda when present, else cpu), as for every command.
     Returns lm-eval's results dict (without per-sample logs) plus `hf_compress`: wall time and the arguments.
     """
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise HFCompressError(f"lm-evaluation-harness is not installed ({err}): pip install 'hf-compress[eval]'") from None
 
-    if not tasks:
-        raise HFCompressError("no task given: pass --tasks, e.g. hfc_wikitext2 or hfc_zeroshot")
-    if Path(str(model)).exists() and not gguf_file and not (Path(model) / "config.json").is_file():
-        raise HFCompressError(f"{model} is not a model folder: it has no config.json")
-    _check_local_data(tasks)
-    model_args: dict = {"pretrained": str(model), "trust_remote_code": True, "dtype": dtype}
-    if gguf_file:
-        model_args["gguf_file"] = gguf_file
-    if tokenizer:
-        model_args["tokenizer"] = tokenizer
-    if max_length:
-        model_args["max_length"] = max_length
+    _check_request(model, tasks, gguf_file)
+    device = str(pick_device(device))
+    model_args = {"pretrained": str(model), "trust_remote_code": True, "dtype": dtype}
+    # Only the optional arguments given: lm-eval's own defaults stand for the others.
+    optional = {"gguf_file": gguf_file, "tokenizer": tokenizer, "max_length": max_length}
+    model_args.update({key: value for key, value in optional.items() if value})
     with tempfile.TemporaryDirectory(prefix="hfc_lm_eval_tasks_") as include:
-        # Indexing lm-eval's thousands of built-in tasks takes seconds; only do it when a task needs it.
-        task_manager = TaskManager(include_path=str(prepare_task_dir(include)),
-                                   include_defaults=any(t not in LOCAL_TASKS for t in tasks))
-        unknown = [t for t in tasks if not task_manager.match_tasks([t])]
-        if unknown:
-            raise HFCompressError(f"unknown lm-eval task(s) {unknown}; local tasks: {', '.join(LOCAL_TASKS)}")
+        task_manager = _task_manager(include, tasks)
         start = time.perf_counter()
         results = lm_eval.simple_evaluate(
             model="hf", model_args=model_args, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
@@ -182,10 +105,25 @@ def save_results(results: dict, path: str | os.PathLike) -> Path:
     from lm_eval.utils import handle_non_serializable
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     return path
+
+
+def _dataset_and_metrics(task: str, metrics: dict) -> tuple[dict, tuple[str, ...]]:
+    """The model-index dataset fields of `task` and the metrics of it that go into the card."""
+    local = ZEROSHOT_SETS.get(task)
+    if task in (WIKITEXT_TASK, "wikitext"):
+        return ({"dataset_type": "wikitext", "dataset_name": "WikiText-2 (raw, test)",
+                 "dataset_config": "wikitext-2-raw-v1", "dataset_split": "test"},
+                ("word_perplexity", "byte_perplexity", "bits_per_byte"))
+    if task == ZEROSHOT_GROUP:
+        return {"dataset_type": "hf-compress/zeroshot", "dataset_name": "mean of 6 zero-shot tasks"}, ("acc",)
+    if local is not None:
+        return ({"dataset_type": local.hub_id, "dataset_name": local.title, "dataset_config": local.hub_config,
+                 "dataset_split": local.split}, ("acc", "acc_norm"))
+    # A stock lm-eval task: report what it measured.
+    return ({"dataset_type": task, "dataset_name": task},
+            tuple(k.split(",")[0] for k in metrics if "," in k and "_stderr" not in k))
 
 
 def card_entries(results: dict) -> list[dict]:
@@ -193,28 +131,13 @@ def card_entries(results: dict) -> list[dict]:
     import lm_eval
 
     limit = (results.get("hf_compress") or {}).get("limit") or results.get("config", {}).get("limit")
-    n_shot = results.get("n-shot", {})
     source = f"lm-eval {getattr(lm_eval, '__version__', '')}".strip()
     entries = []
     for task, metrics in results.get("results", {}).items():
-        local = ZEROSHOT_SETS.get(task)
-        shots = n_shot.get(task, 0)
+        dataset, wanted = _dataset_and_metrics(task, metrics)
+        shots = results.get("n-shot", {}).get(task, 0)
         suffix = f"lm-eval, {shots}-shot" + (f", limit {limit}" if limit else "")
         details = {"limit": limit, "num_fewshot": shots, "n_samples": results.get("n-samples", {}).get(task)}
-        if task in (WIKITEXT_TASK, "wikitext"):
-            dataset = {"dataset_type": "wikitext", "dataset_name": "WikiText-2 (raw, test)",
-                       "dataset_config": "wikitext-2-raw-v1", "dataset_split": "test"}
-            wanted = ("word_perplexity", "byte_perplexity", "bits_per_byte")
-        elif task == ZEROSHOT_GROUP:
-            dataset = {"dataset_type": "hf-compress/zeroshot", "dataset_name": "mean of 6 zero-shot tasks"}
-            wanted = ("acc",)
-        elif local is not None:
-            dataset = {"dataset_type": local.hub_id, "dataset_name": local.title, "dataset_config": local.hub_config,
-                       "dataset_split": local.split}
-            wanted = ("acc", "acc_norm")
-        else:  # a stock lm-eval task: report what it measured
-            dataset = {"dataset_type": task, "dataset_name": task}
-            wanted = tuple(k.split(",")[0] for k in metrics if "," in k and "_stderr" not in k)
         for key, value in metrics.items():
             name, _, flt = key.partition(",")
             if name not in wanted or not isinstance(value, (int, float)) or not math.isfinite(value):

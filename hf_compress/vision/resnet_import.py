@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HFCompressError
+from ..provenance import SourceRef
 from ..modeling.pruned_cnn import (
     PrunedCNNConfig,
     PrunedCNNForImageClassification,
@@ -90,7 +91,7 @@ def load_cnn(
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
     revision: str | None = None,
-) -> tuple[PrunedCNNForImageClassification, dict[str, str | None]]:
+) -> tuple[PrunedCNNForImageClassification, SourceRef]:
     """Loads `model` as a PrunedCNN.
 
     Args:
@@ -99,7 +100,7 @@ def load_cnn(
         num_labels, id2label: label set of a freshly initialised architecture.
 
     Returns:
-        The model and its source `{"model_id": ..., "revision": ...}` for provenance.
+        The model and its `SourceRef` for provenance (a local folder by its name only).
     """
     import transformers
 
@@ -108,7 +109,7 @@ def load_cnn(
         labels = id2label or {i: str(i) for i in range(num_labels or 10)}
         config = ARCHITECTURES[key](id2label=labels, label2id={v: k for k, v in labels.items()})
         torch.manual_seed(0)
-        return PrunedCNNForImageClassification(config), {"model_id": key, "revision": None}
+        return PrunedCNNForImageClassification(config), SourceRef(key)
     if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
         raise HFCompressError(f"model folder {model} does not exist")
     try:
@@ -118,7 +119,7 @@ def load_cnn(
             f"cannot load {model!r}: not an architecture name ({', '.join(ARCHITECTURES)}), a local checkpoint folder "
             f"or a reachable Hub model ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from None
-    source = {"model_id": model, "revision": revision or _commit_of(model)}
+    source = SourceRef.of(model, revision or _commit_of(model))
     if config.model_type == "pruned_cnn":
         return PrunedCNNForImageClassification.from_pretrained(model, revision=revision).eval(), source
     if config.model_type == "resnet":

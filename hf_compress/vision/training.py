@@ -252,16 +252,10 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.zeros(0, 0, device=device)
 
 
-def evaluate_accuracy(
-    model: nn.Module,
-    data: ImageClassificationData,
-    batch_size: int = 512,
-    *,
-    bf16: bool = False,
-    channels_last: bool = False,
-) -> float:
-    """Top-1 accuracy (0-1) of `model` on `data`, computed on the model's device."""
+def evaluate_accuracy(model: nn.Module, data: ImageClassificationData, batch_size: int = 512, **predict_kwargs) -> float:
+    """Top-1 accuracy (0-1) of `model` on `data`, computed on the model's device; `predict_kwargs` (`bf16`,
+    `channels_last`) as for `predict_logits`."""
     if len(data) == 0:
         raise HFCompressError("the evaluation dataset is empty")
-    logits = predict_logits(model, data, batch_size, bf16=bf16, channels_last=channels_last)
+    logits = predict_logits(model, data, batch_size, **predict_kwargs)
     return float((logits.argmax(-1) == data.labels.to(logits.device)).float().mean())

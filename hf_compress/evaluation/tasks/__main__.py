@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from hf_compress.evaluation.lm_eval import prepare_task_dir
+from hf_compress.evaluation.tasks.catalog import prepare_task_dir
 
 cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_compress" / "lm_eval_tasks"
 print(prepare_task_dir(sys.argv[1] if len(sys.argv) > 1 else cache))

@@ -16,18 +16,13 @@ from lm_eval.tasks.wikitext.preprocess_wikitext import (
     wikitext_detokenizer,
 )
 
-__all__ = ["data_dir", "process_results", "wikitext2_documents", "wikitext_detokenizer"]
+# Absolute: lm-eval may load this file by its path, outside the package.
+from hf_compress.evaluation.tasks.catalog import WIKITEXT2_TEST, data_dir
 
-WIKITEXT2_TEST = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
+__all__ = ["WIKITEXT2_TEST", "data_dir", "process_results", "wikitext2_documents", "wikitext_detokenizer"]
+
 # A top-level heading has exactly one "=" on each side; sections (" = = Career = = ") do not start articles.
 _ARTICLE_HEADING = re.compile(r"^ = [^=].* = \n?$")
-
-
-def data_dir() -> Path:
-    """The local data folder (see `hf_compress.data.local.data_root`)."""
-    from hf_compress.data.local import data_root
-
-    return data_root()
 
 
 def split_articles(lines: list[str]) -> list[str]:

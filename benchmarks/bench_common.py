@@ -1,0 +1,45 @@
+"""What the CNN benchmark scripts share: their data arguments, the protocol's splits, the device note, result files."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import torch
+
+from hf_compress.checkpoint import atomic_write_json, atomic_write_text
+from hf_compress.data.images import ImageClassificationData, load_splits
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, val_flag: str = "--val-size") -> None:
+    """--dataset, --train-limit, --test-limit, the validation hold-out (`args.val_size`), and the baseline's
+    --lr, --batch-size and --seed."""
+    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate of baseline training")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument(val_flag, dest="val_size", type=int, default=5000, help="train images held out (seed 2023)")
+
+
+def load_data(args) -> tuple[ImageClassificationData, ImageClassificationData, ImageClassificationData]:
+    """`(train, validation, test)` as the protocol fixes them (validation held out of train with seed 2023)."""
+    return load_splits(args.dataset, val_size=args.val_size, eval_split="test", seed=args.seed,
+                       limit=args.train_limit, eval_limit=args.test_limit)
+
+
+def device_note(threads: int | None = None) -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {threads or torch.get_num_threads()} threads)"
+
+
+def write_results(stem: str, report: dict, markdown: str) -> None:
+    """`results/<stem>.json` and `results/<stem>.md`, each replaced whole."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / f"{stem}.json", report)
+    atomic_write_text(RESULTS / f"{stem}.md", markdown if markdown.endswith("\n") else markdown + "\n")

@@ -1,0 +1,803 @@
+"""Writes benchmarks/results/README.md, and the summary table of README.md, from the result files.
+
+    python benchmarks/report.py            # rewrite both
+    python benchmarks/report.py --check    # exit 1 if either file is out of date
+
+Reads, under benchmarks/results/: llm_quality_quick.jsonl, lm_eval_*.json, pruning_*.json, early_exit_*.json,
+cnn_cpu_*.json (when present), and the *.log files of single CLI runs. Every number in the generated text is
+formatted from those files; the few facts the files do not record (what else ran on the machine, how old
+checkpoints were made) are kept in `CONTEXT` below, in words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+RESULTS_README = RESULTS / "README.md"
+MAIN_README = ROOT / "README.md"
+SUMMARY_START = "<!-- results-summary:start -->"
+SUMMARY_END = "<!-- results-summary:end -->"
+
+# Facts about the runs that the result files do not record.
+CONTEXT = {
+    "make_main": "run on an otherwise idle 2-core machine",
+    "bf16_cpu": "the benchmark CPU multiplies bfloat16 natively (AVX512-BF16, through oneDNN), so `--calib-dtype auto` "
+                "picks bfloat16 there",
+    "lm_eval_quick": "one job at a time on the two cores",
+    "lm_eval_old_checkpoints": "older checkpoints, converted with a reduced calibration set and one-pass (dense) "
+                               "calibration, under shared-CPU load",
+    "lm_eval_quick_checkpoints": "converted with the defaults of the time: sequential calibration, float32 "
+                                 "calibration forwards, no layer fit",
+    "early_exit_cpu-reduced-resnet20": "ran while three other benchmark jobs shared the two CPU threads: the img/s "
+                                       "columns are noisy",
+    "early_exit_cpu-reduced-hf-resnet18": "ran while other benchmark jobs shared the two CPU threads: the img/s "
+                                          "columns are noisy",
+    "early_exit_cpu-reduced-resnet20-10k": "ran on a less loaded machine",
+}
+# Method tables list the LLM rows in this order (as benchmarks/bench_llm_quality.py does).
+LLM_METHODS = [
+    "svd", "svd-llm", "svd-llm+sequential", "basis-sharing", "basis-sharing+global", "basis-sharing+global-absolute",
+    "basis-sharing+layer-fit", "basis-sharing+refit", "basis-sharing+sequential", "basis-sharing+multiple128",
+    "basis-sharing+global+refit", "basis-sharing+sequential+refit", "basis-sharing+sequential+layer-fit",
+]
+DEFAULT_LLM = "basis-sharing+sequential+layer-fit (bfloat16)"
+WIKITEXT_TEST_ARTICLES = 62  # articles of the WikiText-2 raw test split (EleutherAI/wikitext_document_level)
+
+
+# ----------------------------------------------------------------------------------------------------- formatting
+def pct(x: float, digits: int = 0) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def change(new: float, old: float, digits: int = 0) -> str:
+    """'15% lower' / '3.4% higher' for new against old."""
+    rel = new / old - 1
+    return f"{pct(abs(rel), digits)} {'lower' if rel < 0 else 'higher'}"
+
+
+def span(values, fmt) -> str:
+    lo, hi = min(values), max(values)
+    return fmt(lo) if fmt(lo) == fmt(hi) else f"{fmt(lo)} to {fmt(hi)}"
+
+
+def ratios_text(ratios) -> str:
+    return " / ".join(f"{r:.0%}" for r in ratios)
+
+
+def ppl(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def millions(x: float) -> str:
+    return f"{x / 1e6:.2f}M"
+
+
+def table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def std_error(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def load_json(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_jsonl(name: str) -> list[dict]:
+    path = RESULTS / name
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+LOG_PATTERNS = {
+    "params": r"compressed projections: ([\d,]+) -> ([\d,]+) parameters; target ratio ([\d.]+)%, achieved ([\d.]+)%",
+    "conversion": r"conversion: ([\d.]+) s \(load ([\d.]+) s, (.*?)\), peak memory ([\d,]+) MB",
+    "perplexity": r"perplexity on (\S+): ([\d.]+) \(source\) -> ([\d.]+) \(compressed\)",
+    "wall": r"make main wall: ([\d.]+) s",
+}
+
+
+def load_log(name: str) -> dict | None:
+    """The summary lines `hf-compress convert` prints, parsed (a log is one run, kept as it was printed)."""
+    path = RESULTS / name
+    if not path.exists():
+        return None
+    text = path.read_text()
+    log: dict = {"file": name}
+    for key, pattern in LOG_PATTERNS.items():
+        match = re.search(pattern, text)
+        if match:
+            log[key] = match.groups()
+    windows = re.search(r"--eval-max-windows (\d+)", text)
+    log["eval_windows"] = windows.group(1) if windows else "all"
+    if "conversion" in log:
+        log["phases"] = {k.strip(): float(v) for v, k in
+                         ((m.group(2), m.group(1)) for m in re.finditer(r"([a-z ]+?) ([\d.]+) s", log["conversion"][2]))}
+    return log
+
+
+def num(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+# ----------------------------------------------------------------------------------------------------- LLM quality
+def llm_label(row: dict) -> str:
+    dtype = row.get("calib_dtype", "float32")
+    return row["method"] + (f" ({dtype})" if dtype not in ("float32", "none") else "")
+
+
+def llm_order(row: dict) -> tuple[int, bool]:
+    index = LLM_METHODS.index(row["method"]) if row["method"] in LLM_METHODS else -1
+    return index, llm_label(row) != row["method"]
+
+
+class LLMRows:
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.by = {(llm_label(r), round(r["target_ratio"], 4)): r for r in rows}
+        self.dense = next((r for r in rows if r["method"] == "dense"), None)
+        self.ratios = sorted({round(r["target_ratio"], 4) for r in rows if r["method"] != "dense"})
+
+    def get(self, label: str, ratio: float) -> dict | None:
+        return self.by.get((label, round(ratio, 4)))
+
+    def ppl(self, label: str, ratio: float) -> float | None:
+        row = self.get(label, ratio)
+        return row["perplexity"] if row else None
+
+    def common(self, *labels: str) -> list[float]:
+        return [r for r in self.ratios if all(self.get(label, r) for label in labels)]
+
+
+def llm_section(llm: LLMRows, logs: dict) -> str:
+    if not llm.rows:
+        return ""
+    dense = llm.dense["perplexity"] if llm.dense else None
+    windows = llm.dense.get("windows") if llm.dense else None
+    out = ["## LLM quality: SmolLM2-135M-Instruct, protocol \"quick\" (CPU)", ""]
+    out.append(
+        "`benchmarks/bench_llm_quality.py`, rows in `llm_quality_quick.jsonl`. SmolLM2-135M-Instruct dequantized from "
+        "its GGUF file, float32; calibration on the C4 calibration file as the protocol prescribes; WikiText-2 test "
+        f"perplexity over the first {windows} windows of 2048 tokens (dense: {dense:.2f}). Rows without `sequential` "
+        "take every Gram from the dense model, as the papers do; rows without `layer-fit` keep the group SVD's "
+        "coefficients. Rows marked `(bfloat16)` ran the calibration forwards' matrix products in bfloat16 "
+        f"({CONTEXT['bf16_cpu']}); the others ran them in float32, before that option existed. "
+        f"**`{DEFAULT_LLM}` is what `hf-compress convert` does by default on such a CPU.**")
+    out.append("")
+    # achieved ratios
+    off = [abs(r["achieved_ratio"] - r["target_ratio"]) for r in llm.rows
+           if r["method"] != "dense" and "multiple128" not in r["method"]]
+    m128 = [r["achieved_ratio"] - r["target_ratio"] for r in llm.rows if "multiple128" in r["method"]]
+    sentence = f"Every row lands on its target ratio (within {100 * max(off):.3f} points"
+    if m128:
+        sentence += f"; `multiple128` rows up to {100 * max(m128):.2f} points over, as whole steps of 128 allow"
+    out += [sentence + ").", ""]
+
+    # pivot
+    labels = sorted({llm_label(r) for r in llm.rows if r["method"] != "dense"},
+                    key=lambda lab: llm_order(next(r for r in llm.rows if llm_label(r) == lab)))
+    out.append("WikiText-2 perplexity (\"-\": not measured):")
+    out.append("")
+    out.append(table(["method"] + [f"{r:.0%}" for r in llm.ratios],
+                     [[lab] + [f"{llm.ppl(lab, r):.2f}" if llm.get(lab, r) else "-" for r in llm.ratios]
+                      for lab in labels]))
+    out.append("")
+    out += llm_analysis(llm)
+    out.append("")
+    # all rows
+    out.append("All rows, with the achieved ratio, the conversion time (calibration and decomposition, without loading "
+               "the model; rows that use the dense Grams include their share of the one dense pass) and the peak RSS. "
+               "A time marked \"(see note)\" was measured while other work shared the two cores, or carries extra work: "
+               "it is not a speed figure.")
+    out.append("")
+    rows = []
+    for r in sorted(llm.rows, key=lambda r: (r["target_ratio"], *llm_order(r))):
+        conv = f"{r['conversion_time_s']:.0f}" if "conversion_time_s" in r else "-"
+        conv += " (see note)" if r.get("note") else ""
+        rows.append([llm_label(r), f"{r['target_ratio']:.0%}", f"{r['achieved_ratio']:.2%}", f"{r['perplexity']:.2f}",
+                     f"{r['perplexity'] / dense:.2f}" if dense else "-", conv,
+                     f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"])
+    out.append(table(["method", "target", "achieved", "WikiText-2 ppl", "x dense", "conversion (s)", "peak RSS (MB)"],
+                     rows))
+    out.append("")
+    notes = [f"- {llm_label(r)} at {r['target_ratio']:.0%}: {r['note']}" for r in
+             sorted(llm.rows, key=lambda r: (*llm_order(r), r["target_ratio"])) if r.get("note")]
+    if notes:
+        out += ["Notes:", ""] + notes
+    return "\n".join(out)
+
+
+def llm_analysis(llm: LLMRows) -> list[str]:
+    d, svdllm, paper = DEFAULT_LLM, "svd-llm", "basis-sharing"
+    seq_bf16, seq_f32 = "basis-sharing+sequential (bfloat16)", "basis-sharing+sequential"
+    out = ["What this shows:", ""]
+
+    def series(label, ratios):
+        return " / ".join(ppl(llm.ppl(label, r)) for r in ratios)
+
+    high = [r for r in llm.common(d, svdllm) if r >= 0.2]
+    if high:
+        out.append(f"- **The default (sequential calibration + layer fit) against SVD-LLM**: {series(d, high)} at "
+                   f"{ratios_text(high)}, against {series(svdllm, high)} for SVD-LLM, i.e. "
+                   + ", ".join(change(llm.ppl(d, r), llm.ppl(svdllm, r)) for r in high) + ".")
+    if llm.get(d, 0.1) and llm.get(svdllm, 0.1):
+        line = (f"  At 10% it gives {ppl(llm.ppl(d, 0.1))} against {ppl(llm.ppl(svdllm, 0.1))} "
+                f"({change(llm.ppl(d, 0.1), llm.ppl(svdllm, 0.1))})")
+        if llm.get(seq_bf16, 0.1):
+            line += (f"; sequential calibration without layer fit gives {ppl(llm.ppl(seq_bf16, 0.1))} there "
+                     f"({change(llm.ppl(seq_bf16, 0.1), llm.ppl(d, 0.1), 1)} than the default)")
+        out.append(line + ".")
+    both = llm.common(paper, svdllm)
+    if both:
+        below = [r for r in both if llm.ppl(paper, r) <= llm.ppl(svdllm, r)]
+        above = [r for r in both if r not in below]
+        text = (f"- **The paper's one-pass setting** (`{paper}`: dense Grams, the group SVD's coefficients) is at or "
+                f"below SVD-LLM at {ratios_text(below) or 'no ratio'}")
+        if above:
+            text += " and above it at " + ", ".join(
+                f"{r:.0%} ({ppl(llm.ppl(paper, r))} vs {ppl(llm.ppl(svdllm, r))})" for r in above)
+        out.append(text + " on this 135M model.")
+    like = llm.common(d, "svd-llm+sequential (bfloat16)")
+    if like:
+        out.append(f"- **Like for like, most of the gain is the calibration.** SVD-LLM with the same sequential "
+                   f"calibration (`svd-llm+sequential`, bfloat16 forwards) gives {series('svd-llm+sequential (bfloat16)', like)} "
+                   f"at {ratios_text(like)}; against it the default is "
+                   + ", ".join(f"{change(llm.ppl(d, r), llm.ppl('svd-llm+sequential (bfloat16)', r), 1)} at {r:.0%}"
+                               for r in like)
+                   + ". Once both are calibrated sequentially, sharing a basis between two layers of this 30-layer, "
+                     "576-wide model buys about as much as the per-layer factorisation.")
+    seq = [r for r in llm.common(seq_bf16, svdllm, d) if r >= 0.2]
+    if seq:
+        out.append(f"- **Sequential calibration is the largest single gain**: {series(seq_bf16, seq)} at "
+                   f"{ratios_text(seq)} (bfloat16 forwards), "
+                   f"{span([1 - llm.ppl(seq_bf16, r) / llm.ppl(svdllm, r) for r in seq], pct)} below SVD-LLM. "
+                   "Layer fit then takes off another "
+                   + " / ".join(pct(1 - llm.ppl(d, r) / llm.ppl(seq_bf16, r)) for r in seq)
+                   + " for no extra pass.")
+    lf = llm.common("basis-sharing+layer-fit", paper)
+    if lf:
+        out.append(f"- Layer fit helps without sequential calibration too: {series('basis-sharing+layer-fit', lf)} "
+                   f"against {series(paper, lf)} at {ratios_text(lf)}. The group's SVD fits every member's "
+                   "coefficients on the summed Gram, as if they saw the same inputs; each member's own least-squares "
+                   "fit can only lower its own calibration loss.")
+    bf = llm.common(seq_bf16, seq_f32)
+    if bf:
+        out.append("- **bfloat16 calibration forwards cost nothing measurable**: "
+                   + ", ".join(f"{llm.ppl(seq_bf16, r):.2f} vs {llm.ppl(seq_f32, r):.2f} at {r:.0%}" for r in bf)
+                   + f" (bfloat16 vs float32; {span([llm.ppl(seq_bf16, r) / llm.ppl(seq_f32, r) - 1 for r in bf], lambda x: f'{100 * x:+.2f}%')}).")
+    rf = llm.common("basis-sharing+refit", svdllm, paper)
+    if rf:
+        helps = [r for r in rf if llm.ppl("basis-sharing+refit", r) < llm.ppl(paper, r)]
+        hurts = [r for r in rf if r not in helps]
+        text = "- **`--refit` helps only at high ratios.** On dense Grams it gives " + ", ".join(
+            f"{ppl(llm.ppl('basis-sharing+refit', r))} at {r:.0%}" for r in rf)
+        if hurts:
+            text += (", worse than without it at " + ", ".join(
+                f"{r:.0%} ({ppl(llm.ppl(paper, r))})" for r in hurts))
+        sr = llm.common("basis-sharing+sequential+refit (bfloat16)", d)
+        if sr:
+            peak = max(llm.get("basis-sharing+sequential+refit (bfloat16)", r)["peak_rss_mb"] for r in sr)
+            text += (". On top of sequential calibration it gives " + ", ".join(
+                f"{ppl(llm.ppl('basis-sharing+sequential+refit (bfloat16)', r))} at {r:.0%}" for r in sr)
+                + f", worse than the default ({', '.join(ppl(llm.ppl(d, r)) for r in sr)}), at a peak RSS of "
+                  f"{peak / 1024:.1f} GB (it keeps every stage's dense targets)")
+        out.append(text + ".")
+    gl = llm.common("basis-sharing+global", paper)
+    if gl:
+        text = (f"- `--rank-allocation global` is worse than uniform ranks at every ratio measured: "
+                f"{series('basis-sharing+global', gl)} at {ratios_text(gl)} with the relative score")
+        ga = [r for r in llm.ratios if llm.get("basis-sharing+global-absolute", r)]
+        if ga:
+            text += ", " + ", ".join(f"{ppl(llm.ppl('basis-sharing+global-absolute', r))} at {r:.0%}" for r in ga) + \
+                    " with the absolute one"
+        out.append(text + ": the whitened truncation loss of one matrix is a poor proxy for the model's loss.")
+    mm = llm.common("basis-sharing+multiple128", paper)
+    if mm:
+        out.append("- `--rank-multiple 128` costs " + ", ".join(
+            f"x{llm.ppl('basis-sharing+multiple128', r) / llm.ppl(paper, r):.2f} at {r:.0%}" for r in mm)
+                   + " against free ranks: with 576-wide projections a step of 128 is a large part of every rank. "
+                     "On 4096-wide models, where it buys GPU speed, the grid is far finer relative to the ranks.")
+    sv = [r for r in llm.ratios if llm.get("svd", r)]
+    if sv:
+        vals = [llm.ppl("svd", r) for r in sv]
+        out.append(f"- Plain SVD without whitening collapses: perplexity {span(vals, lambda x: f'{x / 1e6:,.0f} million')} "
+                   f"at {ratios_text(sv)}.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- logs
+def logs_section(logs: dict) -> str:
+    main, one = logs.get("make_main_smollm2.log"), logs.get("convert_smollm2_no_sequential.log")
+    if not main:
+        return ""
+    out = ["## `make main` (CPU)", ""]
+    before, after = num(main["params"][0]), num(main["params"][1])
+    total, load, _, peak = main["conversion"]
+    out.append(f"`make_main_smollm2.log`, {CONTEXT['make_main']}: Basis Sharing at {num(main['params'][2]):.0f}% with "
+               "the defaults (sequential calibration, layer fit, `--calib-dtype auto`), protocol \"quick\" calibration, "
+               f"perplexity on the first {main['eval_windows']} WikiText-2 windows.")
+    out.append("")
+    rows = [["`make main` (default)", f"{before:,.0f} -> {after:,.0f}", f"{main['params'][3]}%", total, load,
+             ", ".join(f"{k} {v:.1f}" for k, v in main["phases"].items()), peak,
+             f"{main['perplexity'][1]} -> {main['perplexity'][2]}"]]
+    if one:
+        rows.append(["`--no-sequential --no-layer-fit` (the paper's)",
+                     f"{num(one['params'][0]):,.0f} -> {num(one['params'][1]):,.0f}", f"{one['params'][3]}%",
+                     one["conversion"][0], one["conversion"][1],
+                     ", ".join(f"{k} {v:.1f}" for k, v in one["phases"].items()), one["conversion"][3],
+                     f"{one['perplexity'][1]} -> {one['perplexity'][2]}"])
+    out.append(table(["run", "compressed-projection params", "achieved", "conversion (s)", "load (s)", "phases (s)",
+                      "peak memory (MB)", "WikiText-2 ppl, source -> compressed"], rows))
+    out.append("")
+    if "wall" in main:
+        evals = float(main["wall"][0]) - float(total)
+        out.append(f"`make main` took {float(main['wall'][0]):.1f} s in all; about {evals:.0f} s of it is the two "
+                   "perplexity evaluations (before and after).")
+    if one:
+        out[-1] += (f" The paper's one-pass setting converts {float(total) / float(one['conversion'][0]):.2f}x as fast "
+                   f"for a perplexity of {float(one['perplexity'][2]):.1f} instead of {float(main['perplexity'][2]):.1f}: "
+                   "sequential calibration runs each pair of layers four times (both dense, for the Grams on the "
+                   "compressed stream, then both compressed, to carry the stream on) where one-pass runs it once.")
+    others = sorted(name for name in logs if name.startswith("convert_smollm2_bs-"))
+    if others:
+        out += ["", (f"The checkpoints of the lm-eval comparison below were {CONTEXT['lm_eval_quick_checkpoints']} "
+                     "(the log of the 20% one is not kept):"), ""]
+        out.append(table(["log", "achieved", "conversion (s)", "peak memory (MB)"],
+                         [[f"`{n}`", f"{logs[n]['params'][3]}%", logs[n]["conversion"][0], logs[n]["conversion"][3]]
+                          for n in others]))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------- lm-eval
+def lm_eval_section(quick: dict | None, reduced: dict | None, zeroshot: dict | None, llm: LLMRows) -> str:
+    out = ["## lm-evaluation-harness (CPU)", ""]
+    if quick:
+        recs, args = quick["records"], quick["args"]
+        dense = next(r for r in recs if r["model"] == "dense")
+        out.append(
+            f"`benchmarks/bench_lm_eval.py --wikitext-docs {args['wikitext_docs']} --update-card`, results in "
+            f"`lm_eval_{args['tag']}.json`. The checkpoints are `hf-compress convert smollm2` at each ratio, "
+            f"{CONTEXT['lm_eval_quick_checkpoints']} (the defaults have since moved to bfloat16 forwards and layer "
+            f"fit). lm-eval's `hfc_wikitext2` scores the first {dense['documents']} of the {WIKITEXT_TEST_ARTICLES} "
+            f"WikiText-2 test articles ({dense['raw_tokens']:,} tokens of the raw text) and `hf-compress ppl` scores "
+            f"the same {dense['documents']} articles (joined with a blank line, {dense['ppl_windows']} windows of "
+            f"{args['max_length']} tokens). float32, {args['threads']} CPU threads, {CONTEXT['lm_eval_quick']}.")
+        out.append("")
+        out.append(lm_eval_table(recs))
+        out.append("")
+        tpw = dense["tokens"] / dense["words"]
+        comp = [r for r in recs if r["model"] != "dense"]
+        gaps = [1 - r["lm_eval_token_perplexity"] / r["ppl"] for r in comp]
+        out.append(f"- `lm-eval token ppl (same NLL)` is `word_ppl ** (words / tokens)`: lm-eval's own total NLL over "
+                   f"the tokens of the detokenized articles, the quantity comparable to `hf-compress ppl`; tokens/word "
+                   f"is {tpw:.3f} for SmolLM2's tokenizer, so word perplexity magnifies every loss.")
+        out.append(f"- On the same text, lm-eval's token perplexity is "
+                   f"{pct(1 - dense['lm_eval_token_perplexity'] / dense['ppl'])} below `hf-compress ppl` for the dense "
+                   f"model and {span(gaps, pct)} below for the compressed ones: lm-eval scores the detokenized text, "
+                   "which is easier, and the compressed models lose more on the raw file's odd spacing. Both rank the "
+                   "models the same way; the damage grows alike: "
+                   + " / ".join(f"x{r['lm_eval_token_perplexity'] / dense['lm_eval_token_perplexity']:.1f}" for r in comp)
+                   + " (lm-eval token ppl) against "
+                   + " / ".join(f"x{r['ppl'] / dense['ppl']:.1f}" for r in comp)
+                   + f" (`hf-compress ppl`) at {ratios_text([r['target_ratio'] for r in comp])}.")
+        out.append(f"- Wall time per model: {span([r['lm_eval_wall_s'] for r in recs], lambda x: f'{x:.0f}')} s for "
+                   "lm-eval (batch 1, model loading included; the dense model is dequantized from its GGUF each "
+                   f"time), {span([r['ppl_wall_s'] for r in recs], lambda x: f'{x:.0f}')} s for `hf-compress ppl`.")
+        if llm.dense:
+            out.append(f"- `hf-compress ppl` on these {dense['documents']} articles ({dense['ppl']:.2f} dense) differs "
+                       f"from the \"quick\" protocol's {llm.dense['perplexity']:.2f}, which scores the first "
+                       f"{llm.dense['windows']} windows of the whole joined file.")
+        out.append("")
+    if reduced:
+        recs, args = reduced["records"], reduced["args"]
+        out.append(f"A smaller run on the {CONTEXT['lm_eval_old_checkpoints']} (`lm_eval_{args['tag']}.json`): "
+                   f"lm-eval on {recs[0]['documents']} articles, `hf-compress ppl` on the first {args['ppl_windows']} "
+                   f"windows of the joined file.")
+        out.append("")
+        out.append(lm_eval_table(recs))
+        out.append("")
+    if zeroshot:
+        recs, args = zeroshot["records"], zeroshot["args"]
+        n = args["zeroshot_limit"]
+        tasks = [t for t in recs[0]["zeroshot"] if t != "hfc_zeroshot"]
+        out.append(f"Zero-shot, far below protocol scale: **{n} items per task** (at {n} items the standard error of "
+                   f"one task's accuracy is up to {std_error(0.5, n):.2f}), on the dense model and the "
+                   f"{CONTEXT['lm_eval_old_checkpoints']} (`lm_eval_{args['tag']}.json`). Cells are acc / acc_norm; "
+                   "the means are unweighted over tasks, as the papers report them.")
+        out.append("")
+        rows, means = [], {}
+        for r in recs:
+            z = r["zeroshot"]
+            accn = [z[t]["acc_norm"] for t in tasks if "acc_norm" in z[t]]
+            mean_acc = z.get("hfc_zeroshot", {}).get("acc", sum(z[t]["acc"] for t in tasks) / len(tasks))
+            means[r["model"]] = (mean_acc, sum(accn) / len(accn))
+            cells = [f"{z[t]['acc']:.2f}" + (f" / {z[t]['acc_norm']:.2f}" if "acc_norm" in z[t] else "") for t in tasks]
+            rows.append([r["model"], *cells, f"{mean_acc:.3f}", f"{means[r['model']][1]:.3f}",
+                         f"{r['zeroshot_wall_s']:.0f}"])
+        out.append(table(["model", *tasks, "mean acc", "mean acc_norm", "wall s"], rows))
+        out.append("")
+        text = (f"At {n} items the tasks cannot separate the models: mean acc is "
+                + " / ".join(f"{means[r['model']][0]:.3f}" for r in recs) + " and mean acc_norm "
+                + " / ".join(f"{means[r['model']][1]:.3f}" for r in recs))
+        if reduced:
+            dense_ppl = next(r["ppl"] for r in reduced["records"] if r["model"] == "dense")
+            grow = [f"x{r['ppl'] / dense_ppl:.0f}" for r in reduced["records"] if r["model"] != "dense"]
+            text += f", while the same checkpoints' perplexity grows {' and '.join(grow)}"
+        out.append(text + ". The protocol's item counts are needed for real numbers; wall times include model "
+                          "loading under shared-CPU load.")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
+def lm_eval_table(recs: list[dict]) -> str:
+    return table(
+        ["model", "target", "achieved", "lm-eval word ppl", "lm-eval byte ppl", "lm-eval token ppl (same NLL)",
+         "tokens/word", "hf-compress ppl", "lm-eval wall s", "ppl wall s"],
+        [[r["model"], f"{r['target_ratio']:.1%}", f"{r['achieved_ratio']:.1%}", f"{r['word_perplexity']:.2f}",
+          f"{r['byte_perplexity']:.4f}", f"{r['lm_eval_token_perplexity']:.2f}", f"{r['tokens'] / r['words']:.3f}",
+          f"{r['ppl']:.2f}", f"{r['lm_eval_wall_s']:.0f}", f"{r['ppl_wall_s']:.0f}"] for r in recs])
+
+
+# ----------------------------------------------------------------------------------------------------- pruning
+def pruning_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for net in data["networks"]:
+        name = f"{net['arch']}/{net['width_divisor']}"
+        for r in net["rows"]:
+            kind = r["model"].split(" ", 1)[1]
+            if kind == "class-aware":
+                its = r.get("iterations", [])
+                kept = max((i["iteration"] for i in its if i["macs"] == r["macs"]), default=None)
+                kind += f" (iteration {kept} kept; stopped: {r.get('stop_reason', '')})" if kept is not None else ""
+            elif kind == "L1-norm":
+                kind += f", same MACs, {r.get('retrain_epochs')} retraining epochs"
+            rows.append([f"{name} {kind}", f"{r['params'] / 1e6:.3f}M", millions(r["macs"]), pct(r["test_accuracy"], 2),
+                         pct(r["macs_reduction"], 1) if "macs_reduction" in r else "-",
+                         f"{100 * r['accuracy_change']:+.2f}" if "accuracy_change" in r else "-"])
+    return rows
+
+
+def pruning_section(files: dict) -> str:
+    main = {k: v for k, v in files.items() if "regularizers" not in k}
+    if not main:
+        return ""
+    any_run = next(iter(main.values()))
+    a = any_run["args"]
+    out = ["## Class-aware pruning: reduced scale (CPU)", ""]
+    out.append(
+        f"**Reduced scale on a 2-core CPU** (device recorded: `{any_run['device']}`). `benchmarks/bench_pruning.py`, the same code path "
+        f"as the full protocol, but narrow networks (width divided by the factor after the name: ResNet-20/"
+        f"{main_arg(main, 'resnet20', 'width_divisor')}, VGG-16/{main_arg(main, 'vgg16', 'width_divisor')}), "
+        f"{any_run['train_images']:,} training images (+{any_run['val_images']:,} held out for validation, seed 2023), "
+        f"{any_run['test_images']:,} test images, {a['epochs']} baseline epochs, at most {a['iterations']} class-aware "
+        f"iterations of {a['retrain_epochs']} retraining epochs, and a floor {100 * a['floor_drop']:.0f} points under "
+        f"the baseline's validation accuracy. The L1-norm baseline is pruned to the closest MACs at or above "
+        f"class-aware's and retrained for as many epochs as the chosen class-aware model.")
+    base_accs = [n["rows"][0]["test_accuracy"] for d in main.values() for n in d["networks"]]
+    out.append(f"Baselines reach only {span(base_accs, pct)} test accuracy: these runs show that the pipeline runs end "
+               "to end and what it measures, not the method's quality at full scale.")
+    out.append("")
+    groups = [("L1 regulariser (the default)", [k for k in main if "_l1_" in k and "double" not in k]),
+              ("Orthogonality regulariser", [k for k in main if "_l1" not in k]),
+              ("Orthogonality regulariser, L1-norm baseline given a larger retraining budget (an earlier run)",
+               [k for k in main if "double_budget" in k])]
+    header = ["model", "params", "MACs", "test acc", "MACs removed", "acc change (points)"]
+    align = ["---", "---:", "---:", "---:", "---:", "---:"]
+    diffs = {}
+    for title, keys in groups:
+        if not keys:
+            continue
+        out.append(f"{title}: " + ", ".join(f"`{k}`" for k in keys))
+        out.append("")
+        out.append(table(header, [row for k in keys for row in pruning_rows(main[k])], align))
+        out.append("")
+        if "larger" in title:
+            continue
+        for k in keys:
+            for net in main[k]["networks"]:
+                ca = next(r for r in net["rows"] if r["model"].endswith("class-aware"))
+                l1 = next(r for r in net["rows"] if r["model"].endswith("L1-norm"))
+                diffs[(title.split(" ")[0], net["arch"])] = ca["test_accuracy"] - l1["test_accuracy"]
+    if diffs:
+        n = any_run["test_images"]
+        se = std_error(0.37, n) * math.sqrt(2)
+        out.append("Class-aware minus L1-norm test accuracy: " + ", ".join(
+            f"{arch} with the {reg} regulariser {100 * v:+.1f} points" for (reg, arch), v in diffs.items())
+                   + f". With {n:,} test images the standard error of a difference of two accuracies near these is "
+                     f"about {100 * se:.1f} points, so none of these differences is significant. The uniform L1 ratio "
+                     "steps coarsely on such narrow layers, so L1-norm models sometimes keep a few percent more MACs.")
+        out.append("")
+    reg = files.get("pruning_regularizers_cpu_reduced.json")
+    if reg:
+        r0 = reg["regularizers"]
+        out.append(f"Regulariser choice (`pruning_regularizers_cpu_reduced.json`): {reg['arch']}/"
+                   f"{reg['args']['width_divisor']}, {reg['args']['epochs']} epochs, importance from "
+                   f"{reg['args']['images_per_class']} images per class.")
+        out.append("")
+        out.append(table(["regulariser", "test acc", f"filters important for <= 1 class (of {r0[0]['prunable_filters']})",
+                          "mean classes per filter"],
+                         [[r["regularizer"], pct(r["test_accuracy"], 2), r["important_for_at_most_1_class"],
+                           f"{r['mean_classes_per_filter']:.2f}"] for r in r0], ["---", "---:", "---:", "---:"]))
+        out.append("")
+        by = {r["regularizer"]: r for r in r0}
+        if {"none", "orthogonal", "l1"} <= set(by):
+            out.append(
+                f"Orthogonality made filters slightly less class-specific ({by['orthogonal']['mean_classes_per_filter']:.2f} "
+                f"classes per filter against {by['none']['mean_classes_per_filter']:.2f}) and cost accuracy "
+                f"({pct(by['orthogonal']['test_accuracy'], 1)} against {pct(by['none']['test_accuracy'], 1)}). L1 made "
+                f"them no more specific than no regulariser, at {pct(by['l1']['test_accuracy'], 1)}. L1 is therefore "
+                "the default of `prune`, on a weak basis (one seed, this scale); `--compare-regularizers` repeats the "
+                "comparison at full scale.")
+    return "\n".join(out)
+
+
+def main_arg(main: dict, arch: str, key: str):
+    for d in main.values():
+        for n in d["networks"]:
+            if n["arch"] == arch:
+                return n[key]
+    return "?"
+
+
+# ----------------------------------------------------------------------------------------------------- early exit
+def exit_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for a in data["archs"]:
+        base = a["base"]
+        rows.append([a["arch"], "plain network (before heads)", "-", pct(base["test_accuracy"], 2), "-", "-",
+                     millions(base["macs"]), "-", "-", "-", "-", "-", "-"])
+        for rule, r in a["rules"].items():
+            for t in r["tolerances"]:
+                hist = ", ".join(f"{k} {v:.0%}" for k, v in t["exit_histogram"].items())
+                rows.append([a["arch"], rule, f"{t['tolerance']:g}", pct(t["test_accuracy_full"], 2),
+                             pct(t["test_accuracy"], 2), f"{100 * (t['test_accuracy'] - t['test_accuracy_full']):+.2f}",
+                             millions(t["macs_full"]), millions(t["mean_macs"]), pct(t["macs_reduction"], 1),
+                             f"{t['throughput_full']:.0f}", f"{t['throughput']:.0f}", f"{t['speedup']:.2f}x", hist])
+    return rows
+
+
+def early_exit_section(files: dict) -> str:
+    if not files:
+        return ""
+    out = ["## Early exit with class exclusion: reduced scale (CPU)", ""]
+    out.append("`benchmarks/bench_early_exit.py` on CIFAR-10, **reduced scale**: random subsets of the training and "
+               "test splits, the plain network trained for a few epochs, then heads attached at the middle and end of "
+               "every stage and trained jointly, separately for each rule. `resnet20` is the CIFAR ResNet-20 "
+               "(option-A shortcuts), standing in for ResNet-56; `hf-resnet18` is transformers' "
+               "`ResNetForImageClassification` ResNet-18 layout (7x7 stride-2 stem + max pool) at 32x32. Throughput: "
+               "the best of alternating rounds (exits on / every exit off) over the test batches.")
+    out.append("")
+    header = ["arch", "rule", "tolerance", "test acc full", "test acc early exit", "Δ acc (points)", "MACs full",
+              "mean MACs", "MACs saved", "img/s full", "img/s early exit", "speedup", "exit histogram"]
+    for name, d in files.items():
+        a = d["args"]
+        tag = name[:-5]
+        out.append(f"`{name}`: {d['device']}; {d['train_samples']:,} train / {d['val_samples']:,} validation (threshold "
+                   f"search) / {d['test_samples']:,} test images; {a['pretrain_epochs']} epochs plain, "
+                   f"{a['joint_epochs']} joint; throughput at batch {a['throughput_batch']}, best of {a['speed_rounds']} "
+                   f"rounds x {a['throughput_batches']} batches"
+                   + ("; rerun with `--reuse` on the same trained models" if a.get("reuse") else "")
+                   + (f"; {CONTEXT[tag]}" if tag in CONTEXT else "") + ".")
+        out.append("")
+        out.append(table(header, exit_rows(d)))
+        out.append("")
+    out += exit_analysis(files)
+    return "\n".join(out)
+
+
+def exit_analysis(files: dict) -> list[str]:
+    out = ["What this shows:", ""]
+    bases = {name: a["base"]["test_accuracy"] for name, d in files.items() for a in d["archs"]}
+    out.append(f"- These networks are far from trained ({span(list(bases.values()), pct)} test accuracy), so the "
+               "numbers measure the machinery, not the method.")
+
+    def tol(arch, rule):
+        return [t for d in files.values() for a in d["archs"] if a["arch"] == arch
+                for t in a["rules"].get(rule, {}).get("tolerances", [])]
+
+    r20_ce, r20_cf = tol("resnet20", "class_exclusion"), tol("resnet20", "confidence")
+    if r20_ce and r20_cf:
+        out.append(f"- ResNet-20: class exclusion saved {span([t['macs_reduction'] for t in r20_ce], lambda x: pct(x, 1))} "
+                   f"of the MACs; the confidence baseline saved {span([t['macs_reduction'] for t in r20_cf], lambda x: pct(x, 1))} "
+                   f"at {span([100 * (t['test_accuracy_full'] - t['test_accuracy']) for t in r20_cf], lambda x: f'{x:.1f}')} "
+                   "test points. The baseline is ahead at this scale: the betas the search picked "
+                   f"({span([b for t in r20_ce for b in t['thresholds']], lambda x: f'{x:.2f}')}) exclude classes, but "
+                   "after so little joint training the sigmoid scores stay high for several classes and almost no "
+                   "sample gets down to one.")
+        worst = max(r20_ce, key=lambda t: t["test_accuracy_full"] - t["test_accuracy"])
+        out.append(f"- The search returns the visited setting with the fewest MACs, so at this scale it can trade "
+                   f"{100 * (worst['test_accuracy_full'] - worst['test_accuracy']):.2f} test points for "
+                   f"{pct(worst['macs_reduction'], 1)} fewer MACs (ResNet-20, tolerance {worst['tolerance']:g}).")
+    h_ce, h_cf = tol("hf-resnet18", "class_exclusion"), tol("hf-resnet18", "confidence")
+    if h_ce and h_cf:
+        both = h_ce + h_cf
+        out.append(f"- hf-resnet18 is near chance, so the search lets nearly every sample leave at the first exits; "
+                   f"both rules cut MACs by {span([t['macs_reduction'] for t in both], pct)} and lose "
+                   f"{span([100 * (t['test_accuracy_full'] - t['test_accuracy']) for t in both], lambda x: f'{x:.1f}')} "
+                   f"test points. Class-exclusion betas reach the grid's cap of "
+                   f"{max(b for t in h_ce for b in t['thresholds']):.2f}.")
+        out.append(f"- The batched exit gives a real wall-clock gain when many samples leave early (hf-resnet18: "
+                   f"{span([t['speedup'] for t in h_ce], lambda x: f'{x:.1f}x')} for class exclusion at "
+                   f"{span([t['macs_reduction'] for t in h_ce], pct)} fewer MACs, "
+                   f"{span([t['speedup'] for t in h_cf], lambda x: f'{x:.1f}x')} for confidence), and none beyond the "
+                   f"timing noise when few do (ResNet-20, at most {pct(max(t['macs_reduction'] for t in r20_ce + r20_cf), 1)} "
+                   f"fewer MACs: {span([t['speedup'] for t in r20_ce + r20_cf], lambda x: f'{x:.2f}x')}). The spread "
+                   "between rows with identical exits shows that noise on a shared 2-core machine.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- CNN cifar-cpu
+def cnn_cpu_section(files: dict) -> str:
+    if not files:
+        return ""
+    out = ["## CNN, protocol \"cifar-cpu\" (CPU)", ""]
+    base = files.get("cnn_cpu_baseline.json")
+    if base:
+        proto = base.get("protocol", {})
+        if isinstance(proto, dict):
+            out.append("Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items()) + ".")
+            out.append("")
+        rows = base.get("rows", [])
+        out.append(table(["seed", "test acc", "val acc", "precision", "params", "MACs", "epochs logged", "seconds",
+                          "device", "note"],
+                         [[r.get("seed"), pct(r["test_acc"], 2) if "test_acc" in r else "-",
+                           pct(r["val_acc"], 2) if "val_acc" in r else "-", r.get("precision", "-"),
+                           f"{r['params'] / 1e6:.3f}M" if "params" in r else "-",
+                           millions(r["macs"]) if "macs" in r else "-", len(r.get("train_loss", [])),
+                           f"{r['seconds_this_invocation']:.0f}" if "seconds_this_invocation" in r else "-",
+                           r.get("device", "-"), r.get("note") or "-"] for r in rows]))
+        out.append("")
+        if any(r.get("note") for r in rows):
+            out.append("Rows with a note were measured under the condition it names.")
+            out.append("")
+    summary = files.get("cnn_cpu_summary.json")
+    if summary:
+        for network, entries in summary.get("networks", {}).items():
+            out.append(f"Summary, {network}: " + ", ".join(
+                f"{k} {pct(v, 2) if isinstance(v, float) and 0 <= v <= 1 else v}" for k, v in entries.items()) + ".")
+        out.append("")
+    for name in files:
+        if name not in ("cnn_cpu_baseline.json", "cnn_cpu_summary.json"):
+            out.append(f"`{name}` is stored but not summarised here.")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------- summary
+def summary_table(llm: LLMRows, pruning: dict, exits: dict) -> str:
+    rows = []
+    if llm.rows and llm.dense:
+        for r in (0.1, 0.2, 0.4):
+            row = llm.get(DEFAULT_LLM, r)
+            if not row:
+                continue
+            base = llm.ppl("svd-llm", r)
+            rows.append([f"Basis Sharing, {r:.0%} of the projection parameters removed (defaults)", "SmolLM2-135M-Instruct, CPU",
+                         f"WikiText-2 ppl {llm.dense['perplexity']:.2f} -> {row['perplexity']:.2f}",
+                         f"SVD-LLM at the same ratio: {base:.2f}" if base else "-", "protocol \"quick\""])
+    l1 = {k: v for k, v in pruning.items() if "_l1_" in k and "double" not in k}
+    for name, d in l1.items():
+        for net in d["networks"]:
+            base = net["rows"][0]
+            ca = next(r for r in net["rows"] if r["model"].endswith("class-aware"))
+            l1n = next(r for r in net["rows"] if r["model"].endswith("L1-norm"))
+            rows.append(["Class-aware pruning (L1 regulariser)", f"{net['arch']} at 1/{net['width_divisor']} width, CIFAR-10, CPU",
+                         (f"{pct(ca['macs_reduction'])} fewer MACs, acc {pct(base['test_accuracy'], 1)} -> "
+                          f"{pct(ca['test_accuracy'], 1)}"),
+                         f"L1-norm pruning, same MACs and epochs: {pct(l1n['macs_reduction'])} fewer MACs, acc {pct(l1n['test_accuracy'], 1)}",
+                         "reduced scale"])
+    for name, d in sorted(exits.items(), key=lambda kv: "hf-" in kv[0]):
+        for a in d["archs"]:
+            ce = {t["tolerance"]: t for t in a["rules"].get("class_exclusion", {}).get("tolerances", [])}
+            cf = {t["tolerance"]: t for t in a["rules"].get("confidence", {}).get("tolerances", [])}
+            if 0.005 not in ce or (a["arch"] == "resnet20" and "10k" not in name):
+                continue
+            t = ce[0.005]
+            c = cf.get(0.005)
+            rows.append(["Early exit, class exclusion, tolerance 0.005", f"{a['arch']}, CIFAR-10, CPU",
+                         (f"{pct(t['macs_reduction'], 1)} fewer MACs, acc {pct(t['test_accuracy_full'], 1)} -> "
+                          f"{pct(t['test_accuracy'], 1)}"),
+                         f"max-softmax exits: {pct(c['macs_reduction'], 1)} fewer MACs, acc {pct(c['test_accuracy'], 1)}"
+                         if c else "-", "reduced scale"])
+    return table(["method", "model, data", "result", "baseline", "scale"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def build() -> tuple[str, str]:
+    llm = LLMRows(load_jsonl("llm_quality_quick.jsonl"))
+    logs = {p.name: load_log(p.name) for p in sorted(RESULTS.glob("*.log"))}
+    lm = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("lm_eval_*.json"))}
+    pruning = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("pruning_*.json"))}
+    exits = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("early_exit_*.json"))}
+    cnn = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("cnn_cpu_*.json"))}
+    speed = sorted(p.name for p in RESULTS.glob("llm_speed*"))
+    # the two early-exit runs of the first round first, the less loaded one last
+    exits = dict(sorted(exits.items(), key=lambda kv: ("10k" in kv[0], "hf-" in kv[0])))
+
+    parts = [
+        "# Measured results",
+        "",
+        "<!-- Generated by benchmarks/report.py from the files in this folder; edit the script, not this file. -->",
+        "",
+        ("Every table and figure below is formatted from the result files in this folder (`*.json`, `*.jsonl`; the "
+         "`*.log` files are the printed output of single CLI runs). Protocols are those of the project's benchmark "
+         "protocol document: LLM quality \"quick\", lm-eval zero-shot, CNN and \"cifar-cpu\"."),
+        "",
+        ("**Machines.** Every number here comes from 2-core CPU machines; no GPU protocol has been run. Where other "
+         "work shared the two cores during a measurement, the row or the run says so; its times are then not speed "
+         "figures. The CNN runs are **reduced scale** (narrow networks, a few thousand images, a few epochs): they "
+         "check the pipeline end to end and are not comparable with the papers' numbers."),
+        "",
+        "Contents: " + ", ".join(f"[{t}](#{a})" for t, a in [
+            ("make main", "make-main-cpu"),
+            ("LLM quality", "llm-quality-smollm2-135m-instruct-protocol-quick-cpu"),
+            ("lm-eval", "lm-evaluation-harness-cpu"),
+            ("LLM speed", "llm-speed-gpu"),
+            ("class-aware pruning", "class-aware-pruning-reduced-scale-cpu"),
+            ("early exit", "early-exit-with-class-exclusion-reduced-scale-cpu")]) + ".",
+        "",
+        logs_section(logs),
+        "",
+        llm_section(llm, logs),
+        "",
+        lm_eval_section(lm.get("lm_eval_quick.json"), lm.get("lm_eval_reduced.json"),
+                        lm.get("lm_eval_zeroshot_limit20.json"), llm),
+        "",
+        "## LLM speed (GPU)",
+        "",
+        ("Stored: " + ", ".join(f"`{n}`" for n in speed) + "." if speed else
+         "No result of `benchmarks/bench_llm_speed.py` is stored: the \"LLM speed\" protocol (LLaMA-7B shape, bf16, "
+         "prefill and decode with the KV cache; dense, factorised, fused and fused + break-even models in one run) "
+         "needs a GPU and has not been run. No speed figure is claimed."),
+        "",
+        pruning_section(pruning),
+        "",
+        early_exit_section(exits),
+        "",
+        cnn_cpu_section(cnn),
+    ]
+    text = "\n".join(p for p in parts if p is not None)
+    text = re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
+    return text, summary_table(llm, pruning, exits)
+
+
+def with_summary(readme: str, summary: str) -> str:
+    if SUMMARY_START not in readme or SUMMARY_END not in readme:
+        raise SystemExit(f"README.md lacks the {SUMMARY_START} / {SUMMARY_END} markers")
+    head, rest = readme.split(SUMMARY_START, 1)
+    _, tail = rest.split(SUMMARY_END, 1)
+    return f"{head}{SUMMARY_START}\n{summary}\n{SUMMARY_END}{tail}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated file is out of date")
+    args = parser.parse_args()
+    results, summary = build()
+    readme = with_summary(MAIN_README.read_text(), summary)
+    stale = [p for p, text in ((RESULTS_README, results), (MAIN_README, readme))
+             if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"out of date: {p.relative_to(ROOT)}")
+        sys.exit(1 if stale else 0)
+    RESULTS_README.write_text(results)
+    MAIN_README.write_text(readme)
+    for p in stale:
+        print(f"wrote {p.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Saving a converted SharedBasisLlama checkpoint: weights, remote code, tokenizer, perplexity and model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..checkpoint import save_pretrained_checkpoint
+from ..data.text import preset_hub_source, resolve_text_source
+from ..provenance import DataRef
+from .evaluation import PerplexityResult
+
+PERPLEXITY_FILE = "perplexity.json"
+
+
+def _public_name(dataset: str) -> str:
+    """A Hub or preset name as given, a local file by its name (the folder is pushed to the Hub)."""
+    return DataRef.of("evaluation", dataset).name
+
+
+def perplexity_json(result: PerplexityResult) -> dict[str, Any]:
+    """The content of `perplexity.json`."""
+    return {"dataset": _public_name(result.dataset), "seq_len": result.seq_len, "max_windows": result.max_windows,
+            "perplexity_source": result.before, "perplexity": result.after}
+
+
+def eval_result(result: PerplexityResult) -> dict[str, Any]:
+    """The perplexity as an evaluation result of the model card (`hf_compress.cards.record_eval_results`)."""
+    hub = preset_hub_source(result.dataset)
+    if hub is not None:
+        dataset_type, dataset_name = hub.dataset, f"{hub.dataset} {hub.config or ''} ({hub.split})".replace("  ", " ")
+    else:
+        hub = resolve_text_source(result.dataset)
+        dataset_type, dataset_name = _public_name(result.dataset), Path(hub.dataset).name
+    return {
+        "task_type": "text-generation",
+        "dataset_type": dataset_type,
+        "dataset_name": dataset_name,
+        "dataset_config": hub.config,
+        "dataset_split": hub.split,
+        "metric_type": "perplexity",
+        "metric_name": f"perplexity ({result.seq_len}-token windows, {result.max_windows or 'all'} windows)",
+        "metric_value": round(result.after, 4),
+        "source": "hf-compress ppl",
+        "details": {"perplexity_of_source": round(result.before, 4)},
+    }
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, *,
+                    overwrite: bool = False, perplexity: PerplexityResult | None = None) -> None:
+    """Writes the checkpoint atomically (`hf_compress.checkpoint`); a measured perplexity goes in as
+    `perplexity.json` and as an evaluation result of the card."""
+    extra = {PERPLEXITY_FILE: perplexity_json(perplexity)} if perplexity is not None else {}
+    save_pretrained_checkpoint(model, output, processor=tokenizer, extra_files=extra, overwrite=overwrite,
+                               card=lambda folder: _write_card(folder, perplexity))
+
+
+def _write_card(folder: Path, perplexity: PerplexityResult | None) -> None:
+    from .. import cards
+
+    if perplexity is None:
+        cards.write_model_card(folder)
+    else:
+        cards.record_eval_results(folder, [eval_result(perplexity)])
