@@ -177,50 +177,36 @@ def train_classifier(
     device = accelerator.device
     bf16 = device.type == "cuda" if bf16 is None else bf16
     channels_last = device.type == "cuda" if channels_last is None else channels_last
-    loss_fn = loss_fn or cross_entropy_loss
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = max(1, batch_size // world)
-
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    data = train_data.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(data) / world / per_process)
-    scheduler = _make_scheduler(optimizer, schedule, max(1, epochs * steps_per_epoch), milestones, gamma, int(warmup_epochs * steps_per_epoch))
+    per_process = max(1, batch_size // accelerator.num_processes)
+    steps_per_epoch = math.ceil(len(train_data) / accelerator.num_processes / per_process)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                                weight_decay=weight_decay)
+    scheduler = _make_scheduler(optimizer, schedule, max(1, epochs * steps_per_epoch), milestones, gamma,
+                                int(warmup_epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(seed)
     history = TrainingHistory()
-    state = TrainingState(Path(resume_dir), {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                                             "schedule": schedule, "weight_decay": weight_decay,
-                                             "train_size": len(train_data)}) if resume_dir is not None else None
+    state = None
+    if resume_dir is not None:
+        state = TrainingState(Path(resume_dir), {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                                                 "schedule": schedule, "weight_decay": weight_decay,
+                                                 "train_size": len(train_data)})
     start_epoch = state.restore(model, optimizer, scheduler, generator, history) if state is not None else 0
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-
+    run = _EpochRunner(accelerator, wrapped, optimizer, scheduler, generator, train_data.to(device),
+                       loss_fn or cross_entropy_loss, per_process, steps_per_epoch, memory_format, bf16, augment)
+    show = progress and accelerator.is_local_main_process
     for epoch in range(start_epoch, epochs):
-        wrapped.train()
-        total_loss = torch.zeros((), device=device)
-        seen = 0
-        lr_now = optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress or not accelerator.is_local_main_process, leave=False)
-        for images, labels in data.batches(per_process, shuffle=True, augment=augment, generator=generator, shard=(rank, world)):
-            images = images.contiguous(memory_format=memory_format)
-            with _autocast(device, bf16):
-                loss = loss_fn(wrapped, images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            # Accumulated on the device: a .item() per step would synchronise the GPU every batch.
-            total_loss += loss.detach().float() * len(labels)
-            seen += len(labels)
-            bar.update(1)
-        bar.close()
-        history.train_loss.append(float(total_loss) / max(1, seen))
-        history.learning_rate.append(lr_now)
+        history.learning_rate.append(optimizer.param_groups[0]["lr"])
+        history.train_loss.append(run.epoch(f"{desc} epoch {epoch + 1}/{epochs}", show))
         if eval_data is not None:
-            history.eval_accuracy.append(evaluate_accuracy(accelerator.unwrap_model(wrapped), eval_data, bf16=bf16, channels_last=channels_last))
-        if progress and accelerator.is_local_main_process:
+            history.eval_accuracy.append(evaluate_accuracy(accelerator.unwrap_model(wrapped), eval_data, bf16=bf16,
+                                                           channels_last=channels_last))
+        if show:
             note = f" eval acc {history.eval_accuracy[-1]:.4f}" if eval_data is not None else ""
-            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f} lr {lr_now:.4g}{note}")
+            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f} "
+                       f"lr {history.learning_rate[-1]:.4g}{note}")
         if state is not None and accelerator.is_main_process:
             state.save(accelerator.unwrap_model(wrapped), optimizer, scheduler, generator, history, epoch + 1)
     accelerator.wait_for_everyone()
@@ -228,6 +214,46 @@ def train_classifier(
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
+
+
+@dataclass
+class _EpochRunner:
+    """What one training epoch needs, prepared once by `train_classifier`."""
+
+    accelerator: object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    data: ImageClassificationData
+    loss_fn: LossFn
+    per_process: int
+    steps: int
+    memory_format: torch.memory_format
+    bf16: bool
+    augment: bool
+
+    def epoch(self, desc: str, progress: bool) -> float:
+        """One pass over this process's shard of the data; returns the mean training loss."""
+        accelerator, device = self.accelerator, self.accelerator.device
+        self.model.train()
+        total_loss = torch.zeros((), device=device)
+        seen = 0
+        shard = (accelerator.process_index, accelerator.num_processes)
+        with tqdm(total=self.steps, desc=desc, disable=not progress, leave=False) as bar:
+            for images, labels in self.data.batches(self.per_process, shuffle=True, augment=self.augment,
+                                                    generator=self.generator, shard=shard):
+                with _autocast(device, self.bf16):
+                    loss = self.loss_fn(self.model, images.contiguous(memory_format=self.memory_format), labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                self.optimizer.step()
+                self.scheduler.step()
+                # Accumulated on the device: a .item() per step would synchronise the GPU every batch.
+                total_loss += loss.detach().float() * len(labels)
+                seen += len(labels)
+                bar.update(1)
+        return float(total_loss) / max(1, seen)
 
 
 @torch.no_grad()
