@@ -8,6 +8,7 @@ deleted. At every instant the destination holds either the complete old or the c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,14 +18,102 @@ from typing import Any, Callable, Sequence
 
 from .errors import HFCompressError
 
+logger = logging.getLogger(__name__)
+
 STAGING_MARK = ".incomplete-"
 OLD_MARK = ".old-"
+# Model types of the hf-compress families: a folder holding one of them is an output of ours.
+OUR_MODEL_TYPES = ("shared_basis_llama", "pruned_cnn", "class_exit_resnet")
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def is_our_output(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint hf-compress wrote (a config of one of its families or with a
+    `compression` record), or the resumable work of one of its runs."""
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and (data.get("model_type") in OUR_MODEL_TYPES or "compression" in data)
+    return (folder / "iterations" / "state.json").is_file()
+
+
+def _protected(output: Path, sources: Sequence[str | os.PathLike]) -> str | None:
+    """Why `output` must never be written to, or None."""
+    if output.parent == output:
+        return "it is a filesystem root"
+    home = Path.home().resolve()
+    if output == home or output in home.parents:
+        return "it is the home directory or one of its parents"
+    cwd = Path.cwd().resolve()
+    if output == cwd:
+        return "it is the working directory"
+    if output in cwd.parents:
+        return "it contains the working directory"
+    for source in sources:
+        source_path = Path(source).expanduser()
+        if not source_path.exists():
+            continue
+        source_path = source_path.resolve()
+        source_dir = source_path if source_path.is_dir() else source_path.parent
+        if output == source_dir or output in source_dir.parents or source_dir in output.parents:
+            return f"it overlaps the source {source}"
+    return None
+
+
+def clean_stale_staging(output: Path) -> list[Path]:
+    """Removes what an interrupted earlier write of `output` left beside it (`.NAME.incomplete-*`, `.NAME.old-*`)
+    and says so; returns what was removed."""
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    for mark in (STAGING_MARK, OLD_MARK):
+        for stale in output.parent.glob(f".{output.name}{mark}*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+                logger.warning("removed %s, left by an interrupted earlier run", stale)
+    return removed
+
+
+def prepare_output(
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    sources: Sequence[str | os.PathLike] = (),
+    resumable: bool = False,
+) -> Path:
+    """Checks where a command will write, before any work, and cleans what an interrupted earlier run left.
+
+    Refused: the working directory or a folder that contains it, the home directory or one of its parents, a
+    filesystem root, a folder overlapping a `sources` path, an existing file, and an existing non-empty folder that
+    is not an hf-compress output. An existing output of ours needs `overwrite`, unless `resumable` (a command that
+    continues its own earlier run there). An empty folder is always accepted.
+    """
+    given = Path(output_dir).expanduser()
+    output = given.resolve()
+    reason = _protected(output, sources)
+    if reason is not None:
+        raise HFCompressError(f"refusing to write to {given}: {reason}; choose a new folder for OUTPUT")
+    if output.exists() and not output.is_dir():
+        raise HFCompressError(f"OUTPUT {given} exists and is a file, not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not is_our_output(output):
+            raise HFCompressError(
+                f"OUTPUT {given} is a non-empty folder that holds no hf-compress output; it is never replaced, "
+                "choose a new folder"
+            )
+        if not overwrite and not resumable:
+            raise HFCompressError(f"OUTPUT {given} already exists (pass --overwrite to replace it)")
+    clean_stale_staging(output)
+    return given
 
 
 def swap_into_place(staging: Path, output: Path) -> None:
@@ -57,10 +146,14 @@ def write_checkpoint(
         carry: entries of an existing `output_dir` kept in the new folder (e.g. `iterations/` of a pruning run).
     """
     output = Path(output_dir)
-    if output.exists() and not overwrite:
-        raise HFCompressError(f"{output} already exists (pass --overwrite to replace it)")
     if output.exists() and not output.is_dir():
         raise HFCompressError(f"{output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        # The last line of defence behind `prepare_output`: never replace a folder we did not write.
+        if not is_our_output(output):
+            raise HFCompressError(f"{output} is a non-empty folder that holds no hf-compress output; not replacing it")
+        if not overwrite:
+            raise HFCompressError(f"{output} already exists (pass --overwrite to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{STAGING_MARK}", dir=output.parent))
     # mkdtemp creates 0700; a checkpoint gets the user's usual permissions, as save_pretrained's folders do.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_compress.checkpoint import atomic_write_json, write_checkpoint
+from hf_compress.checkpoint import atomic_write_json, prepare_output, write_checkpoint
 from hf_compress.config import MethodConfig
 from hf_compress.errors import HFCompressError
 from hf_compress.provenance import DataRef, SourceRef, config_from_provenance, file_sha256, provenance
@@ -84,6 +84,9 @@ def test_provenance_record_layout_and_config_rebuild(tmp_path):
         config_from_provenance({"method": "magic", "options": {}})
 
 
+OURS = json.dumps({"model_type": "pruned_cnn"})
+
+
 def _write_files(files: dict[str, str]):
     def write(folder: Path) -> None:
         for name, text in files.items():
@@ -100,6 +103,11 @@ def test_write_checkpoint_refuses_an_existing_output_before_writing(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     called = []
+    # Not ours: never replaced, even with overwrite.
+    for overwrite in (False, True):
+        with pytest.raises(HFCompressError, match="holds no hf-compress output"):
+            write_checkpoint(out, lambda folder: called.append(folder), overwrite=overwrite)
+    (out / "config.json").write_text(OURS)
     with pytest.raises(HFCompressError, match="already exists"):
         write_checkpoint(out, lambda folder: called.append(folder))
     assert called == [] and (out / "keep.txt").read_text() == "mine"
@@ -117,14 +125,14 @@ def test_write_checkpoint_permissions_follow_the_umask(tmp_path):
 @pytest.mark.parametrize("failing_step", ["write", "move_new_in"])
 def test_overwrite_keeps_the_complete_old_checkpoint_when_interrupted(tmp_path, monkeypatch, failing_step):
     out = tmp_path / "ckpt"
-    write_checkpoint(out, _write_files({"config.json": "old", "model.safetensors": "old weights"}))
+    write_checkpoint(out, _write_files({"config.json": OURS, "model.safetensors": "old weights"}))
 
     if failing_step == "write":
         def write(folder: Path) -> None:
-            (folder / "config.json").write_text("new")
+            (folder / "config.json").write_text("{}")
             raise KeyboardInterrupt  # interrupted before the weights were written
     else:
-        write = _write_files({"config.json": "new", "model.safetensors": "new weights"})
+        write = _write_files({"config.json": "{}", "model.safetensors": "new weights"})
         real_rename = Path.rename
 
         def rename(self, target):
@@ -137,18 +145,18 @@ def test_overwrite_keeps_the_complete_old_checkpoint_when_interrupted(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(out, write, overwrite=True)
     monkeypatch.undo()
-    assert (out / "config.json").read_text() == "old" and (out / "model.safetensors").read_text() == "old weights"
+    assert (out / "config.json").read_text() == OURS and (out / "model.safetensors").read_text() == "old weights"
     assert _leftovers(tmp_path, "ckpt") == []
 
 
 def test_overwrite_swaps_in_the_new_checkpoint_and_carries_entries(tmp_path):
     out = tmp_path / "ckpt"
-    write_checkpoint(out, _write_files({"config.json": "old", "stale.bin": "x"}))
+    write_checkpoint(out, _write_files({"config.json": OURS, "stale.bin": "x"}))
     (out / "iterations").mkdir()
     (out / "iterations" / "state.json").write_text("{\"rows\": 3}")
-    write_checkpoint(out, _write_files({"config.json": "new"}), overwrite=True, carry=["iterations"])
+    write_checkpoint(out, _write_files({"config.json": "{}"}), overwrite=True, carry=["iterations"])
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "iterations"]
-    assert (out / "config.json").read_text() == "new"
+    assert (out / "config.json").read_text() == "{}"
     assert (out / "iterations" / "state.json").read_text() == "{\"rows\": 3}"
     assert _leftovers(tmp_path, "ckpt") == []
 
@@ -159,3 +167,56 @@ def test_atomic_write_json_replaces_whole_files(tmp_path):
     atomic_write_json(path, {"b": [1, 2]})
     assert json.loads(path.read_text()) == {"b": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_prepare_output_refuses_dangerous_places_before_any_work(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    source = tmp_path / "models" / "src"
+    source.mkdir(parents=True)
+    monkeypatch.chdir(work / "sub")
+    cases = {
+        ".": "the working directory",
+        str(work): "contains the working directory",
+        str(Path.home()): "home directory",
+        "/": "filesystem root",
+        str(source): "overlaps the source",
+        str(source / "out"): "overlaps the source",
+        str(work / "notes.txt"): "is a file",
+        str(work / "sub" / ".."): "contains the working directory",
+    }
+    for output, reason in cases.items():
+        for overwrite in (False, True):
+            with pytest.raises(HFCompressError, match=reason):
+                prepare_output(output, overwrite=overwrite, sources=[str(source)])
+    # A non-empty folder that is not ours is refused even with --overwrite; ours needs it; empty is fine.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2")
+    with pytest.raises(HFCompressError, match="holds no hf-compress output"):
+        prepare_output(other, overwrite=True)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text(OURS)
+    with pytest.raises(HFCompressError, match="already exists"):
+        prepare_output(ours)
+    assert prepare_output(ours, overwrite=True) == ours
+    assert prepare_output(ours, resumable=True) == ours
+    (tmp_path / "empty").mkdir()
+    assert prepare_output(tmp_path / "empty") == tmp_path / "empty"
+    assert (work / "notes.txt").read_text() == "mine" and (other / "data.csv").read_text() == "1,2"
+
+
+def test_prepare_output_cleans_what_an_interrupted_run_left(tmp_path, caplog):
+    out = tmp_path / "ckpt"
+    stale = [tmp_path / ".ckpt.incomplete-ab12cd", tmp_path / ".ckpt.old-1234abcd"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    unrelated = tmp_path / ".other.incomplete-ab12cd"
+    unrelated.mkdir()
+    with caplog.at_level("WARNING", logger="hf_compress.checkpoint"):
+        prepare_output(out)
+    assert not any(folder.exists() for folder in stale) and unrelated.exists()
+    assert sum("left by an interrupted earlier run" in r.getMessage() for r in caplog.records) == 2
