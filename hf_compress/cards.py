@@ -51,6 +51,23 @@ def _fmt_int(value) -> str:
     return f"{value:,}" if isinstance(value, int) else "n/a"
 
 
+def format_bytes(value) -> str:
+    """A file size in decimal units (`269.1 MB`), as the Hub shows file sizes; "n/a" when unknown."""
+    if not isinstance(value, int):
+        return "n/a"
+    units = ("B", "kB", "MB", "GB")
+    exponent = 0
+    while exponent < len(units) - 1 and value >= 1000 ** (exponent + 1):
+        exponent += 1
+    return f"{value} B" if exponent == 0 else f"{value / 1000 ** exponent:.1f} {units[exponent]}"
+
+
+def _weights_cell(record: dict, side: str) -> str:
+    """`269.1 MB (bfloat16)`: the size and dtype of the source's or output's weight files (`side`)."""
+    dtype = record.get(f"{side}_dtype")
+    return format_bytes(record.get(f"{side}_file_bytes")) + (f" ({dtype})" if dtype else "")
+
+
 def _describe_groups(groups: list[list[int]]) -> str:
     """"15 groups of 2 consecutive layers (0-29)" when regular, else the groups themselves."""
     flat = [layer for group in groups for layer in group]
@@ -124,7 +141,8 @@ def _family_for(config: dict) -> FamilyCard:
 _LOCAL_PATH_RE = re.compile(r"^(/|~|\.{1,2}/|[A-Za-z]:[\\/])")
 # Keys of the record that the table shows in their own rows (or not at all: the version goes to the card's footer).
 _OWN_ROWS = {"method", "target_ratio", "achieved_ratio", "params_before", "params_after", "total_params_before",
-             "total_params_after", "calibration", "source", "data", "hf_compress_version"}
+             "total_params_after", "calibration", "source", "data", "hf_compress_version", "source_file_bytes",
+             "output_file_bytes", "source_dtype", "output_dtype"}
 
 
 def _public(value):
@@ -177,6 +195,9 @@ def _headline_rows(record: dict) -> list[str]:
     if "total_params_before" in record:
         rows.append(f"| All parameters, before / after | {_fmt_int(record.get('total_params_before'))} / "
                     f"{_fmt_int(record.get('total_params_after'))} |")
+    if "source_file_bytes" in record or "output_file_bytes" in record:
+        rows.append(f"| Weights on disk, source / output | {_weights_cell(record, 'source')} / "
+                    f"{_weights_cell(record, 'output')} |")
     return rows
 
 

@@ -1,8 +1,9 @@
 """Device, dtype and "auto" policies shared by every command, and the peak memory of a block of work.
 
-- device: `pick_device` is the one default of every `--device` option (cuda when present, else cpu);
+- device: `pick_device` is the one default of every `--device` option (cuda when present, else cpu), and refuses a
+  name that is no device or a device torch does not see;
 - dtype: `native_bfloat16` says whether a device multiplies bfloat16 in hardware; `dtype_name` spells a dtype as the
-  options and the provenance do;
+  options and the provenance do; `named_dtype` checks a dtype option;
 - "auto": `calibration_dtype` resolves `--calib-dtype auto` on a device;
 - `PeakMemory` measures peak RSS and CUDA memory of a block.
 """
@@ -17,16 +18,36 @@ import torch
 from .errors import HFCompressError
 
 CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")
+# The dtypes a model is loaded or saved in (`ppl --dtype`, `convert --save-dtype`).
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # --- device -----------------------------------------------------------------------------------------------------
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` as a `torch.device`; None (the default of every `--device`) is cuda when present, else cpu."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` as a `torch.device`; None (the default of every `--device`) is cuda when present, else cpu.
+
+    A name that is no device (`gpu`) or a GPU torch does not see is refused here, in one line, so that every command
+    fails before its model loads rather than at the first `.to(device)`.
+    """
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        return device
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise HFCompressError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HFCompressError(
+                f"--device {device} asks for a GPU, but torch sees none (CUDA_VISIBLE_DEVICES, driver?)")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise HFCompressError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise HFCompressError(f"--device {device}: torch sees no Apple GPU (mps)")
+    return target
 
 
 # --- dtype ------------------------------------------------------------------------------------------------------
@@ -50,15 +71,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def named_dtype(name: str, flag: str, allowed: tuple[str, ...] = MODEL_DTYPES) -> str:
+    """`name` if it is one of `allowed`; otherwise the one-line error of option `flag`, listing the allowed names."""
+    if name not in allowed:
+        raise HFCompressError(f"{flag} must be one of {', '.join(allowed)}; got {name!r}.")
+    return name
+
+
 # --- "auto" policies --------------------------------------------------------------------------------------------
 
 
 def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype of the calibration forwards: `"auto"` is bfloat16 where the device has native bfloat16 matrix
     products and float32 elsewhere."""
-    if name not in CALIBRATION_DTYPES:
-        raise HFCompressError(f"--calib-dtype must be one of {', '.join(CALIBRATION_DTYPES)}; got {name!r}.")
-    if name == "auto":
+    if named_dtype(name, "--calib-dtype", CALIBRATION_DTYPES) == "auto":
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
     return getattr(torch, name)
 

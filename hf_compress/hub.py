@@ -55,8 +55,14 @@ def _is_transient(err: BaseException) -> bool:
     return err.__cause__ is not None and _is_transient(err.__cause__)
 
 
+def _one_line(text: object) -> str:
+    """`text` on one line: the client's messages span several (request id, server detail), and the CLI prints
+    exactly one line per error."""
+    return " ".join(str(text).split())
+
+
 def _explain(err: BaseException, repo_id: str, endpoint: str, attempts: int) -> HFCompressError:
-    """Turns a client error into a message that says what to do."""
+    """Turns a client error into a one-line message that says what to do."""
     from huggingface_hub.errors import HfHubHTTPError
 
     status = err.response.status_code if isinstance(err, HfHubHTTPError) and err.response is not None else None
@@ -72,17 +78,30 @@ def _explain(err: BaseException, repo_id: str, endpoint: str, attempts: int) -> 
             "organizations with write access; push to your own namespace or use a token that can write there"
         )
     if status == 404:
-        return HFCompressError(f"{repo_id!r} was not found on {endpoint} (404) or the token cannot see it")
+        # The Hub answers 404 both for a missing repo and for a private one the token may not see.
+        return HFCompressError(
+            f"{repo_id!r} was not found on {endpoint} (404) or the token cannot see it: check the repo id and "
+            "--revision, or use a token of an account that can see the repo (private repos are hidden from others)"
+        )
+    if status in (409, 412):
+        # A conflict (or a stale parent commit): someone else changed the repo or branch while this push ran.
+        detail = _one_line(getattr(err, "server_message", None) or "conflict")
+        return HFCompressError(
+            f"the Hub refused the push to {repo_id!r} with a conflict ({status}: {detail}): another upload or branch "
+            "change reached the repo first; wait for it to finish, then push again (files already there are not "
+            "uploaded twice)"
+        )
     validating = status == 400 and str(err.response.request.url).endswith("/api/validate-yaml")
     if validating or (isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err)):
-        return HFCompressError(f"the Hub refused the model card's metadata: {err}")
+        return HFCompressError(f"the Hub refused the model card's metadata: {_one_line(err)}")
     if status in TRANSIENT_STATUS:
         return HFCompressError(f"the Hub at {endpoint} kept failing (HTTP {status}) after {attempts} attempt(s); "
                                "try again later")
     if _is_transient(err):
         return HFCompressError(f"could not reach the Hub at {endpoint} after {attempts} attempt(s) "
-                               f"({type(err).__name__}: {err}); check the network or HF_ENDPOINT and try again")
-    return HFCompressError(f"push of {repo_id!r} to {endpoint} failed: {err}")
+                               f"({type(err).__name__}: {_one_line(err)}); check the network or HF_ENDPOINT and "
+                               "try again")
+    return HFCompressError(f"push of {repo_id!r} to {endpoint} failed: {_one_line(err)}")
 
 
 def push_to_hub(
@@ -106,8 +125,9 @@ def push_to_hub(
     unchanged. Nothing is downloaded, so the Hub's card is always the local one.
 
     Raises:
-        HFCompressError: bad folder or repo id, missing or rejected token, a namespace the token cannot write to,
-            metadata the Hub refuses, or a network failure that outlived the retries.
+        HFCompressError: bad folder or repo id, missing or rejected token (401), a namespace the token cannot
+            write to (403), a repo the token cannot see (404), a conflicting change on the Hub (409/412), metadata
+            the Hub refuses, or a network failure that outlived the retries.
     """
     from huggingface_hub import HfApi
 

@@ -22,6 +22,7 @@ from transformers import (
 
 from .errors import HFCompressError
 from .provenance import SourceRef
+from .registration import FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ALIAS_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The hf-compress families load through the installed plugin (registered on import), never through shipped code.
+OWN_MODEL_TYPES = tuple(FAMILIES)
 
 
 @dataclass
@@ -117,6 +120,85 @@ def _pretrained_args(source: str, gguf_file: str | None, revision: str | None) -
     return name_or_path, gguf_name, kwargs
 
 
+def _one_line(err: BaseException) -> str:
+    """An error's text on one line (transformers' messages span several)."""
+    return " ".join(str(err).split())
+
+
+def read_config_dict(source: str, name_or_path: str, **kwargs) -> dict:
+    """The config dict of a source (its config.json, or a GGUF file's metadata with `gguf_file`), with one-line errors.
+
+    `kwargs` are `from_pretrained` keywords (`revision`, `gguf_file`).
+    """
+    if "gguf_file" not in kwargs and Path(name_or_path).is_dir() and not (Path(name_or_path) / "config.json").is_file():
+        raise HFCompressError(f"{source} has no config.json: it is not a model folder")
+    try:
+        return PretrainedConfig.get_config_dict(name_or_path, **kwargs)[0]
+    except OSError as err:
+        raise HFCompressError(f"cannot read the config of {source!r}: {_one_line(err)}") from err
+
+
+def check_remote_code(config: dict, source: str, trust_remote_code: bool = False) -> None:
+    """Refuses a model whose config.json `auto_map` points at code it ships, unless `trust_remote_code`.
+
+    hf-compress's own families carry an `auto_map` for users without the plugin, but load here through the plugin.
+    """
+    auto_map = config.get("auto_map")
+    if auto_map and config.get("model_type") not in OWN_MODEL_TYPES and not trust_remote_code:
+        classes = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+        raise HFCompressError(
+            f"{source} ships its own code (auto_map for {classes} in config.json), which loading it would run; "
+            "read that code, then pass --trust-remote-code (trust_remote_code=True) to run it"
+        )
+
+
+def check_family_config(config: dict, source: str) -> None:
+    """Builds the config of an hf-compress family once, so a bad field is named before any weights load."""
+    model_type = config.get("model_type")
+    if model_type not in OWN_MODEL_TYPES:
+        return
+    try:
+        CONFIG_MAPPING[model_type].from_dict(config)
+    except (ValueError, TypeError) as err:
+        raise HFCompressError(f"{source}: bad config.json: {_one_line(err)}") from err
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Refuses pickled weights and unreadable (e.g. truncated) safetensors files in a local model folder."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    pickled = sorted(folder.glob("pytorch_model*.bin"))
+    if pickled and not safetensors_files:
+        raise HFCompressError(
+            f"{pickled[0]} is a pickle checkpoint: pickle checkpoints are refused because loading them can run "
+            "arbitrary code; convert it to safetensors (load it once where you trust it, then "
+            "save_pretrained(..., safe_serialization=True))"
+        )
+    for path in safetensors_files:
+        try:
+            # Reading the header checks that the file is as long as the header says: a truncated file fails here.
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise HFCompressError(f"{path} is not a readable safetensors file ({_one_line(err)}); "
+                                  "it may be truncated: download or save it again") from err
+
+
+def check_loadable(source: str, name_or_path: str, kwargs: dict, trust_remote_code: bool = False) -> dict:
+    """Every check that needs no weights, before a load: config.json present and valid, no code run unasked, and
+    (local folder) weights in readable safetensors. Returns the config dict (`{}` for a GGUF file)."""
+    if "gguf_file" in kwargs:
+        return {}
+    config = read_config_dict(source, name_or_path, **kwargs)
+    check_remote_code(config, source, trust_remote_code)
+    check_family_config(config, source)
+    if Path(name_or_path).is_dir():
+        check_weight_files(name_or_path)
+    return config
+
+
 def load_causal_lm(
     source: str,
     *,
@@ -124,19 +206,27 @@ def load_causal_lm(
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
     config: PretrainedConfig | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any causal LM transformers can load (stock or hf-compress family) and its tokenizer, in eval mode.
 
     A `config` already read from the source saves reading it again (for a GGUF file, a parse of the whole file).
+    Code shipped with the model runs only with `trust_remote_code`; pickled weights are refused.
     """
+    from safetensors import SafetensorError
+
     name_or_path, gguf_name, kwargs = _pretrained_args(source, gguf_file, revision)
+    check_loadable(source, name_or_path, kwargs, trust_remote_code)
     model_kwargs = {"config": config} if config is not None else {}
+    # Hub repos are checked here, not file by file: safetensors only (a pickle can run code when loaded).
+    safe_kwargs = {} if gguf_name else {"use_safetensors": True}
     try:
         with _memoized_gguf_name_maps() if gguf_name else nullcontext():
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **model_kwargs, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
-        raise HFCompressError(f"cannot load model {source!r}: {err}") from err
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **model_kwargs, **safe_kwargs, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise HFCompressError(f"cannot load model {source!r}: {_one_line(err)}") from err
     if getattr(model, "hf_quantizer", None) is not None:
         # A dequantized GGUF model still carries its quantizer, which blocks save_pretrained of anything built from it.
         model.hf_quantizer = None
@@ -146,10 +236,7 @@ def load_causal_lm(
 def source_config(source: str, *, gguf_file: str | None = None, revision: str | None = None) -> PretrainedConfig:
     """The config of a Llama-family source, read without its weights, after checking the architecture."""
     name_or_path, _, kwargs = _pretrained_args(source, gguf_file, revision)
-    try:
-        config_dict = PretrainedConfig.get_config_dict(name_or_path, **kwargs)[0]
-    except OSError as err:
-        raise HFCompressError(f"cannot read the config of source {source!r}: {err}") from err
+    config_dict = read_config_dict(source, name_or_path, **kwargs)
     check_architecture(config_dict, source)
     return CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
 

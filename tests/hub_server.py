@@ -12,8 +12,14 @@ clients set `HF_HUB_DISABLE_XET=1`) and `transformers` (download) use:
 File contents are stored content-addressed (`objects/<sha256>`) and repositories as JSON (`repos/<ns>/<name>.json`,
 branches and commits) under `root`, so a repository survives a server restart on the same folder.
 
-Tokens map to a user and the organizations it can write to. Tests inject failures with `fail_next` (an HTTP status,
-or `0` to drop the connection without answering) and read `requests` to see what the client did.
+Tokens map to a user and the organizations it can write to; a private repo is visible only to them (404 for everyone
+else, 401 without a token, as the Hub hides it). Tests inject failures with `fail_next` (an HTTP status with the Hub's
+error message and code, or `0` to drop the connection without answering) and read `requests` to see what the client
+did, `errors` for the tracebacks of requests the server could not handle (answered 500).
+
+Untrusted input never reaches the file system unchecked: repo ids must be exactly `namespace/name` with the Hub's
+characters (each URL segment decoded once), LFS oids 64 lowercase hex digits, file paths relative and inside the repo,
+and every storage path is resolved and checked to stay under `root`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import os
 import re
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -52,7 +61,39 @@ KNOWN_PIPELINE_TAGS = {
     "audio-classification", "text-to-image", "depth-estimation", "image-feature-extraction",
 }
 KNOWN_BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
-REPO_ID_RE = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
+# One segment of a repo id as the Hub accepts it: ASCII letters, digits, '-', '_', '.', at most 96 characters, starting
+# and ending with a letter, digit or '_'. `--` and `..` are reserved (cache folder names, path tricks), so is `.git`.
+_REPO_SEGMENT_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?")
+_LFS_OID_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_PATH_LENGTH = 1000
+
+
+def is_repo_segment(segment: str) -> bool:
+    """Whether `segment` is a valid namespace or repo name (already URL-decoded, exactly once)."""
+    return (bool(_REPO_SEGMENT_RE.fullmatch(segment)) and "--" not in segment and ".." not in segment
+            and not segment.endswith(".git"))
+
+
+def is_repo_id(repo_id: str, *, namespace_required: bool = True) -> bool:
+    """Whether `repo_id` is `namespace/name` (or a bare `name` when `namespace_required` is false), as the Hub
+    accepts it."""
+    segments = repo_id.split("/") if isinstance(repo_id, str) else []
+    return len(segments) in ((2,) if namespace_required else (1, 2)) and all(map(is_repo_segment, segments))
+
+
+def is_lfs_oid(oid: object) -> bool:
+    """Whether `oid` is a sha256 as the LFS API names objects (64 lowercase hex digits)."""
+    return isinstance(oid, str) and bool(_LFS_OID_RE.fullmatch(oid))
+
+
+def is_repo_path(path: object) -> bool:
+    """Whether `path` is a file path that stays inside a repo: relative, `/`-separated, no empty, `.` or `..`
+    segment, no backslash (Windows separators would turn `..\\x` into a parent) and no control character."""
+    if not isinstance(path, str) or not path or len(path) > _MAX_PATH_LENGTH:
+        return False
+    if "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return False
+    return all(segment not in ("", ".", "..") for segment in path.split("/"))
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -79,7 +120,7 @@ def validate_metadata(content: str) -> tuple[list[str], list[str]]:
         return ["metadata must be a YAML mapping"], []
     errors: list[str] = []
 
-    def str_or_list(key: str, allowed: set[str] | None = None, pattern: re.Pattern | None = None) -> None:
+    def str_or_list(key: str, allowed: set[str] | None = None, valid: Callable[[str], bool] | None = None) -> None:
         if key not in meta:
             return
         values = meta[key] if isinstance(meta[key], list) else [meta[key]]
@@ -88,13 +129,13 @@ def validate_metadata(content: str) -> tuple[list[str], list[str]]:
                 errors.append(f'"{key}" must be a string or a list of strings')
             elif allowed is not None and value not in allowed:
                 errors.append(f'"{key}" has an unknown value: {value!r}')
-            elif pattern is not None and not pattern.match(value):
+            elif valid is not None and not valid(value):
                 errors.append(f'"{key}" is not a valid repo id: {value!r}')
 
     str_or_list("license", KNOWN_LICENSES)
     str_or_list("language")
-    str_or_list("base_model", pattern=REPO_ID_RE)
-    str_or_list("datasets", pattern=REPO_ID_RE)
+    str_or_list("base_model", valid=partial(is_repo_id, namespace_required=False))
+    str_or_list("datasets", valid=partial(is_repo_id, namespace_required=False))
     if "tags" in meta and not (isinstance(meta["tags"], list) and all(isinstance(t, str) for t in meta["tags"])):
         errors.append('"tags" must be a list of strings')
     if "pipeline_tag" in meta and meta["pipeline_tag"] not in KNOWN_PIPELINE_TAGS:
@@ -153,6 +194,8 @@ class Fault:
     pattern: re.Pattern
     status: int  # 0: close the connection without an answer
     times: int
+    message: str = "injected failure"
+    code: str | None = None
 
 
 @dataclass
@@ -164,9 +207,11 @@ class FakeHub:
         default_factory=lambda: {"hf_alice_write": ("alice", ["acme"]), "hf_bob_write": ("bob", [])}
     )
     requests: list[tuple[str, str, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # tracebacks of requests answered 500
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        self._real_root = self.root.resolve()
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         (self.root / "repos").mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -201,10 +246,12 @@ class FakeHub:
             self._server.server_close()
             self._server = None
 
-    def fail_next(self, method: str, path_regex: str, status: int = 503, times: int = 1) -> None:
-        """Answers the next `times` requests whose method and path match with `status` (0: drop the connection)."""
+    def fail_next(self, method: str, path_regex: str, status: int = 503, times: int = 1,
+                  message: str = "injected failure", code: str | None = None) -> None:
+        """Answers the next `times` requests whose method and path match with `status` (0: drop the connection),
+        carrying `message` and the `X-Error-Code` `code` the way the Hub reports its errors."""
         with self._lock:
-            self._faults.append(Fault(method.upper(), re.compile(path_regex), status, times))
+            self._faults.append(Fault(method.upper(), re.compile(path_regex), status, times, message, code))
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -215,8 +262,18 @@ class FakeHub:
         return None
 
     # -- storage ---------------------------------------------------------------------------------------------------
+    def _inside_storage(self, path: Path) -> Path:
+        """`path` resolved, once it is known to stay under `root`. Validation already refuses every trick we know;
+        this is the last line against one we don't (a symlink, a case we missed)."""
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self._real_root):
+            raise HubError(404, "Not found")
+        return resolved
+
     def _repo_file(self, repo_id: str) -> Path:
-        return self.root / "repos" / f"{repo_id}.json"
+        if not is_repo_id(repo_id):
+            raise HubError(404, "Repository not found", "RepoNotFound")
+        return self._inside_storage(self.root / "repos" / f"{repo_id}.json")
 
     def load_repo(self, repo_id: str) -> dict | None:
         path = self._repo_file(repo_id)
@@ -230,7 +287,9 @@ class FakeHub:
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written repo
 
     def _object_path(self, sha256: str) -> Path:
-        return self.root / "objects" / sha256
+        if not is_lfs_oid(sha256):
+            raise HubError(400, "Invalid LFS oid: expected 64 lowercase hex digits")
+        return self._inside_storage(self.root / "objects" / sha256)
 
     def store_object(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
@@ -290,6 +349,33 @@ class FakeHub:
         return repo
 
 
+def _repo_id_from_url(namespace: str, name: str) -> str:
+    """`namespace/name` from two URL segments, each decoded exactly once. A segment that decodes to `..`, holds a `/`
+    (a second namespace) or anything else the Hub refuses names no repo: 404, as the Hub answers unknown repos."""
+    if not (is_repo_segment(namespace) and is_repo_segment(name)):
+        raise HubError(404, "Repository not found", "RepoNotFound")
+    return f"{namespace}/{name}"
+
+
+def _is_branch_name(name: object) -> bool:
+    """Whether `name` is a branch name git (and so the Hub) accepts, in the subset this server needs."""
+    return is_repo_path(name) and not any(c in name for c in " ~^:?*[") and not name.endswith(".lock")
+
+
+def _b64decode(value: object, what: str) -> bytes:
+    """Strict base64 of a request field; 400 for anything else (a crafted field must not become a 500)."""
+    try:
+        return base64.b64decode(value if isinstance(value, str) else "\0", validate=True)
+    except ValueError:
+        raise HubError(400, f"{what} is not valid base64") from None
+
+
+def _require(condition: bool, message: str, status: int = 400) -> None:
+    """Refuses a malformed request with `status` (400 unless told)."""
+    if not condition:
+        raise HubError(status, message)
+
+
 class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub
     protocol_version = "HTTP/1.1"  # keep-alive, as huggingface_hub's pooled client expects
@@ -302,30 +388,42 @@ class _Handler(BaseHTTPRequestHandler):
         return self._raw_body
 
     def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        break
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                return b"".join(chunks)
+            length = int(self.headers.get("Content-Length") or 0)
+            _require(length >= 0, "Invalid Content-Length")
+            return self.rfile.read(length)
+        except (ValueError, HubError):
+            # The rest of the stream cannot be framed: answer, then close rather than misread the next request.
+            self.close_connection = True
+            raise HubError(400, "Invalid request body framing") from None
 
     def _json_body(self) -> dict:
         body = self._body()
         try:
-            return json.loads(body or b"{}")
-        except json.JSONDecodeError as err:
+            value = json.loads(body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HubError(400, f"Invalid JSON body: {err}") from None
+        _require(isinstance(value, dict), "The JSON body must be an object")
+        return value
 
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json"):
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json",
+              length: int | None = None) -> None:
+        """Sends one answer; `length` overrides Content-Length (a HEAD announces a body it does not send)."""
+        self._answering = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body) if length is None else length))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
@@ -336,31 +434,50 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_json(self, status: int, obj: object, headers: dict | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
 
+    def _send_error(self, status: int, message: str, code: str | None = None) -> None:
+        """An error answer the way the Hub sends it: JSON body and `X-Error-Message` (+ `X-Error-Code`)."""
+        headers = {"X-Error-Message": message}
+        if code:
+            headers["X-Error-Code"] = code
+        self._send_json(status, {"error": message}, headers)
+
     def _dispatch(self) -> None:
+        """Answers one request. An error this server did not foresee is a bug in it: it becomes a short 500 (and a
+        traceback in `hub.errors` for the test to show), never a traceback on stderr and a dropped connection."""
+        self._answering = False
+        try:
+            self._answer()
+        except Exception:
+            self.hub.errors.append(traceback.format_exc())
+            self.close_connection = True  # the body may be half read: never reuse this connection
+            if not self._answering:  # a half-sent answer cannot be replaced, only cut off
+                try:
+                    self._send_error(500, "Internal Error")
+                except OSError:
+                    pass  # the client went away
+
+    do_GET = do_POST = do_PUT = do_HEAD = _dispatch
+
+    def _answer(self) -> None:
         split = urlsplit(self.path)
-        # Split before unquoting: a quoted revision such as refs%2Fpr%2F1 stays one segment.
+        # Split before unquoting, and unquote once: a quoted revision such as refs%2Fpr%2F1 stays one segment, and
+        # `%2e%2e` or `%2F` inside a repo id is then seen (and refused) for what it is; `%252e` stays `%2e`.
         parts = [unquote(p) for p in split.path.split("/")[1:]]
         query = parse_qs(split.query)
-        # Read the whole body first, so an early error answer never leaves bytes for the next keep-alive request.
-        self._raw_body = self._read_body() if self.command in ("POST", "PUT") else b""
-        fault = self.hub._take_fault(self.command, split.path)
-        if fault is not None:
-            if fault.status == 0:
+        try:
+            # Read the whole body first, so an early error answer never leaves bytes for the next keep-alive request.
+            self._raw_body = self._read_body() if self.command in ("POST", "PUT") else b""
+            fault = self.hub._take_fault(self.command, split.path)
+            if fault is not None and fault.status == 0:
                 self.hub.requests.append((self.command, self.path, 0))
                 self.close_connection = True
                 self.connection.shutdown(2)  # the client sees the connection dropped mid-request
                 return
-            self._send_json(fault.status, {"error": "injected failure"})
-            return
-        try:
+            if fault is not None:
+                raise HubError(fault.status, fault.message, fault.code)
             self._route(parts, query)
         except HubError as err:
-            headers = {"X-Error-Message": err.message}
-            if err.code:
-                headers["X-Error-Code"] = err.code
-            self._send_json(err.status, {"error": err.message}, headers)
-
-    do_GET = do_POST = do_PUT = do_HEAD = _dispatch
+            self._send_error(err.status, err.message, err.code)
 
     def _user(self):
         return self.hub.user_for(self.headers.get("Authorization"))
@@ -380,29 +497,33 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[:3] == ["api", "repos", "create"] and method == "POST":
             return self._create_repo(self._json_body())
         if parts[:2] == ["api", "validate-yaml"] and method == "POST":
-            errors, warnings = validate_metadata(self._json_body().get("content", ""))
+            content = self._json_body().get("content", "")
+            _require(isinstance(content, str), '"content" must be a string')
+            errors, warnings = validate_metadata(content)
             body = {"errors": [{"message": e} for e in errors], "warnings": [{"message": w} for w in warnings]}
             return self._send_json(400 if errors else 200, body)
         if len(parts) >= 4 and parts[:2] == ["api", "models"]:
-            return self._model_api(f"{parts[2]}/{parts[3]}", parts[4:], query)
+            return self._model_api(_repo_id_from_url(parts[2], parts[3]), parts[4:], query)
         if len(parts) == 3 and parts[0] == "__lfs__" and method == "PUT":
+            _require(re.fullmatch(r"[0-9]{1,15}", parts[2]) is not None, "Invalid size")
             return self._lfs_put(parts[1], int(parts[2]))
         if len(parts) >= 2 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
-            return self._lfs_batch(f"{parts[0]}/{parts[1][:-4]}")
+            return self._lfs_batch(_repo_id_from_url(parts[0], parts[1][:-4]))
         if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
-            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
-        raise HubError(404, f"No route for {method} {self.path}")
+            return self._resolve(_repo_id_from_url(parts[0], parts[1]), parts[3], "/".join(parts[4:]))
+        raise HubError(404, f"No route for {method} {urlsplit(self.path).path}")
 
     def _create_repo(self, body: dict) -> None:
         user = self._user()
-        namespace = body.get("organization") or (user[0] if user else None)
+        if user is None:
+            raise HubError(401, "You must be authenticated to create a repository")
+        namespace, name = body.get("organization") or user[0], body.get("name")
+        if not (isinstance(namespace, str) and isinstance(name, str) and is_repo_id(f"{namespace}/{name}")):
+            raise HubError(400, f"Invalid repo name {namespace!r}/{name!r}: use letters, digits, '-', '_' or '.'")
         self.hub.can_write(user, namespace)
         if body.get("type", "model") != "model":
             raise HubError(400, "This fake Hub only hosts model repos")
-        name = body.get("name") or ""
         repo_id = f"{namespace}/{name}"
-        if not REPO_ID_RE.match(repo_id):
-            raise HubError(400, f"Invalid repo name {name!r}")
         with self.hub._lock:
             if self.hub.load_repo(repo_id) is not None:
                 return self._send_json(409, {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"})
@@ -413,6 +534,12 @@ class _Handler(BaseHTTPRequestHandler):
             repo["branches"]["main"] = self.hub._new_commit(repo, None, files, "initial commit")
             self.hub._save_repo(repo_id, repo)
         self._send_json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def _writable_repo(self, repo_id: str, user) -> dict:
+        """The repo, for a write: hidden (401/404) before refused (403), so a private repo's existence never leaks."""
+        repo = self.hub.readable_repo(repo_id, user)
+        self.hub.can_write(user, repo_id.split("/")[0])
+        return repo
 
     def _model_api(self, repo_id: str, rest: list[str], query: dict) -> None:
         method, user = self.command, self._user()
@@ -429,8 +556,11 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and rest[:1] == ["tree"] and len(rest) >= 2:
             repo = self.hub.readable_repo(repo_id, user)
             files = repo["commits"][self.hub.resolve_revision(repo, rest[1])]["files"]
+            folder = "/".join(rest[2:]).strip("/")
+            if folder and not is_repo_path(folder):
+                raise HubError(404, f"{folder} does not exist on this revision", "EntryNotFound")
             recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
-            return self._send_json(200, _tree(files, "/".join(rest[2:]).strip("/"), recursive))
+            return self._send_json(200, _tree(files, folder, recursive))
         if method == "GET" and rest == ["refs"]:
             repo = self.hub.readable_repo(repo_id, user)
             branches = [
@@ -440,94 +570,135 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and rest[:1] == ["paths-info"] and len(rest) == 2:
             repo = self.hub.readable_repo(repo_id, user)
             files = repo["commits"][self.hub.resolve_revision(repo, rest[1])]["files"]
-            body = self._body()
-            ctype = self.headers.get("Content-Type", "")
-            paths = json.loads(body)["paths"] if "json" in ctype else parse_qs(body.decode()).get("paths", [])
+            if "json" in self.headers.get("Content-Type", ""):
+                paths = self._json_body().get("paths", [])
+            else:
+                paths = parse_qs(self._body().decode(errors="replace")).get("paths", [])
+            _require(isinstance(paths, list) and all(isinstance(p, str) for p in paths),
+                     '"paths" must be a list of strings')
             listing = {entry["path"]: entry for entry in _tree(files, "", recursive=True)}
             return self._send_json(200, [listing[p.strip("/")] for p in paths if p.strip("/") in listing])
         # Everything below writes: the namespace must be the caller's.
         if method == "POST" and rest[:1] == ["branch"] and len(rest) == 2:
             body = self._json_body()
-            self.hub.can_write(user, repo_id.split("/")[0])
+            start = body.get("startingPoint") or "main"
             with self.hub._lock:
-                repo = self.hub.readable_repo(repo_id, user)
+                repo = self._writable_repo(repo_id, user)
+                _require(_is_branch_name(rest[1]) and isinstance(start, str), f"Invalid reference name {rest[1]!r}")
                 if rest[1] in repo["branches"]:
                     raise HubError(409, f"Branch {rest[1]} already exists")
-                repo["branches"][rest[1]] = self.hub.resolve_revision(repo, body.get("startingPoint") or "main")
+                repo["branches"][rest[1]] = self.hub.resolve_revision(repo, start)
                 self.hub._save_repo(repo_id, repo)
             return self._send_json(200, {})
         if method == "POST" and rest[:1] == ["preupload"] and len(rest) == 2:
-            body = self._json_body()
-            self.hub.can_write(user, repo_id.split("/")[0])
-            repo = self.hub.readable_repo(repo_id, user)
-            files = repo["commits"][self.hub.resolve_revision(repo, rest[1])]["files"]
-            answer = []
-            for item in body.get("files", []):
-                sample = base64.b64decode(item.get("sample", ""))
-                lfs = item["path"].endswith(LFS_SUFFIXES) or item["size"] > LFS_SIZE_THRESHOLD or b"\0" in sample
-                existing = files.get(item["path"])
-                answer.append({
-                    "path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                    # The client compares this with its own oid (sha256 for LFS, git blob id otherwise).
-                    "oid": (existing["sha256"] if existing["lfs"] else existing["oid"]) if existing else None,
-                })
-            return self._send_json(200, {"files": answer, "commitOid": repo["branches"].get("main")})
+            return self._preupload(repo_id, rest[1], user)
         if method == "POST" and rest[:1] == ["commit"] and len(rest) == 2:
             return self._commit(repo_id, rest[1], user)
-        raise HubError(404, f"No route for {method} {self.path}")
+        raise HubError(404, f"No route for {method} {urlsplit(self.path).path}")
+
+    def _preupload(self, repo_id: str, revision: str, user) -> None:
+        body = self._json_body()
+        repo = self._writable_repo(repo_id, user)
+        files = repo["commits"][self.hub.resolve_revision(repo, revision)]["files"]
+        items = body.get("files", [])
+        _require(isinstance(items, list) and all(isinstance(i, dict) for i in items),
+                 '"files" must be a list of objects')
+        answer = []
+        for item in items:
+            path, size = item.get("path"), item.get("size")
+            _require(is_repo_path(path), f"Invalid path {path!r}: it must be relative and stay inside the repo")
+            _require(isinstance(size, int) and not isinstance(size, bool) and size >= 0, f"Invalid size for {path}")
+            sample = _b64decode(item.get("sample", ""), f"The sample of {path}")
+            lfs = path.endswith(LFS_SUFFIXES) or size > LFS_SIZE_THRESHOLD or b"\0" in sample
+            existing = files.get(path)
+            answer.append({
+                "path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                # The client compares this with its own oid (sha256 for LFS, git blob id otherwise).
+                "oid": (existing["sha256"] if existing["lfs"] else existing["oid"]) if existing else None,
+            })
+        self._send_json(200, {"files": answer, "commitOid": repo["branches"].get("main")})
+
+    def _commit_lines(self) -> tuple[dict, list[tuple[str, dict]]]:
+        """The NDJSON commit payload: its header and its (key, value) operations, each path checked to stay inside
+        the repo; 400 for anything malformed."""
+        try:
+            lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HubError(400, f"Invalid NDJSON body: {err}") from None
+        _require(all(isinstance(line, dict) and isinstance(line.get("value"), dict) for line in lines),
+                 "Every NDJSON line must be an object with a key and an object value")
+        _require(bool(lines) and lines[0].get("key") == "header", "The first NDJSON line must be the commit header")
+        operations = []
+        for line in lines[1:]:
+            value = line["value"]
+            path = value.get("path")
+            # A folder deletion may name the folder with a trailing slash.
+            checked = path.rstrip("/") if line.get("key") == "deletedFolder" and isinstance(path, str) else path
+            _require(is_repo_path(checked), f"Invalid path {path!r}: it must be relative and stay inside the repo")
+            operations.append((line.get("key"), {**value, "path": checked}))
+        return lines[0]["value"], operations
 
     def _commit(self, repo_id: str, revision: str, user) -> None:
-        lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
-        self.hub.can_write(user, repo_id.split("/")[0])
-        if not lines or lines[0].get("key") != "header":
-            raise HubError(400, "The first NDJSON line must be the commit header")
-        header = lines[0]["value"]
+        self._writable_repo(repo_id, user)  # who may write is settled before the payload is even parsed
+        header, operations = self._commit_lines()
         with self.hub._lock:
-            repo = self.hub.readable_repo(repo_id, user)
+            repo = self._writable_repo(repo_id, user)
             if revision not in repo["branches"]:
                 raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
             parent = repo["branches"][revision]
             if header.get("parentCommit") and header["parentCommit"] != parent:
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
             files = dict(repo["commits"][parent]["files"])
-            for line in lines[1:]:
-                key, value = line["key"], line["value"]
-                if key == "file":
-                    if value.get("encoding") != "base64":
-                        raise HubError(400, f"Unsupported encoding for {value['path']}")
-                    files[value["path"]] = self.hub._file_entry(base64.b64decode(value["content"]), lfs=False)
-                elif key == "lfsFile":
-                    sha = value["oid"]
-                    if not self.hub._object_path(sha).exists():
-                        raise HubError(422, f"LFS object {sha} for {value['path']} was never uploaded")
-                    size = self.hub._object_path(sha).stat().st_size
-                    files[value["path"]] = {"sha256": sha, "size": size, "lfs": True,
-                                            "oid": git_blob_oid(lfs_pointer(sha, size))}
-                elif key == "deletedFile":
-                    if files.pop(value["path"], None) is None:
-                        raise HubError(404, "A file with this name doesn't exist", "EntryNotFound")
-                elif key == "deletedFolder":
-                    prefix = value["path"].rstrip("/") + "/"
-                    files = {p: e for p, e in files.items() if not p.startswith(prefix)}
-                else:
-                    raise HubError(400, f"Unknown commit operation {key!r}")
-            if any(line["value"].get("path") == "README.md" for line in lines[1:]) and "README.md" in files:
-                errors, _ = validate_metadata(self.hub.read_object(files["README.md"]["sha256"]).decode())
+            for key, value in operations:
+                files = self._apply(files, key, value)
+            if any(value["path"] == "README.md" for _, value in operations) and "README.md" in files:
+                card = self.hub.read_object(files["README.md"]["sha256"]).decode(errors="replace")
+                errors, _ = validate_metadata(card)
                 if errors:
                     raise HubError(400, "Invalid metadata in README.md: " + "; ".join(errors))
-            oid = self.hub._new_commit(repo, parent, files, header.get("summary", ""))
+            summary = header.get("summary", "")
+            oid = self.hub._new_commit(repo, parent, files, summary if isinstance(summary, str) else str(summary))
             repo["branches"][revision] = oid
             self.hub._save_repo(repo_id, repo)
         self._send_json(200, {"success": True, "commitOid": oid, "commitUrl": f"{self.hub.url}/{repo_id}/commit/{oid}"})
 
+    def _apply(self, files: dict, key: str, value: dict) -> dict:
+        """`files` after one commit operation (paths already checked)."""
+        path = value["path"]
+        if key == "file":
+            if value.get("encoding") != "base64":
+                raise HubError(400, f"Unsupported encoding for {path}")
+            return {**files, path: self.hub._file_entry(_b64decode(value.get("content"), f"The content of {path}"),
+                                                        lfs=False)}
+        if key == "lfsFile":
+            sha = value.get("oid")
+            object_path = self.hub._object_path(sha)  # 400 unless 64 lowercase hex: never a path of the client's
+            if not object_path.exists():
+                raise HubError(422, f"LFS object {sha} for {path} was never uploaded")
+            size = object_path.stat().st_size
+            entry = {"sha256": sha, "size": size, "lfs": True, "oid": git_blob_oid(lfs_pointer(sha, size))}
+            return {**files, path: entry}
+        if key == "deletedFile":
+            if path not in files:
+                raise HubError(404, "A file with this name doesn't exist", "EntryNotFound")
+            return {p: e for p, e in files.items() if p != path}
+        if key == "deletedFolder":
+            return {p: e for p, e in files.items() if not p.startswith(path + "/")}
+        raise HubError(400, f"Unknown commit operation {key!r}")
+
     def _lfs_batch(self, repo_id: str) -> None:
         body, user = self._json_body(), self._user()
-        self.hub.can_write(user, repo_id.split("/")[0])
-        self.hub.readable_repo(repo_id, user)
+        self._writable_repo(repo_id, user)
         if body.get("operation") != "upload" or "basic" not in body.get("transfers", ["basic"]):
             raise HubError(400, "Only basic uploads are supported")
+        requested = body.get("objects", [])
+        # The LFS batch API answers 422 to a request naming an object it cannot even identify.
+        _require(isinstance(requested, list) and all(
+            isinstance(o, dict) and is_lfs_oid(o.get("oid")) and isinstance(o.get("size"), int)
+            and not isinstance(o.get("size"), bool) and o["size"] >= 0 for o in requested
+        ), "Invalid object: each needs an oid of 64 lowercase hex digits and a size", status=422)
         objects = []
-        for obj in body.get("objects", []):
+        for obj in requested:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if not self.hub._object_path(obj["oid"]).exists():  # present objects get no action: nothing to upload
                 entry["actions"] = {"upload": {"href": f"{self.hub.url}/__lfs__/{obj['oid']}/{obj['size']}"}}
@@ -536,6 +707,7 @@ class _Handler(BaseHTTPRequestHandler):
                    content_type="application/vnd.git-lfs+json")
 
     def _lfs_put(self, sha256: str, size: int) -> None:
+        self.hub._object_path(sha256)  # 400 for an oid that is not a sha256, before looking at the content
         data = self._body()
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
             raise HubError(400, f"Uploaded content does not match oid {sha256} and size {size}")
@@ -545,23 +717,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
         repo = self.hub.readable_repo(repo_id, self._user())
         sha = self.hub.resolve_revision(repo, revision)
-        entry = repo["commits"][sha]["files"].get(path)
+        entry = repo["commits"][sha]["files"].get(path) if is_repo_path(path) else None
         if entry is None:
             raise HubError(404, "Entry not found", "EntryNotFound")
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry["oid"]}"', "Accept-Ranges": "bytes"}
         if entry["lfs"]:
             headers.update({"X-Linked-Etag": f'"{entry["sha256"]}"', "X-Linked-Size": str(entry["size"])})
-        if self.command == "HEAD":
-            # Content-Length of the real body, without sending it.
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(entry["size"]))
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.hub.requests.append((self.command, self.path, 200))
-            return
-        self._send(200, self.hub.read_object(entry["sha256"]), headers, content_type="application/octet-stream")
+        # A HEAD announces the real body's length without sending it.
+        body = b"" if self.command == "HEAD" else self.hub.read_object(entry["sha256"])
+        self._send(200, body, headers, content_type="application/octet-stream", length=entry["size"])
 
 
 def _tree(files: dict, folder: str, recursive: bool) -> list[dict]:

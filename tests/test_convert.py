@@ -383,14 +383,21 @@ def test_cli_bad_input(tiny_source_dir, calib_file, tmp_path, args, message):
 
 def test_existing_output_needs_overwrite(tiny_source_dir, calib_file, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     calib = CalibrationConfig(dataset=str(calib_file), samples=4, seq_len=32)
-    with pytest.raises(HFCompressError, match="exists; pass --overwrite"):
+    convert(str(tiny_source_dir), out, calibration=calib, progress=False)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(HFCompressError, match=r"already exists \(pass --overwrite"):
         convert(str(tiny_source_dir), out, calibration=calib, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
     convert(str(tiny_source_dir), out, calibration=calib, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # A folder that is not an hf-compress output is never replaced, even with overwrite.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(HFCompressError, match="no hf-compress output"):
+        convert(str(tiny_source_dir), other, calibration=calib, overwrite=True, progress=False)
+    assert (other / "keep.txt").read_text() == "mine"
 
 
 def test_unsupported_architecture_is_named(tmp_path, calib_file):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -19,7 +21,7 @@ from hf_compress.errors import HFCompressError
 from hf_compress.hub import push_to_hub
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import FakeHub, client_env, use_in_process  # noqa: E402
+from hub_server import FakeHub, HubError, client_env, is_repo_id, use_in_process  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -286,3 +288,254 @@ def test_cli_push_uses_env_endpoint_and_token(hub, checkpoint, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("hf-compress: error: not allowed to write to 'bob/from-cli' (403)")
     assert "Traceback" not in err
+
+
+# -- the fake Hub keeps every client inside its storage -------------------------------------------------------------
+SECRET = "TOPSECRET-7f3a91"  # in files outside the storage folder and in bob's private repo; no answer may carry it
+_HEADER = {"key": "header", "value": {"summary": "crafted"}}
+
+
+def _ndjson(*operations: dict) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in (_HEADER, *operations)).encode()
+
+
+def _file_op(path: str, content: bytes = b"hi") -> dict:
+    return {"key": "file", "value": {"path": path, "encoding": "base64", "content": base64.b64encode(content).decode()}}
+
+
+def _raw(hub: FakeHub, method: str, target: str, body: bytes | dict | list | None = None,
+         token: str | None = "hf_alice_write", headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    """One request sent byte for byte: http.client keeps `..` and `%2e%2e` that httpx would normalise away."""
+    payload = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    sent = {"Authorization": f"Bearer {token}"} if token else {}
+    if isinstance(body, (dict, list)):
+        sent["Content-Type"] = "application/json"
+    sent.update(headers or {})
+    conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=30)
+    try:
+        conn.request(method, target, body=payload, headers=sent)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+# (what it tries, method, request target, body, extra headers, token, the Hub's answer)
+CRAFTED = [
+    ("encoded .. into bob's private repo", "GET", "/api/models/alice/%2e%2e%2Fbob%2Fsecret", None, None, None, 404),
+    ("encoded .. into bob's private file", "GET", "/alice/%2e%2e%2Fbob%2Fsecret/resolve/main/weights.txt",
+     None, None, None, 404),
+    ("second namespace segment", "GET", "/api/models/alice%2F..%2Fbob/secret", None, None, None, 404),
+    ("second namespace segment, file", "GET", "/alice%2F..%2Fbob/secret/resolve/main/weights.txt",
+     None, None, None, 404),
+    ("second namespace segment, plain", "GET", "/api/models/alice/bob%2Fsecret", None, None, None, 404),
+    ("a repo file outside storage", "GET", "/api/models/alice/..%2F..%2F..%2Fsecret", None, None, None, 404),
+    ("raw .. segments", "GET", "/api/models/alice/../../../secret/tree/main", None, None, None, 404),
+    ("double encoding decodes once", "GET", "/api/models/alice/%252e%252e%252Fbob%252Fsecret", None, None, None, 404),
+    ("reserved --", "GET", "/api/models/alice/models--bob--secret", None, None, None, 404),
+    ("bob's private repo, alice's token", "GET", "/api/models/bob/secret", None, None, None, 404),
+    ("bob's private file, alice's token", "GET", "/bob/secret/resolve/main/weights.txt", None, None, None, 404),
+    ("bob's private repo, no token", "GET", "/api/models/bob/secret/tree/main", None, None, "", 401),
+    ("a commit into bob's private repo", "POST", "/api/models/bob/secret/commit/main",
+     _ndjson(_file_op("a.txt")), None, None, 404),
+    ("LFS oid ../../x in a commit", "POST", "/api/models/alice/proto/commit/main",
+     _ndjson({"key": "lfsFile", "value": {"path": "x.bin", "algo": "sha256", "oid": "../../x", "size": 16}}),
+     None, None, 400),
+    ("LFS oid ../../x in a batch", "POST", "/alice/proto.git/info/lfs/objects/batch",
+     {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": "../../x", "size": 16}]}, None, None, 422),
+    ("LFS upload to ../../x", "PUT", "/__lfs__/..%2F..%2Fx/16", SECRET.encode(), None, None, 400),
+    ("LFS upload with a size that is no number", "PUT", f"/__lfs__/{'a' * 64}/1e3", b"", None, None, 400),
+    ("commit path with ..", "POST", "/api/models/alice/proto/commit/main", _ndjson(_file_op("../escape.txt")),
+     None, None, 400),
+    ("absolute commit path", "POST", "/api/models/alice/proto/commit/main", _ndjson(_file_op("/etc/escape")),
+     None, None, 400),
+    ("backslash commit path", "POST", "/api/models/alice/proto/commit/main", _ndjson(_file_op("..\\..\\x")),
+     None, None, 400),
+    ("dot segment in a commit path", "POST", "/api/models/alice/proto/commit/main", _ndjson(_file_op("sub/./a")),
+     None, None, 400),
+    ("deleting a folder above the repo", "POST", "/api/models/alice/proto/commit/main",
+     _ndjson({"key": "deletedFolder", "value": {"path": "../"}}), None, None, 400),
+    ("a file path with encoded ..", "GET", "/alice/proto/resolve/main/..%2F..%2F..%2Fx", None, None, None, 404),
+    ("a file path with raw ..", "GET", "/alice/proto/resolve/main/../../../x", None, None, None, 404),
+    ("a tree folder with ..", "GET", "/api/models/alice/proto/tree/main/..%2F..", None, None, None, 404),
+    ("a branch named ..", "POST", "/api/models/alice/proto/branch/..", {}, None, None, 400),
+    ("creating a repo named ..", "POST", "/api/repos/create", {"name": "..", "organization": "alice"},
+     None, None, 400),
+    ("creating a repo in a second namespace", "POST", "/api/repos/create", {"name": "x/../../bob/y"},
+     None, None, 400),
+    ("a JSON body that is a list", "POST", "/api/repos/create", [1], None, None, 400),
+    ("a body that is no JSON", "POST", "/api/models/alice/proto/preupload/main", b"{", None, None, 400),
+    ("a preupload size that is no number", "POST", "/api/models/alice/proto/preupload/main",
+     {"files": [{"path": "a.txt", "size": "big", "sample": ""}]}, None, None, 400),
+    ("a commit line that is no object", "POST", "/api/models/alice/proto/commit/main", b"[1]\n", None, None, 400),
+    ("a commit file without a path", "POST", "/api/models/alice/proto/commit/main",
+     _ndjson({"key": "file", "value": {"encoding": "base64", "content": ""}}), None, None, 400),
+    ("a commit file that is no base64", "POST", "/api/models/alice/proto/commit/main",
+     _ndjson({"key": "file", "value": {"path": "a.txt", "encoding": "base64", "content": "%%%"}}), None, None, 400),
+    ("paths-info paths that are no list", "POST", "/api/models/alice/proto/paths-info/main", {"paths": 5},
+     None, None, 400),
+    ("metadata content that is no string", "POST", "/api/validate-yaml", {"content": 5}, None, None, 400),
+    ("a Content-Length that is no number", "POST", "/api/repos/create", b"", {"Content-Length": "abc"}, None, 400),
+]
+
+
+def _files_outside(tmp_path: Path) -> dict[str, bytes]:
+    """Every file under `tmp_path` but outside the storage folder, with its content."""
+    return {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*"))
+            if p.is_file() and "hub_storage" not in p.relative_to(tmp_path).parts}
+
+
+@pytest.fixture
+def guarded(hub, tmp_path):
+    """The server with secrets to steal: `x` and a repo-shaped `secret.json` next to its storage folder (what
+    `../../x` and `alice/../../../secret` would reach), and bob's private repo `bob/secret`."""
+    from huggingface_hub import HfApi
+
+    (tmp_path / "x").write_text(SECRET)
+    fake_repo = {"id": "secret", "private": False, "branches": {"main": "c"}, "created": 0, "note": SECRET,
+                 "commits": {"c": {"parent": None, "message": SECRET, "date": 0, "files": {}}}}
+    (tmp_path / "secret.json").write_text(json.dumps(fake_repo))
+    bob = HfApi(endpoint=hub.url, token="hf_bob_write")
+    bob.create_repo("bob/secret", private=True)
+    bob.upload_file(path_or_fileobj=SECRET.encode(), path_in_repo="weights.txt", repo_id="bob/secret")
+    _api(hub).create_repo("alice/proto")
+    return hub
+
+
+@pytest.mark.parametrize("what,method,target,body,headers,token,status", CRAFTED, ids=[c[0] for c in CRAFTED])
+def test_crafted_request_gets_a_clean_4xx_and_reads_nothing_outside_storage(
+        guarded, tmp_path, what, method, target, body, headers, token, status):
+    outside = _files_outside(tmp_path)
+    proto = guarded.load_repo("alice/proto")
+    got, answer_headers, answer = _raw(guarded, method, target, body, headers=headers,
+                                       token="hf_alice_write" if token is None else token)
+    assert got == status, (what, got, answer)
+    assert guarded.errors == []  # no request got the dispatcher's 500: every refusal was foreseen
+    assert json.loads(answer)["error"] == answer_headers["X-Error-Message"]
+    assert SECRET not in answer.decode(errors="replace") + json.dumps(answer_headers)
+    # Nothing was written outside storage, nothing inside it points out, and the target repo is unchanged.
+    assert _files_outside(tmp_path) == outside
+    assert guarded.load_repo("alice/proto") == proto
+    # The server still answers on a fresh connection (no handler thread died, no lock left held).
+    assert _raw(guarded, "GET", "/api/whoami-v2")[0] == 200
+
+
+def test_private_repo_is_visible_only_to_its_owner(guarded):
+    weights = "/bob/secret/resolve/main/weights.txt"
+    assert _raw(guarded, "GET", weights, token="hf_bob_write")[2] == SECRET.encode()
+    assert _raw(guarded, "GET", weights)[0] == 404  # alice: hidden, not forbidden
+    assert _raw(guarded, "GET", weights, token="")[0] == 401
+    # Writing is refused with the same 404 before any 403 could confirm the repo exists.
+    status, headers, _ = _raw(guarded, "POST", "/api/models/bob/secret/preupload/main",
+                              {"files": [{"path": "a.txt", "size": 2, "sample": ""}]})
+    assert (status, headers["X-Error-Code"]) == (404, "RepoNotFound")
+
+
+def test_storage_paths_that_resolve_outside_are_refused(guarded, tmp_path):
+    # Validation passes these names; only the resolved path shows that a symlink leads out of the storage folder.
+    oid = "f" * 64  # a well-formed oid no upload has used
+    (guarded.root / "objects" / oid).symlink_to(tmp_path / "x")
+    (guarded.root / "repos" / "mallory").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(HubError) as refused:
+        guarded.read_object(oid)
+    assert refused.value.status == 404
+    with pytest.raises(HubError):
+        guarded.load_repo("mallory/secret")
+    for target in ("/api/models/mallory/secret", "/api/models/mallory/secret/tree/main"):
+        status, _, body = _raw(guarded, "GET", target)
+        assert status == 404 and SECRET not in body.decode()
+    assert guarded.errors == []
+
+
+def test_unexpected_server_error_is_a_short_500(hub, monkeypatch):
+    def broken(repo_id: str) -> dict:
+        raise RuntimeError("storage exploded")
+
+    monkeypatch.setattr(hub, "load_repo", broken)
+    status, headers, body = _raw(hub, "GET", "/api/models/alice/anything")
+    assert (status, json.loads(body)) == (500, {"error": "Internal Error"})
+    assert headers["X-Error-Message"] == "Internal Error" and "storage exploded" not in body.decode()
+    assert len(hub.errors) == 1 and "RuntimeError: storage exploded" in hub.errors[0]
+    assert _raw(hub, "GET", "/api/whoami-v2")[0] == 200
+
+
+@pytest.mark.parametrize("repo_id,valid", [
+    ("alice/tiny-sb", True), ("acme/Model_v1.2", True), ("a/b", True), ("alice/..", False), ("../bob", False),
+    ("alice/x/y", False), ("alice", False), ("alice/a..b", False), ("alice/models--x", False), ("alice/x.git", False),
+    ("alice/.hidden", False), ("alice/x-", False), ("alice/%2e%2e", False), ("alice/é", False), ("alice/x\n", False),
+    ("alice/" + "x" * 97, False), ("alice/" + "x" * 96, True),
+])
+def test_repo_ids_as_the_hub_accepts_them(repo_id, valid):
+    assert is_repo_id(repo_id) is valid
+
+
+# -- the client side: each refusal of the Hub is one clear error that says what to do ------------------------------
+def _refused_by_token(hub, monkeypatch, tmp_path) -> str:
+    use_in_process(hub, tmp_path, monkeypatch, token="hf_not_a_real_token")
+    return "alice/x"
+
+
+def _refused_namespace(hub, monkeypatch, tmp_path) -> str:
+    return "bob/new"
+
+
+def _private_repo_of_bob(hub, monkeypatch, tmp_path) -> str:
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.url, token="hf_bob_write").create_repo("bob/hidden", private=True)
+    return "bob/hidden"
+
+
+def _repo_gone(hub, monkeypatch, tmp_path) -> str:
+    # The repo disappears between its creation and the upload (deleted, or moved out of the token's reach).
+    hub.fail_next("POST", r"^/api/models/alice/gone/preupload/main$", 404, message="Repository not found",
+                  code="RepoNotFound")
+    return "alice/gone"
+
+
+def _conflict(hub, monkeypatch, tmp_path) -> str:
+    hub.fail_next("POST", r"^/api/models/alice/busy/commit/main$", 409,
+                  message="Another commit is in progress on this branch")
+    return "alice/busy"
+
+
+@pytest.mark.parametrize("setup,message", [
+    (_refused_by_token, r"^the Hub at http://127\.0\.0\.1:\d+ rejected the token \(401\): set HF_TOKEN to a valid "
+                        r"token with write access"),
+    (_refused_namespace, r"^not allowed to write to 'bob/new' \(403\): 'bob' is neither the token's user nor .*; "
+                         r"push to your own namespace or use a token that can write there$"),
+    # create_repo is refused (403) first, and the repo stays hidden (404): the push reports the refusal.
+    (_private_repo_of_bob, r"^not allowed to write to 'bob/hidden' \(403\)"),
+    (_repo_gone, r"^'alice/gone' was not found on http://127\.0\.0\.1:\d+ \(404\) or the token cannot see it: check "
+                 r"the repo id and --revision, or use a token of an account that can see the repo"),
+    (_conflict, r"^the Hub refused the push to 'alice/busy' with a conflict \(409: Another commit is in progress on "
+                r"this branch\): another upload or branch change reached the repo first; wait for it to finish, "
+                r"then push again"),
+], ids=["401", "403", "403-private", "404", "409"])
+def test_hub_refusal_is_one_clear_error(client, checkpoint, tmp_path, monkeypatch, setup, message):
+    repo_id = setup(client, monkeypatch, tmp_path)
+    with pytest.raises(HFCompressError) as refused:
+        push_to_hub(checkpoint, repo_id, backoff=0.01)
+    assert re.search(message, str(refused.value)), str(refused.value)
+    assert "\n" not in str(refused.value)
+    # A refusal is final: no retry, and no commit beyond the repo's initial one.
+    posts = [p for m, p, s in client.requests if m == "POST" and re.search(r"/(commit|preupload)/", p)]
+    assert len(posts) == len(set(posts))
+    repo = client.load_repo(repo_id)
+    assert repo is None or all(c["parent"] is None for c in repo["commits"].values())
+
+
+def test_cli_conflict_is_one_line_with_exit_code_2(hub, checkpoint, tmp_path):
+    hub.fail_next("POST", r"^/api/models/alice/busy/commit/main$", 409,
+                  message="Another commit is in progress on this branch")
+    env = {**os.environ, **client_env(hub, tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "hf_compress.cli", "push", str(checkpoint), "alice/busy"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        "hf-compress: error: the Hub refused the push to 'alice/busy' with a conflict (409: Another commit is in "
+        "progress on this branch): another upload or branch change reached the repo first; wait for it to finish, "
+        "then push again (files already there are not uploaded twice)"
+    ]
+    assert proc.stdout == ""
+    assert [s for m, p, s in hub.requests if p == "/api/models/alice/busy/commit/main"] == [409]

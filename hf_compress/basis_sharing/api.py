@@ -12,23 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig
 
-from ..data.text import calibration_batch, load_texts, resolve_text_source
-from ..device import PeakMemory, pick_device
-from ..errors import HFCompressError
+from ..checkpoint import prepare_output
+from ..data.text import calibration_batch, load_text_option
+from ..device import PeakMemory, dtype_name, pick_device
 from ..sources import load_source, source_config
 from .assembly import build_shared_basis_llama
 from .compressor import BasisSharingCompressor
 from .config import EVAL_SEQ_LEN, BasisSharingConfig, CalibrationConfig
-from .evaluation import PerplexityResult, measure_perplexity
+from .evaluation import check_context, check_window_options, measure_perplexity
+from .footprint import source_footprint
 from .record import compression_record, conversion_figures
-from .save import save_checkpoint
+from .save import round_weights, save_checkpoint
 
 
 def _recorded(key: str, doc: str) -> property:
     """A read-only attribute of `ConversionResult` read from its provenance record (kept in one place)."""
-    return property(lambda self: self.provenance[key], doc=doc)
+    return property(lambda self: self.provenance.get(key), doc=doc)
 
 
 @dataclass
@@ -60,6 +61,10 @@ class ConversionResult:
     achieved_ratio = _recorded("achieved_ratio", "The ratio the ranks reach, over the compressed projections.")
     params_before = _recorded("params_before", "Parameters of the compressed projections, dense.")
     params_after = _recorded("params_after", "Parameters of the compressed projections' bases and coefficients.")
+    source_file_bytes = _recorded("source_file_bytes", "Bytes of the source's weight files (None: not found).")
+    output_file_bytes = _recorded("output_file_bytes", "Bytes of the saved model*.safetensors (None: not saved).")
+    source_dtype = _recorded("source_dtype", "The dtype the source's weights are stored in.")
+    output_dtype = _recorded("output_dtype", "The dtype the checkpoint's weights are saved in.")
 
 
 def convert(
@@ -82,28 +87,46 @@ def convert(
 ) -> ConversionResult:
     """Converts a Llama-family checkpoint into a SharedBasisLlama checkpoint with Basis Sharing.
 
+    Everything that can be checked without the weights is checked first, in this order: the output folder, the
+    device, the options, the source's config (layers, context), the calibration and evaluation text.
+
     Args:
         source: Hub id, local folder, `.gguf` file, or `"smollm2"` for the bundled SmolLM2-135M-Instruct GGUF.
         output_dir: where the checkpoint goes; it appears only once complete. `None` skips saving.
-        config: what to compress (`BasisSharingConfig`).
+        config: what to compress (`BasisSharingConfig`), and the dtype the checkpoint is saved in.
         calibration: calibration text and sampling (`CalibrationConfig`).
         device: where the calibration and the factorizations run (default: cuda if present).
+        overwrite: replace an existing hf-compress output at `output_dir` (a folder of anything else is refused).
         eval_dataset: if given, perplexity before and after on this text (preset, file or Hub name).
         push_to_hub: `ORG/NAME` to upload the finished checkpoint to.
     """
-    output = _output_path(output_dir, overwrite)
+    output = None
+    if output_dir is not None:
+        output = prepare_output(output_dir, overwrite=overwrite, sources=[source, *([gguf_file] if gguf_file else [])])
     compute_device = pick_device(device)
+    check_window_options(eval_seq_len, eval_max_windows, seq_flag="--eval-seq-len", windows_flag="--eval-max-windows")
     start = time.perf_counter()
     with PeakMemory() as peak:
         architecture = source_config(source, gguf_file=gguf_file, revision=revision)
-        config, calibration = resolve_configs(config, calibration, architecture.num_hidden_layers, compute_device)
+        config, calibration = resolve_configs(config, calibration, architecture, compute_device, source)
+        texts = load_text_option("--calib-dataset", calibration.dataset, calibration.config, calibration.split,
+                                 calibration.column)
+        eval_texts = None
+        if eval_dataset:
+            check_context("--eval-seq-len", eval_seq_len, _context(architecture), source)
+            eval_texts = load_text_option("--eval-dataset", eval_dataset)
         model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision, config=architecture)
         load_time = time.perf_counter() - start
-        compressor = BasisSharingCompressor(model, config, calibration_ids(tokenizer, calibration), compute_device,
-                                            calibration.batch_size, progress, dtype=getattr(torch, calibration.dtype))
+        ids = calibration_batch(tokenizer, texts, samples=calibration.samples, seq_len=calibration.seq_len,
+                                seed=calibration.seed)
+        compressor = BasisSharingCompressor(model, config, ids, compute_device, calibration.batch_size, progress,
+                                            dtype=getattr(torch, calibration.dtype))
         factors = compressor.run()
         compressed = build_shared_basis_llama(model, factors)
-        figures = conversion_figures(config, model, compressed, factors)
+        figures = {**conversion_figures(config, model, compressed, factors),
+                   **source_footprint(source, gguf_file, revision, architecture)}
+        save_dtype = config.output_dtype(figures["source_dtype"])
+        figures["output_dtype"] = dtype_name(save_dtype)
         compressed.config.compression = compression_record(config, calibration, info.to_ref(), figures)
         result = ConversionResult(
             output_dir=output,
@@ -113,11 +136,15 @@ def convert(
             whitening_shifts={k: v for k, v in compressor.whitening_shifts.items() if any(v)},
             timings={"load_s": load_time, **compressor.timings},
         )
-        perplexity = _evaluate(model, compressed, tokenizer, eval_dataset, eval_seq_len, eval_max_windows, progress)
-        if perplexity is not None:
+        # The perplexity is that of the weights as saved (rounded to the save dtype), run in float32 as `ppl` does.
+        round_weights(compressed, save_dtype)
+        perplexity = None
+        if eval_texts is not None:
+            perplexity = measure_perplexity(model, compressed, tokenizer, eval_dataset, eval_texts,
+                                            seq_len=eval_seq_len, max_windows=eval_max_windows, progress=progress)
             result.perplexity_before, result.perplexity_after = perplexity.before, perplexity.after
         if output is not None:
-            save_checkpoint(compressed, tokenizer, output, overwrite=overwrite, perplexity=perplexity)
+            save_checkpoint(compressed, tokenizer, output, dtype=save_dtype, overwrite=overwrite, perplexity=perplexity)
     result.peak_memory_mb = peak.peak_mb
     if push_to_hub and output is not None:
         from ..hub import push_to_hub as push
@@ -126,39 +153,24 @@ def convert(
     return result
 
 
-def _output_path(output_dir: str | Path | None, overwrite: bool) -> Path | None:
-    """The output folder; an existing one is refused before any work unless `overwrite`."""
-    output = Path(output_dir) if output_dir is not None else None
-    if output is not None and output.exists() and not overwrite:
-        raise HFCompressError(f"output directory {output} exists; pass --overwrite to replace it.")
-    return output
+def _context(architecture: PretrainedConfig) -> int | None:
+    """The longest sequence the source was trained for (`max_position_embeddings`), if its config says."""
+    return getattr(architecture, "max_position_embeddings", None)
 
 
-def resolve_configs(config: BasisSharingConfig | None, calibration: CalibrationConfig | None, num_layers: int,
-                    device: torch.device) -> tuple[BasisSharingConfig, CalibrationConfig]:
-    """Both configs checked and resolved for `device` (their defaults when `None`), before the model loads.
+def resolve_configs(config: BasisSharingConfig | None, calibration: CalibrationConfig | None,
+                    architecture: PretrainedConfig, device: torch.device,
+                    source: str = "the source") -> tuple[BasisSharingConfig, CalibrationConfig]:
+    """Both configs checked against the source's config and resolved for `device` (their defaults when `None`),
+    before the model loads.
 
-    The group size is checked against `num_layers` (read from the source's config) first, so that a group size of
-    0 gets the message that names the valid range.
+    The group size is checked against the source's number of layers first, so that a group size of 0 gets the
+    message that names the valid range; the calibration length against the source's context last.
     """
     config = config if config is not None else BasisSharingConfig()
     calibration = calibration if calibration is not None else CalibrationConfig()
-    config.check_layers(num_layers)
+    config.check_layers(architecture.num_hidden_layers)
     config.validate()
     calibration.validate()
+    check_context("--calib-seq-len", calibration.seq_len, _context(architecture), source)
     return config.resolve(device), calibration.resolve(device)
-
-
-def calibration_ids(tokenizer: PreTrainedTokenizerBase, calibration: CalibrationConfig) -> torch.Tensor:
-    """The calibration token batch (`samples x seq_len`) that `calibration` describes."""
-    text = resolve_text_source(calibration.dataset, calibration.config, calibration.split, calibration.column)
-    return calibration_batch(tokenizer, load_texts(text), samples=calibration.samples, seq_len=calibration.seq_len,
-                             seed=calibration.seed)
-
-
-def _evaluate(source: PreTrainedModel, compressed: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-              dataset: str | None, seq_len: int, max_windows: int | None, progress: bool) -> PerplexityResult | None:
-    if not dataset:
-        return None
-    return measure_perplexity(source, compressed, tokenizer, dataset, seq_len=seq_len, max_windows=max_windows,
-                              progress=progress)

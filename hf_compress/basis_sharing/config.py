@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MethodConfig
-from ..device import calibration_dtype, dtype_name, pick_device
+from ..device import MODEL_DTYPES, calibration_dtype, dtype_name, named_dtype, pick_device
 from ..errors import HFCompressError
 from .decomposition import make_groups
 from .layout import PROJECTIONS
@@ -22,6 +22,8 @@ GPU_RANK_MULTIPLE = 128
 EVAL_SEQ_LEN = 2048
 RANK_ALLOCATIONS = ("uniform", "global")
 RANK_SCORES = ("relative", "absolute")
+# "auto": the dtype the source's weights are stored in.
+SAVE_DTYPES = ("auto", *MODEL_DTYPES)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -63,6 +65,9 @@ class BasisSharingConfig(MethodConfig):
             `refit` does its own fit instead (see the README for measurements).
         sequential: take the Grams of each block of layers from the outputs of the already-compressed layers before
             it (see the README for measurements); `False` takes every Gram from the dense model, as the paper does.
+        save_dtype: dtype of the saved weights: `"auto"` (the source's own, e.g. bfloat16 for SmolLM2), `"float32"`,
+            `"bfloat16"` or `"float16"`. Only the saved tensors are cast: the factorizations run in float32/float64.
+            "auto" stays "auto" in the record (it names the source's dtype, recorded as `source_dtype`).
     """
 
     ratio: float = 0.2
@@ -76,6 +81,7 @@ class BasisSharingConfig(MethodConfig):
     refit: bool = False
     layer_fit: bool = True
     sequential: bool = True
+    save_dtype: str = "auto"
 
     def validate(self) -> None:
         """Raises `HFCompressError` naming the first bad option; `check_layers` adds the model-dependent check."""
@@ -96,6 +102,11 @@ class BasisSharingConfig(MethodConfig):
             raise HFCompressError(f"--rank-score must be 'relative' or 'absolute'; got {self.rank_score!r}.")
         if self.rank_multiple is not None:
             _check_at_least_one({"--rank-multiple": self.rank_multiple})
+        named_dtype(self.save_dtype, "--save-dtype", SAVE_DTYPES)
+
+    def output_dtype(self, source_dtype: str) -> torch.dtype:
+        """The dtype the checkpoint is saved in, for a source stored in `source_dtype`."""
+        return getattr(torch, source_dtype if self.save_dtype == "auto" else self.save_dtype)
 
     def check_layers(self, num_layers: int) -> None:
         """The check that needs the model: `group_size` at most its number of decoder layers."""

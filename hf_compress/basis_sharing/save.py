@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checkpoint import save_pretrained_checkpoint
 from ..data.text import preset_hub_source, resolve_text_source
 from ..provenance import DataRef
 from .evaluation import PerplexityResult
+from .footprint import output_file_bytes
 
 PERPLEXITY_FILE = "perplexity.json"
 
@@ -48,13 +51,51 @@ def eval_result(result: PerplexityResult) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def round_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Rounds every parameter to `dtype`, kept in its own dtype: the model then computes with the weights it will
+    be saved with. Buffers (rotary frequencies) are left alone: a loaded checkpoint recomputes them in float32."""
+    for param in model.parameters():
+        param.copy_(param.to(dtype))
+
+
+@torch.no_grad()
+def _cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Casts every parameter (not the buffers, see `round_weights`) to `dtype`."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+
+
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, *,
-                    overwrite: bool = False, perplexity: PerplexityResult | None = None) -> None:
-    """Writes the checkpoint atomically (`hf_compress.checkpoint`); a measured perplexity goes in as
-    `perplexity.json` and as an evaluation result of the card."""
+                    dtype: torch.dtype | None = None, overwrite: bool = False,
+                    perplexity: PerplexityResult | None = None) -> None:
+    """Writes the checkpoint atomically (`hf_compress.checkpoint`) with its weights in `dtype` (default: as they
+    are); a measured perplexity goes in as `perplexity.json` and as an evaluation result of the card. The size of the
+    saved weights is added to the record (`output_file_bytes`) before the card is written."""
+    if dtype is not None:
+        _cast_weights(model, dtype)
     extra = {PERPLEXITY_FILE: perplexity_json(perplexity)} if perplexity is not None else {}
+
+    def finish(folder: Path) -> None:
+        _record_output_bytes(model, folder)
+        _write_card(folder, perplexity)
+
     save_pretrained_checkpoint(model, output, processor=tokenizer, extra_files=extra, overwrite=overwrite,
-                               card=lambda folder: _write_card(folder, perplexity))
+                               card=finish)
+
+
+def _record_output_bytes(model: PreTrainedModel, folder: Path) -> None:
+    """Adds the size of the weights just written to the record, in memory and in `folder`'s config.json (the size
+    is known only once the weights are on disk, after `save_pretrained` wrote the config)."""
+    record = getattr(model.config, "compression", None)
+    if not isinstance(record, dict):
+        return
+    record["output_file_bytes"] = output_file_bytes(folder)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["compression"] = record
+    # transformers' own layout of config.json
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _write_card(folder: Path, perplexity: PerplexityResult | None) -> None:

@@ -23,15 +23,6 @@ from .record import PruningResult
 TRAINING_SUMMARY = "training_summary.json"
 
 
-def _check_output(output_dir: str | Path, overwrite: bool, resumable: bool = False) -> None:
-    """Refuses a non-empty `output_dir` unless `overwrite`, or unless it holds a run to resume (`resumable`)."""
-    path = Path(output_dir)
-    if resumable and (path / ITERATIONS_DIR / STATE_FILE).exists():
-        return
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise HFCompressError(f"{output_dir} exists and is not empty (pass --overwrite to replace it)")
-
-
 def _load_source(
     source: str | Path | PrunedCNNForImageClassification, revision: str | None
 ) -> tuple[PrunedCNNForImageClassification, SourceRef]:
@@ -66,13 +57,19 @@ def prune(
     Returns:
         A `PruningResult`; the saved checkpoint's `config.compression` holds the provenance record.
     """
+    from ..vision.checkpoint import prepare_vision_output
+
     config.validate()
     data = data or ImageDataConfig()
-    _check_output(output_dir, overwrite, resumable=True)
-    if config.val_size <= 0:
-        raise HFCompressError("val_size must be positive: the accuracy floor is checked on held-out train images")
+    data.validate()
+    # Only a folder holding this command's own unfinished work continues without --overwrite: a finished checkpoint
+    # from `train` is ours too, but pruning into it would replace it.
+    resumable = (Path(output_dir).expanduser() / ITERATIONS_DIR / STATE_FILE).is_file()
+    output_dir = prepare_vision_output(output_dir, overwrite=overwrite, model=source, dataset=data.dataset,
+                                       resumable=resumable)
+    # The data first: a bad dataset is refused before the model is loaded.
+    train_data, val_data, test_data = load_splits(data, config.val_size, config.seed, val_option="val_size (--val-size)")
     model, source_ref = _load_source(source, revision)
-    train_data, val_data, test_data = load_splits(data, config.val_size, config.seed)
     return class_aware_prune(
         model, train_data, val_data, output_dir, config, test_data=test_data, source=source_ref,
         data=data_refs(data, test_data is not None), accelerator=accelerator, progress=progress,
@@ -144,14 +141,15 @@ def train(
     import torch
     from accelerate import PartialState
 
-    from ..vision.checkpoint import save_checkpoint
+    from ..vision.checkpoint import prepare_vision_output, save_checkpoint
     from ..vision.training import train_classifier
     from .regularizers import regularized_loss
 
     config, data = config or TrainConfig(), data or ImageDataConfig()
     config.validate()
-    _check_output(output_dir, overwrite)
-    train_data, val_data, test_data = load_splits(data, config.val_size, config.seed)
+    data.validate()
+    output_dir = prepare_vision_output(output_dir, overwrite=overwrite, model=source, dataset=data.dataset)
+    train_data, val_data, test_data = load_splits(data, config.val_size, config.seed, val_option="val_size (--val-size)")
     torch.manual_seed(config.seed)
     network, source_ref = _network_for_training(str(source), train_data)
     history = train_classifier(

@@ -89,6 +89,9 @@ class ClassAwareConfig(MethodConfig):
         _check(self.target_macs is None or reduction is None, "target_macs", "unset when target_macs_reduction is set",
                self.target_macs)
         _check_training(self, "retrain_epochs")
+        # Training may skip validation; pruning cannot: the floor is checked on these held-out images.
+        _check(self.val_size >= 1, "val_size", "an integer >= 1 (the accuracy floor is checked on held-out train "
+               "images)", self.val_size)
 
     def mac_target(self, source_macs: int) -> int | None:
         """The MAC count at which the loop stops, for a source network of `source_macs` (None: no target)."""

@@ -12,12 +12,13 @@ from .config import ImageDataConfig
 Splits = tuple[ImageClassificationData, Optional[ImageClassificationData], Optional[ImageClassificationData]]
 
 
-def load_splits(data: ImageDataConfig, val_size: int, seed: int) -> Splits:
+def load_splits(data: ImageDataConfig, val_size: int, seed: int, val_option: str = "val_size") -> Splits:
     """`(train, validation, evaluation)`: validation holds out `val_size` train images (None when 0), evaluation is
-    `data.eval_split` (None when unset)."""
+    `data.eval_split` (None when unset); `val_option` is how an error names `val_size`."""
     data.validate()
     return load_image_splits(data.dataset, val_size=val_size, eval_split=data.eval_split, seed=seed, limit=data.limit,
-                             eval_limit=data.eval_limit, image_column=data.image_column, label_column=data.label_column)
+                             eval_limit=data.eval_limit, image_column=data.image_column, label_column=data.label_column,
+                             val_option=val_option)
 
 
 def data_refs(data: ImageDataConfig, with_eval: bool) -> list[DataRef]:

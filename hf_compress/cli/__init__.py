@@ -10,7 +10,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("llm", "hub", "prune", "early_exit")
+COMMAND_MODULES = ("llm", "hub", "prune", "early_exit", "heal")
 
 app = typer.Typer(
     name="hf-compress",

@@ -33,8 +33,11 @@ def eval_command(
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside MODEL."),
     output: Optional[str] = typer.Option(None, "--output", help="Results JSON (default MODEL/lm_eval_results.json)."),
     update_card: bool = typer.Option(False, "--update-card", help="Record the metrics in MODEL's model card."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run the code a model ships (its auto_map) to load it; read it first. "
+        "hf-compress checkpoints never need it."),
 ) -> None:
-    """Evaluate with lm-evaluation-harness (`hf` model, trust_remote_code) and write the results beside the model."""
+    """Evaluate with lm-evaluation-harness (`hf` model) and write the results beside the model."""
     from ..errors import HFCompressError
     from ..evaluation.lm_eval import evaluate
 
@@ -45,7 +48,7 @@ def eval_command(
     results, path = evaluate(
         model, [t.strip() for t in tasks.split(",") if t.strip()], output=output, update_card=update_card,
         limit=limit, batch_size=int(batch_size) if batch_size.isdigit() else batch_size, device=device, dtype=dtype,
-        num_fewshot=num_fewshot, gguf_file=gguf_file,
+        num_fewshot=num_fewshot, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
     )
     for task, metrics in results["results"].items():
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()

@@ -17,6 +17,7 @@ from ..basis_sharing.config import (
     BasisSharingConfig,
     CalibrationConfig,
 )
+from ..device import MODEL_DTYPES
 
 _BS = BasisSharingConfig()
 _CAL = CalibrationConfig()
@@ -65,10 +66,15 @@ def convert_command(
         _CAL.dtype, "--calib-dtype",
         help="Matrix products of the calibration forwards: float32, bfloat16, or auto (bfloat16 where the device "
              "has native bfloat16, else float32). Grams and factorizations stay float32/float64."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    save_dtype: str = typer.Option(
+        _BS.save_dtype, "--save-dtype",
+        help="dtype of the saved weights: auto (the source's own, e.g. bfloat16 for SmolLM2), float32, bfloat16 or "
+             "float16. The factorizations run in float32/float64 either way."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace OUTPUT if it holds an hf-compress output (other folders: refused)."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval-dataset", help="Also report perplexity before/after on this text."),
-    eval_seq_len: int = typer.Option(EVAL_SEQ_LEN, "--eval-seq-len"),
-    eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows"),
+    eval_seq_len: int = typer.Option(EVAL_SEQ_LEN, "--eval-seq-len", help="Tokens per window (at most the context)."),
+    eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows", help="At most this many windows."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="ORG/NAME to upload the checkpoint to."),
     private: bool = typer.Option(False, "--private"),
     hub_revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch to push to."),
@@ -82,7 +88,7 @@ def convert_command(
         BasisSharingConfig(
             ratio=ratio, group_size=group_size, share=_split_names(share), dense=_split_names(dense), whiten=whiten,
             rank_allocation=rank_allocation, rank_multiple=rank_multiple, rank_score=rank_score, refit=refit,
-            layer_fit=layer_fit, sequential=sequential,
+            layer_fit=layer_fit, sequential=sequential, save_dtype=save_dtype,
         ),
         calibration=CalibrationConfig(
             dataset=calib_dataset, config=calib_config, split=calib_split, column=calib_column,
@@ -98,6 +104,8 @@ def convert_command(
 
 def _echo_summary(result, eval_dataset: str | None) -> None:
     """Prints what a conversion achieved and what it cost (a `ConversionResult`)."""
+    from ..cards import format_bytes
+
     typer.echo(f"compressed projections: {result.params_before:,} -> {result.params_after:,} parameters; "
                f"target ratio {result.target_ratio:.2%}, achieved {result.achieved_ratio:.2%}")
     for name, shifts in result.whitening_shifts.items():
@@ -106,6 +114,9 @@ def _echo_summary(result, eval_dataset: str | None) -> None:
     phases = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
                        for name, seconds in result.timings.items())
     typer.echo(f"conversion: {result.wall_time_s:.1f} s ({phases}), peak memory {result.peak_memory_mb:,.0f} MB")
+    if result.output_file_bytes is not None:
+        typer.echo(f"weights on disk: {format_bytes(result.source_file_bytes)} {result.source_dtype} (source) -> "
+                   f"{format_bytes(result.output_file_bytes)} {result.output_dtype} (output)")
     if result.perplexity_after is not None:
         typer.echo(f"perplexity on {eval_dataset}: {result.perplexity_before:.3f} (source) -> "
                    f"{result.perplexity_after:.3f} (compressed)")
@@ -117,11 +128,11 @@ def ppl_command(
     config: Optional[str] = typer.Option(None, "--config"),
     split: Optional[str] = typer.Option(None, "--split"),
     column: Optional[str] = typer.Option(None, "--column"),
-    seq_len: int = typer.Option(EVAL_SEQ_LEN, "--seq-len"),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows"),
+    seq_len: int = typer.Option(EVAL_SEQ_LEN, "--seq-len", help="Tokens per window (at most the model's context)."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="At most this many windows (default: all)."),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file"),
     device: Optional[str] = typer.Option(None, "--device"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("float32", "--dtype", help=f"{', '.join(MODEL_DTYPES)}."),
 ) -> None:
     """Perplexity: rows joined with blank lines, tokenized once, windows of --seq-len, exp of the mean window loss."""
     from ..basis_sharing.evaluation import model_perplexity

@@ -17,15 +17,27 @@ def _default(config_class: type, name: str) -> Any:
     return next(field.default for field in dataclasses.fields(config_class) if field.name == name)
 
 
+# Percentages are read only where no fraction could be meant: a floor below 50% is rare, and a value like 1.5
+# (1.5%? 150%? a typo of 0.15?) has no reading we could pick safely.
+PERCENT_RANGE = (50.0, 100.0)
+
 
 def _fraction(value: float, option: str) -> float:
-    """Accuracies are given as fractions (0.93) or percentages (93)."""
+    """An accuracy given as a fraction in [0, 1] (0.925) or a percentage in [50, 100] (92.5); anything else is
+    refused. A converted percentage is said on stdout, so the reading is never silent."""
     from ..errors import HFCompressError
 
-    fraction = value / 100 if value > 1 else value
-    if not 0 < fraction <= 1:
-        raise HFCompressError(f"{option} must be a fraction in (0, 1] or a percentage in (1, 100], got {value}")
-    return fraction
+    low, high = PERCENT_RANGE
+    if 0 <= value <= 1:
+        return value
+    if low <= value <= high:
+        fraction = value / 100
+        typer.echo(f"{option} {fraction:g} (read {value:g} as a percentage)")
+        return fraction
+    raise HFCompressError(
+        f"{option} must be a fraction in [0, 1] (0.925) or a percentage in [{low:g}, {high:g}] (92.5), got {value:g}; "
+        "give a floor below 50% as a fraction"
+    )
 
 
 _REGULARIZER_HELP = ", ".join(f"{name} ({weight:g})" if weight else name for name, weight in REGULARIZER_WEIGHTS.items())
@@ -72,7 +84,8 @@ def prune_command(
     model: str = typer.Argument(..., help="A trained PrunedCNN checkpoint or transformers ResNet (folder or Hub id)."),
     output: str = typer.Argument(..., help="Output folder: the pruned checkpoint, with iterations/ for resuming."),
     dataset: str = typer.Option(_default(ImageDataConfig, "dataset"), "--dataset", help=_DATASET_HELP),
-    accuracy_floor: float = typer.Option(..., "--accuracy-floor", help="Lowest acceptable validation accuracy (0.92 or 92)."),
+    accuracy_floor: float = typer.Option(..., "--accuracy-floor", help="Lowest acceptable validation accuracy: a "
+                                         "fraction (0.92) or a percentage from 50 to 100 (92)."),
     max_classes: int = typer.Option(_default(ClassAwareConfig, "max_classes"), "--max-classes", help="Remove filters important for at most this many classes."),
     images_per_class: int = typer.Option(_default(ClassAwareConfig, "images_per_class"), "--images-per-class"),
     used_threshold: float = typer.Option(_default(ClassAwareConfig, "used_threshold"), "--used-threshold", help="A filter is used by an image "

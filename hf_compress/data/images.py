@@ -9,6 +9,7 @@ padding, horizontal flip) and normalisation then run batched on whatever device 
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -183,24 +184,63 @@ def train_val_split(
     return data.subset(order[n_val:]), data.subset(order[:n_val])
 
 
+def error_line(err: BaseException) -> str:
+    """`Class: first line of the message`: a library's exception inside one of our one-line errors."""
+    return f"{err.__class__.__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
 def resolve_dataset(name_or_path: str, split: str):
     """Loads split `split` of a local parquet file/folder, an image preset (`cifar10`), or a Hub dataset as a
-    `datasets.Dataset`."""
+    `datasets.Dataset`; what cannot be read, or holds no rows, is refused in one line naming the dataset."""
     import datasets
 
     preset = find_preset(name_or_path, "image")
     if preset is not None:
         name_or_path = str(preset.local_path()) if preset.local_path().is_dir() else preset.hub_id
-    path = Path(name_or_path)
-    if path.is_file():
-        if path.suffix != ".parquet":
-            raise HFCompressError(f"local dataset files must be parquet, got {path}")
-        return datasets.load_dataset("parquet", data_files=str(path), split="train")
-    if path.is_dir():
-        return datasets.load_dataset("parquet", data_files=[str(f) for f in _split_files(path, split)], split="train")
-    if path.suffix == ".parquet" or name_or_path.startswith((".", "/")):
-        raise HFCompressError(f"dataset path {name_or_path} does not exist")
-    return datasets.load_dataset(name_or_path, split=split)
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix != ".parquet":
+        raise HFCompressError(f"local dataset files must be parquet, got {path}")
+    if not (path.is_file() or path.is_dir()):
+        if path.suffix == ".parquet" or name_or_path.startswith((".", "/", "~")):
+            raise HFCompressError(f"dataset path {name_or_path} does not exist")
+        try:
+            return datasets.load_dataset(name_or_path, split=split)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
+            raise HFCompressError(f"dataset {name_or_path} is no local file or folder, and the Hub dataset could not "
+                                  f"be loaded ({error_line(err)})") from None
+    files = [str(path)] if path.is_file() else [str(f) for f in _split_files(path, split)]
+    try:
+        if _parquet_rows(files) == 0:
+            raise HFCompressError(f"dataset {name_or_path} has no rows in split {split!r}")
+        # The conversion of local files takes a moment: its progress bars would only crowd the output.
+        with _quiet_datasets():
+            # parquet files hold one split, which `datasets` calls "train" whatever it is
+            return datasets.load_dataset("parquet", data_files=files, split="train")
+    except HFCompressError:
+        raise
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
+        raise HFCompressError(f"cannot read the parquet data {name_or_path} ({error_line(err)})") from None
+
+
+def _parquet_rows(files: Sequence[str]) -> int:
+    """The number of rows of parquet files, from their footers (a file that is no parquet raises ArrowInvalid)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in files)
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """`datasets` without progress bars inside the block, as they were after it."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
@@ -213,7 +253,7 @@ def _split_files(folder: Path, split: str) -> list[Path]:
     return files
 
 
-def _pick_column(dataset, given: str | None, feature_type: type, names: Sequence[str], what: str) -> str:
+def _pick_column(dataset, given: str | None, feature_type: type, names: Sequence[str], what: str, source: str) -> str:
     if given is not None:
         if given not in dataset.column_names:
             raise HFCompressError(f"{what} column {given!r} not found; the dataset has columns {dataset.column_names}")
@@ -224,9 +264,10 @@ def _pick_column(dataset, given: str | None, feature_type: type, names: Sequence
     for name in names:
         if name in dataset.column_names:
             return name
+    # No "--image-column" hint: early-exit and exit-report have no such option.
     raise HFCompressError(
-        f"the dataset has no {what} column (looked for a {feature_type.__name__} feature or one of {list(names)}); "
-        f"its columns are {dataset.column_names}: pass --{what}-column"
+        f"dataset {source} has no {what} column (looked for a feature of type {feature_type.__name__} or one of {list(names)}); "
+        f"its columns are {dataset.column_names}"
     )
 
 
@@ -274,8 +315,10 @@ def load_image_dataset(
     import datasets
 
     dataset = resolve_dataset(name_or_path, split)
-    image_col = _pick_column(dataset, image_column, datasets.Image, _IMAGE_COLUMN_NAMES, "image")
-    label_col = _pick_column(dataset, label_column, datasets.ClassLabel, _LABEL_COLUMN_NAMES, "label")
+    if len(dataset) == 0:  # a Hub split; local files are checked from their footers
+        raise HFCompressError(f"dataset {name_or_path} has no rows in split {split!r}")
+    image_col = _pick_column(dataset, image_column, datasets.Image, _IMAGE_COLUMN_NAMES, "image", name_or_path)
+    label_col = _pick_column(dataset, label_column, datasets.ClassLabel, _LABEL_COLUMN_NAMES, "label", name_or_path)
     label_feature = dataset.features[label_col]
     if limit is not None and limit < len(dataset):
         if limit <= 0:
@@ -333,18 +376,23 @@ def load_splits(
     eval_limit: int | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    val_option: str = "val_size",
 ) -> tuple[ImageClassificationData, ImageClassificationData | None, ImageClassificationData | None]:
     """`(train, validation, evaluation)` of a dataset, as every vision method uses them.
 
     Validation holds out `val_size` train images with `VALIDATION_SEED` (None when 0); evaluation is `eval_split`
     (None when unset) and must have the train split's classes. `limit`/`eval_limit` draw random subsets with `seed`.
+    `val_option` is how an error names `val_size` (the option of the calling command).
     """
     columns = {"image_column": image_column, "label_column": label_column}
     train = load_image_dataset(dataset, "train", limit=limit, seed=seed, **columns)
     val = None
     if val_size > 0:
         if val_size >= len(train):
-            raise HFCompressError(f"val_size {val_size} leaves no training image (the train split has {len(train)})")
+            raise HFCompressError(
+                f"{val_option} must be smaller than the train split ({len(train)} images) to leave training images, "
+                f"got {val_size}"
+            )
         train, val = train_val_split(train, n_val=val_size)
     test = None
     if eval_split:

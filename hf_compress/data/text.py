@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,29 +63,114 @@ def resolve_text_source(dataset: str, config: str | None = None, split: str | No
                       preset.data_files)
 
 
-def load_texts(source: TextSource) -> list[str]:
-    """The rows of `source.column`, in order."""
+def _error_line(err: BaseException) -> str:
+    """The first line of the innermost cause of `err` (datasets wraps the reader's own error in a generic one)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only mean a local file or folder (a data-file suffix, or a path prefix), never a Hub name."""
+    return name.startswith(("/", ".", "~")) or Path(name).suffix in LOCAL_BUILDERS
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silences datasets' progress bars and error logs while it reads a local file: the reason a file cannot be
+    read reaches the user as one line of ours, not as datasets' log lines above it."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    verbosity, bars_were_off = ds_logging.get_verbosity(), datasets.are_progress_bars_disabled()
+    ds_logging.set_verbosity(ds_logging.CRITICAL + 10)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+def _check_local_file(path: Path) -> None:
+    """Refuses an empty file, and a parquet file that is no parquet or has no rows, before datasets reads it."""
+    if path.stat().st_size == 0:
+        raise HFCompressError(f"{path} is empty.")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not parquet
+            raise HFCompressError(f"{path} is not a readable parquet file ({_error_line(err)}).") from None
+        if rows == 0:
+            raise HFCompressError(f"{path} has no rows.")
+
+
+def _load_local(path: Path):
+    """The rows of a local file or of the data files of a folder, as a `datasets.Dataset`."""
     import datasets
 
-    path = Path(source.dataset)
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS) if path.is_dir() else [path]
-        if not files:
-            raise HFCompressError(f"no parquet/jsonl/json/txt/csv files in {path}.")
-        builder = LOCAL_BUILDERS.get(files[0].suffix)
-        if builder is None:
-            raise HFCompressError(f"unsupported data file {files[0]}; use one of {sorted(LOCAL_BUILDERS)}.")
-        table = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    else:
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS) if path.is_dir() else [path]
+    if not files:
+        raise HFCompressError(f"no parquet/jsonl/json/txt/csv files in {path}.")
+    builder = LOCAL_BUILDERS.get(files[0].suffix)
+    if builder is None:
+        raise HFCompressError(f"unsupported data file {files[0]}; use one of {sorted(LOCAL_BUILDERS)}.")
+    for file in files:
+        _check_local_file(file)
+    with _quiet_datasets():
         try:
-            table = datasets.load_dataset(source.dataset, source.config, split=source.split, data_files=source.data_files)
-        except Exception as err:  # datasets raises many types for a missing or unreachable dataset
-            raise HFCompressError(f"cannot load dataset {source.describe()}: {err}") from err
+            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        except Exception as err:  # datasets raises its own errors and the reader's (pyarrow, json, pandas)
+            raise HFCompressError(f"cannot read {path} as {builder} ({_error_line(err)}).") from None
+
+
+def _load_hub(source: TextSource):
+    """The split of a Hub dataset (or of datasets' local cache, offline) as a `datasets.Dataset`."""
+    import datasets
+
+    if looks_like_path(source.dataset):
+        raise HFCompressError(f"file {source.dataset} does not exist.")
+    try:
+        return datasets.load_dataset(source.dataset, source.config, split=source.split, data_files=source.data_files)
+    except Exception as err:  # datasets raises many types for a missing or unreachable dataset
+        offline = datasets.config.HF_HUB_OFFLINE
+        checked = "the local dataset cache (offline)" if offline else "the Hub"
+        raise HFCompressError(f"{source.dataset!r} is no preset ({', '.join(PRESETS)}), no local file, and "
+                              f"{checked} could not load it: {_error_line(err)}") from None
+
+
+def load_texts(source: TextSource) -> list[str]:
+    """The rows of `source.column`, in order; a source without text is refused in one line that names it."""
+    path = Path(source.dataset)
+    table = _load_local(path) if path.exists() else _load_hub(source)
     if source.column not in table.column_names:
         raise HFCompressError(
             f"dataset {source.describe()} has no column {source.column!r}; its columns are {table.column_names}."
         )
-    return [text if text is not None else "" for text in table[source.column]]
+    feature = table.features[source.column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        texts = [name for name, f in table.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        raise HFCompressError(f"column {source.column!r} of {source.dataset} holds {feature}, not text; "
+                              f"its text columns are {texts}.")
+    if len(table) == 0:
+        raise HFCompressError(f"dataset {source.describe()} has no rows.")
+    texts = [text if text is not None else "" for text in table[source.column]]
+    if not any(text.strip() for text in texts):
+        raise HFCompressError(f"column {source.column!r} of {source.dataset} holds no text (every row is empty).")
+    return texts
+
+
+def load_text_option(option: str, dataset: str, config: str | None = None, split: str | None = None,
+                     column: str | None = None) -> list[str]:
+    """The rows that the option `option` (e.g. `--calib-dataset`) names; what cannot give text is refused in one
+    line that starts with the option. Called before any model loads, so a bad dataset costs no load."""
+    try:
+        return load_texts(resolve_text_source(dataset, config, split, column))
+    except HFCompressError as err:
+        raise HFCompressError(f"{option}: {err}") from None
 
 
 def tokenize_joined(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:

@@ -59,7 +59,7 @@ def load_splits(
 ) -> tuple[ImageClassificationData, ImageClassificationData, ImageClassificationData | None]:
     """Training and validation splits (the protocol's hold-out) and the test split when asked."""
     return load_image_splits(config.dataset, val_size=config.n_val, eval_split=config.test_split, seed=config.seed,
-                             limit=config.train_limit, eval_limit=config.test_limit)
+                             limit=config.train_limit, eval_limit=config.test_limit, val_option="n_val (--n-val)")
 
 
 def attach_exits(
@@ -96,11 +96,12 @@ def add_early_exits(
     """
     from accelerate import Accelerator
 
+    from ..vision.checkpoint import prepare_vision_output
+
     config = config or EarlyExitConfig()
     config.validate()
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise HFCompressError(f"{output_dir} already exists (pass --overwrite to replace it)")
+    # Not resumable here: the trained stage lives in `.<output>.partial`, whose stamp decides whether it is reused.
+    output_dir = prepare_vision_output(output_dir, overwrite=overwrite, model=source, dataset=config.dataset)
     train, val, test = load_splits(config)
     accelerator = accelerator or Accelerator()
     model, config = attach_exits(source, config, train, accelerator.device)

@@ -1,9 +1,9 @@
 """Evaluation with lm-evaluation-harness, offline-capable.
 
-`run_lm_eval` calls `lm_eval.simple_evaluate` with the `hf` model (`trust_remote_code=True`, so a compressed
-checkpoint loads through its shipped modeling code) and the task folder of `hf_compress.evaluation.tasks`
-(`hfc_wikitext2`, the six `hfc_*` zero-shot sets and their group `hfc_zeroshot`, all over local data files). Any
-other task name is passed to lm-eval unchanged (it needs Hub access for its data).
+`run_lm_eval` calls `lm_eval.simple_evaluate` with the `hf` model (hf-compress checkpoints load through the
+installed plugin; code shipped with any other model runs only with `trust_remote_code=True`) and the task folder of
+`hf_compress.evaluation.tasks` (`hfc_wikitext2`, the six `hfc_*` zero-shot sets and their group `hfc_zeroshot`, all
+over local data files). Any other task name is passed to lm-eval unchanged (it needs Hub access for its data).
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 RESULTS_FILE = "lm_eval_results.json"
 
 
-def _check_request(model: str | os.PathLike, tasks: list[str], gguf_file: str | None) -> None:
-    """Refuses an empty task list, a folder that is no checkpoint and missing local data, before any loading."""
+def _check_request(model: str | os.PathLike, tasks: list[str], gguf_file: str | None, trust_remote_code: bool) -> None:
+    """Refuses an empty task list, a folder that is no loadable checkpoint, a model that would run its shipped code
+    unasked and missing local data, before any loading."""
+    from ..sources import check_loadable
+
     if not tasks:
         raise HFCompressError("no task given: pass --tasks, e.g. hfc_wikitext2 or hfc_zeroshot")
-    if Path(str(model)).exists() and not gguf_file and not (Path(model) / "config.json").is_file():
-        raise HFCompressError(f"{model} is not a model folder: it has no config.json")
+    check_loadable(str(model), str(model), {"gguf_file": gguf_file} if gguf_file else {}, trust_remote_code)
     check_local_data(tasks)
 
 
@@ -65,10 +67,13 @@ def run_lm_eval(
     tokenizer: str | None = None,
     num_fewshot: int | None = None,
     max_length: int | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Runs lm-eval's `simple_evaluate` on `model` (a folder, a Hub id, or a GGUF folder with `gguf_file`).
 
-    `device` None is `hf_compress.device.pick_device(None)` (cuda when present, else cpu), as for every command.
+    Code shipped with the model (an `auto_map` in its config.json) runs only with `trust_remote_code`; hf-compress's
+    own families need no such code. `device` None is `hf_compress.device.pick_device(None)` (cuda when present, else
+    cpu), as for every command.
     Returns lm-eval's results dict (without per-sample logs) plus `hf_compress`: wall time and the arguments.
     """
     try:
@@ -76,9 +81,9 @@ def run_lm_eval(
     except ImportError as err:
         raise HFCompressError(f"lm-evaluation-harness is not installed ({err}): pip install 'hf-compress[eval]'") from None
 
-    _check_request(model, tasks, gguf_file)
+    _check_request(model, tasks, gguf_file, trust_remote_code)
     device = str(pick_device(device))
-    model_args = {"pretrained": str(model), "trust_remote_code": True, "dtype": dtype}
+    model_args = {"pretrained": str(model), "trust_remote_code": trust_remote_code, "dtype": dtype}
     # Only the optional arguments given: lm-eval's own defaults stand for the others.
     optional = {"gguf_file": gguf_file, "tokenizer": tokenizer, "max_length": max_length}
     model_args.update({key: value for key, value in optional.items() if value})

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from ..checkpoint import save_pretrained_checkpoint
+from ..checkpoint import prepare_output, save_pretrained_checkpoint
 from ..data.images import CIFAR10_MEAN, CIFAR10_STD
 
 
@@ -52,3 +52,16 @@ def save_checkpoint(
         model, output_dir, extra_files={**(extra_json or {}), "preprocessor_config.json": processor_json},
         overwrite=overwrite, carry=carry,
     )
+
+
+def prepare_vision_output(
+    output_dir: str | os.PathLike, *, overwrite: bool, model, dataset: str | None = None, resumable: bool = False
+) -> Path:
+    """`prepare_output` for a vision command, before any data or model is read.
+
+    The model and the dataset are protected sources when they are local folders: a file source (a config JSON, a
+    parquet) only protects itself (an existing file is never taken as OUTPUT), not every folder beside it.
+    """
+    sources = [str(path) for path in (model, dataset) if isinstance(path, (str, os.PathLike))
+               and Path(path).expanduser().is_dir()]
+    return prepare_output(output_dir, overwrite=overwrite, sources=sources, resumable=resumable)

@@ -5,11 +5,33 @@ Standalone remote code: imports only the standard library and transformers.
 
 from __future__ import annotations
 
+from numbers import Integral
+
 from transformers import LlamaConfig
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+def _is_int(value) -> bool:
+    # JSON gives ints (code may pass numpy ints); a bool, float or string means a hand-edited or corrupted config.
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_basis_field_types(basis_groups, basis_ranks) -> None:
+    """Raises `ValueError` naming the field unless `basis_groups` is `{name: [[int, ...], ...]}` and `basis_ranks` is
+    `{name: [int, ...]}` (either may be `None`)."""
+    for field, value, depth in (("basis_groups", basis_groups, 2), ("basis_ranks", basis_ranks, 1)):
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{field} must map projection names to lists, got {type(value).__name__}.")
+        for name, entries in value.items():
+            rows = entries if isinstance(entries, list) and depth == 2 else [entries]
+            if not all(isinstance(row, list) and all(_is_int(item) for item in row) for row in rows):
+                shape = "a list of lists of layer indices (ints)" if depth == 2 else "a list of ints"
+                raise ValueError(f"{field}[{name!r}] must be {shape}, got {entries!r}.")
 
 
 class SharedBasisLlamaConfig(LlamaConfig):
@@ -59,6 +81,7 @@ class SharedBasisLlamaConfig(LlamaConfig):
         densify_above_break_even: bool = False,
         **kwargs,
     ):
+        check_basis_field_types(basis_groups, basis_ranks)
         self.basis_groups = {name: [list(map(int, g)) for g in groups] for name, groups in (basis_groups or {}).items()}
         self.basis_ranks = {name: [int(r) for r in ranks] for name, ranks in (basis_ranks or {}).items()}
         if dense_projections is None:
@@ -165,4 +188,4 @@ class SharedBasisLlamaConfig(LlamaConfig):
                     )
 
 
-__all__ = ["SharedBasisLlamaConfig", "PROJECTIONS", "ATTENTION_PROJECTIONS", "MLP_PROJECTIONS"]
+__all__ = ["SharedBasisLlamaConfig", "check_basis_field_types", "PROJECTIONS", "ATTENTION_PROJECTIONS", "MLP_PROJECTIONS"]

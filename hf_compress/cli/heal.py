@@ -1,0 +1,74 @@
+"""`hf-compress heal`: distillation of a converted checkpoint from its source model.
+
+The option defaults are read from `HealConfig`; the trainer is imported inside the command, so that `--help` stays
+fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from ..healing.config import DTYPES, LOSSES, SCHEDULES, TRAINABLE, HealConfig
+
+_H = HealConfig()
+
+
+def heal_command(
+    checkpoint: str = typer.Argument(..., help="A SharedBasisLlama checkpoint (the output of `hf-compress convert`); never modified."),
+    output: str = typer.Argument(..., help="Output folder; it appears only once the checkpoint is complete."),
+    teacher: str = typer.Option(..., "--teacher",
+                                help="The model CHECKPOINT was compressed from: Hub id, local folder, .gguf file or 'smollm2'."),
+    gguf_file: str | None = typer.Option(None, "--gguf-file", help="GGUF file inside --teacher."),
+    revision: str | None = typer.Option(None, "--teacher-revision", help="Revision of a Hub --teacher."),
+    dataset: str = typer.Option(_H.dataset, "--dataset", help="Preset (c4-calibration, wikitext2, ptb, c4), local parquet/jsonl/txt file or Hub name."),
+    dataset_column: str | None = typer.Option(_H.dataset_column, "--dataset-column", help="Text column of --dataset."),
+    tokens: int = typer.Option(_H.tokens, "--tokens", help="Training tokens in all (the text is cycled if shorter)."),
+    seq_len: int = typer.Option(_H.seq_len, "--seq-len", help="Tokens per training sequence."),
+    batch_size: int = typer.Option(_H.batch_size, "--batch-size", help="Sequences per optimizer step."),
+    lr: float = typer.Option(_H.lr, "--lr", help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(_H.weight_decay, "--weight-decay"),
+    warmup_ratio: float = typer.Option(_H.warmup_ratio, "--warmup-ratio", help="Fraction of the steps of linear warmup."),
+    schedule: str = typer.Option(_H.schedule, "--schedule", help=f"Learning-rate schedule after the warmup: {', '.join(SCHEDULES)}."),
+    loss: str = typer.Option(_H.loss, "--loss", help=f"{', '.join(LOSSES)}: KL from the teacher, cross-entropy on the text, or both."),
+    temperature: float = typer.Option(_H.temperature, "--temperature", help="Softening of the distributions in the KL."),
+    lm_weight: float = typer.Option(_H.lm_weight, "--lm-weight", help="Weight of the cross-entropy term of --loss kl+lm."),
+    trainable: str = typer.Option(_H.trainable, "--trainable",
+                                  help=f"{', '.join(TRAINABLE)}: the bases, coefficients and norms, or LoRA adapters "
+                                       "on them (merged before saving)."),
+    lora_rank: int = typer.Option(_H.lora_rank, "--lora-rank"),
+    lora_alpha: float = typer.Option(_H.lora_alpha, "--lora-alpha"),
+    kl_chunk: int = typer.Option(_H.kl_chunk, "--kl-chunk", help="Positions whose vocabulary-wide logits are computed at a time."),
+    seed: int = typer.Option(_H.seed, "--seed"),
+    dtype: str = typer.Option(_H.dtype, "--dtype",
+                              help=f"{', '.join(DTYPES)}: auto is bfloat16 autocast where the device has native "
+                                   "bfloat16, else float32."),
+    gradient_checkpointing: bool = typer.Option(_H.gradient_checkpointing, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                help="Recompute the decoder layers in the backward pass (less memory)."),
+    save_steps: int = typer.Option(_H.save_steps, "--save-steps", help="Save the resumable training state every this many steps."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Heal a compressed checkpoint by distillation from its source model; an interrupted run resumes when rerun."""
+    from ..healing import heal
+
+    config = HealConfig(
+        tokens=tokens, seq_len=seq_len, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio, schedule=schedule, loss=loss, temperature=temperature, lm_weight=lm_weight,
+        trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha, kl_chunk=kl_chunk, dataset=dataset,
+        dataset_column=dataset_column, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+        save_steps=save_steps,
+    )
+    result = heal(checkpoint, output, teacher=teacher, config=config, device=device, overwrite=overwrite,
+                  progress=progress, gguf_file=gguf_file, revision=revision)
+    if result.resumed_from:
+        typer.echo(f"resumed from step {result.resumed_from}")
+    typer.echo(f"{loss} loss: {result.initial_loss:.4g} (first steps) -> {result.final_loss:.4g} (last steps) over "
+               f"{result.steps} steps, {result.tokens:,} tokens, {result.trainable_params:,} trainable parameters")
+    typer.echo(f"training: {result.wall_time_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s, "
+               f"peak memory {result.peak_memory_mb:,.0f} MB")
+    typer.echo(f"saved {result.output_dir}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("heal")(heal_command)

@@ -1,0 +1,109 @@
+"""The config of healing: what trains, on which text, for how many tokens, with which loss.
+
+The CLI (`hf-compress heal`) reads its defaults from `HealConfig`, so a default lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MethodConfig
+from ..device import calibration_dtype, dtype_name, pick_device
+from ..errors import HFCompressError
+
+LOSSES = ("kl", "lm", "kl+lm")
+TRAINABLE = ("factors", "lora")
+SCHEDULES = ("cosine", "constant")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise HFCompressError(f"{flag} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+@dataclass
+class HealConfig(MethodConfig):
+    """How to heal a compressed model by distillation from its source (the teacher).
+
+    Args:
+        tokens: training tokens in all; the run takes `ceil(tokens / (batch_size * seq_len))` optimizer steps.
+        seq_len: tokens per training sequence (non-overlapping chunks of the joined text).
+        batch_size: sequences per optimizer step.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of the steps of linear warmup.
+        schedule: `"cosine"` (decay to 0 after the warmup) or `"constant"` (after the warmup).
+        loss: `"kl"` (KL divergence from the teacher's next-token distribution), `"lm"` (cross-entropy on the text)
+            or `"kl+lm"` (the KL plus `lm_weight` times the cross-entropy).
+        temperature: softening of both distributions in the KL (the KL is scaled by `temperature**2`).
+        lm_weight: weight of the cross-entropy term of `"kl+lm"`.
+        trainable: `"factors"` (the shared bases, coefficients, factorised biases and RMSNorm weights) or
+            `"lora"` (LoRA adapters on the bases and dense projections, plus the RMSNorm weights, merged at the end).
+        lora_rank, lora_alpha: rank and scaling of the LoRA adapters.
+        kl_chunk: sequence positions whose vocabulary-wide logits are computed at a time.
+        dataset: preset (`c4-calibration`, `wikitext2`, ...), local parquet/jsonl/txt file or Hub dataset name.
+        dataset_column: its text column (default: the preset's, else "text").
+        seed: order of the training sequences and LoRA initialization.
+        dtype: `"auto"` (bfloat16 autocast where the device has native bfloat16, else float32), `"bfloat16"` or
+            `"float32"`; the trained weights stay float32 either way.
+        gradient_checkpointing: recompute each decoder layer in the backward pass (less memory, more time).
+        save_steps: the resumable training state is saved every this many steps.
+    """
+
+    tokens: int = 262144
+    seq_len: int = 512
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    loss: str = "kl"
+    temperature: float = 1.0
+    lm_weight: float = 1.0
+    trainable: str = "factors"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    kl_chunk: int = 128
+    dataset: str = "c4-calibration"
+    dataset_column: str | None = None
+    seed: int = 2023
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    save_steps: int = 25
+
+    def validate(self) -> None:
+        """Raises `HFCompressError` naming the first bad option."""
+        for flag, value, minimum in (("--tokens", self.tokens, 1), ("--seq-len", self.seq_len, 2),
+                                     ("--batch-size", self.batch_size, 1), ("--lora-rank", self.lora_rank, 1),
+                                     ("--kl-chunk", self.kl_chunk, 1), ("--save-steps", self.save_steps, 1)):
+            if value < minimum:
+                raise HFCompressError(f"{flag} must be >= {minimum}; got {value}.")
+        for flag, value in (("--lr", self.lr), ("--temperature", self.temperature), ("--lora-alpha", self.lora_alpha)):
+            if not value > 0:
+                raise HFCompressError(f"{flag} must be > 0; got {value}.")
+        for flag, value in (("--weight-decay", self.weight_decay), ("--lm-weight", self.lm_weight)):
+            if not value >= 0:
+                raise HFCompressError(f"{flag} must be >= 0; got {value}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise HFCompressError(f"--warmup-ratio must be in [0, 1); got {self.warmup_ratio}.")
+        _choice("--loss", self.loss, LOSSES)
+        _choice("--trainable", self.trainable, TRAINABLE)
+        _choice("--schedule", self.schedule, SCHEDULES)
+        _choice("--dtype", self.dtype, DTYPES)
+
+    def resolve(self, device: str | torch.device | None = None) -> HealConfig:
+        """A copy with `dtype` "auto" replaced by "bfloat16" or "float32" for `device`."""
+        device = device if isinstance(device, torch.device) else pick_device(device)
+        return dataclasses.replace(self, dtype=dtype_name(calibration_dtype(self.dtype, device)))
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.loss in ("kl", "kl+lm")
+
+    @property
+    def uses_lm(self) -> bool:
+        return self.loss in ("lm", "kl+lm")

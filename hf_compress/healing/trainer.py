@@ -1,0 +1,624 @@
+"""Healing: distillation of a compressed SharedBasisLlama from the model it was compressed from.
+
+`heal` loads the student (a checkpoint of `hf-compress convert`, or a model in memory) and the teacher, checks that
+they speak the same vocabulary, trains the student's factors (or LoRA adapters on them) on the KL divergence from the
+teacher's next-token distributions, and writes a new checkpoint whose `config.compression` keeps the conversion
+record and gains a `healing` entry.
+
+The loop runs on `accelerate.Accelerator`: bfloat16 autocast where `HealConfig.dtype` resolves to bfloat16, and
+DDP/FSDP from an accelerate config without code of ours (each process takes its share of every step's sequences).
+Every `save_steps` steps the training state is written atomically to `.OUTPUT.heal-state/` beside the output; a rerun
+with the same settings continues from there and ends with the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..checkpoint import (
+    STAGING_MARK,
+    clean_stale_staging,
+    prepare_output,
+    save_pretrained_checkpoint,
+    swap_into_place,
+)
+from ..device import PeakMemory, pick_device
+from ..errors import HFCompressError
+from ..provenance import DataRef, SourceRef
+from .config import HealConfig
+from .data import HealingData, load_healing_data
+from .losses import chunked_kl_loss, chunked_lm_loss
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = "shared_basis_llama"
+STATE_SUFFIX = ".heal-state"
+# Both tokenizers must cut this the same way (with the vocabulary size, the check that the teacher fits the student).
+TOKENIZER_SAMPLE = "Healing check: The quick brown fox jumps over 13 lazy dogs.\n\n  Naïve café, Zürich 東京 — ½ €5!"
+# The record keeps at most this many loss values (the mean of every k steps beyond).
+MAX_LOSS_HISTORY = 512
+LOSS_WINDOW = 10
+
+
+@dataclass
+class HealResult:
+    """What `heal` produced and measured.
+
+    Args:
+        output_dir: the healed checkpoint (None: not saved).
+        steps: optimizer steps of the run (a resumed run counts those before the interruption too).
+        tokens: training tokens (`steps x batch_size x seq_len`).
+        trainable_params: parameters that trained (shared bases counted once; LoRA: the adapters and norms).
+        final_loss, initial_loss: mean loss of the last and the first (up to) 10 steps.
+        losses: the loss of every step.
+        wall_time_s: seconds of training (of every session of a resumed run), loading and saving excluded.
+        tokens_per_s: training tokens per second of this session.
+        peak_memory_mb: peak CUDA allocation on a GPU, else peak resident memory.
+        resumed_from: the step this session started from (0: a fresh run).
+    """
+
+    output_dir: Path | None
+    steps: int
+    tokens: int
+    trainable_params: int
+    final_loss: float
+    losses: list[float]
+    wall_time_s: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    initial_loss: float = float("nan")
+    resumed_from: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def state_dir_for(output: str | os.PathLike) -> Path:
+    """The folder of the resumable training state of a run writing `output` (`.NAME.heal-state` beside it)."""
+    output = Path(output)
+    return output.parent / f".{output.name}{STATE_SUFFIX}"
+
+
+# --- checks and loading -------------------------------------------------------------------------------------------
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _not_shared_basis(what: str, model_type: Any) -> HFCompressError:
+    return HFCompressError(
+        f"{what} is a {model_type!r} model, not a SharedBasisLlama: `heal` recovers what compression lost and takes "
+        f"the output of `hf-compress convert`; a dense model has nothing to heal."
+    )
+
+
+def _is_module(value: Any) -> bool:
+    return isinstance(value, nn.Module)
+
+
+def load_student(student: str | os.PathLike | PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """The student as a float32 SharedBasisLlama in memory (checked before its weights load) and its tokenizer."""
+    if _is_module(student):
+        config = getattr(student, "config", None)
+        model_type = getattr(config, "model_type", type(student).__name__)
+        if model_type != MODEL_TYPE or not hasattr(getattr(student, "model", None), "shared_bases"):
+            raise _not_shared_basis("the student", model_type)
+        if getattr(student, "_load_time_changes", None):
+            raise HFCompressError(
+                f"the student was changed for inference at load time ({', '.join(student._load_time_changes)}); "
+                "load it without fuse_bases/densify_above_break_even to heal it.")
+        return student, tokenizer
+    from ..modeling.shared_basis_llama import SharedBasisLlamaConfig
+    from ..sources import load_causal_lm
+
+    name = str(student)
+    try:
+        config_dict = PretrainedConfig.get_config_dict(name)[0]
+    except (OSError, ValueError) as err:
+        raise HFCompressError(f"cannot read the config of the student {name!r}: {_one_line(err)}") from err
+    if config_dict.get("model_type") != MODEL_TYPE:
+        raise _not_shared_basis(f"the student {name!r}", config_dict.get("model_type"))
+    # Trained as stored: the inference-time rewrites (fused bases, densified projections) would not train.
+    overrides = {"fuse_bases": False, "densify_above_break_even": False}
+    try:
+        config = SharedBasisLlamaConfig.from_dict({**config_dict, **overrides})
+    except (ValueError, TypeError) as err:
+        raise HFCompressError(f"the student {name!r} has a bad config.json: {_one_line(err)}") from err
+    model, own_tokenizer = load_causal_lm(name, config=config)
+    tokenizer = tokenizer if tokenizer is not None else own_tokenizer
+    return model, tokenizer
+
+
+def load_teacher(teacher: str | os.PathLike | PreTrainedModel, *, gguf_file: str | None = None,
+                 revision: str | None = None, teacher_ref: SourceRef | None = None,
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, SourceRef]:
+    """The teacher (a source loaded with `load_causal_lm`, or the model given), its tokenizer and its record."""
+    if _is_module(teacher):
+        name = getattr(teacher, "name_or_path", None) or None
+        return teacher, None, teacher_ref or SourceRef.of(name)
+    from ..sources import (
+        SMOLLM2_ALIAS,
+        SMOLLM2_ALIAS_ID,
+        load_causal_lm,
+        resolve_source,
+    )
+
+    source = str(teacher)
+    _, gguf_name = resolve_source(source, gguf_file)
+    model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, revision=revision)
+    model_id = SMOLLM2_ALIAS_ID if source == SMOLLM2_ALIAS else source
+    return model, tokenizer, teacher_ref or SourceRef.of(model_id, revision, gguf_name)
+
+
+def _vocab_rows(model: PreTrainedModel) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def check_compatible(student: PreTrainedModel, teacher: PreTrainedModel,
+                     student_tokenizer: PreTrainedTokenizerBase | None,
+                     teacher_tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """The teacher's next-token distributions must be over the student's vocabulary, cut by the same tokenizer."""
+    if not callable(getattr(teacher, "get_output_embeddings", None)) or not hasattr(teacher, teacher.base_model_prefix):
+        raise HFCompressError(f"the teacher ({type(teacher).__name__}) is not a causal language model with a head.")
+    student_vocab, teacher_vocab = _vocab_rows(student), _vocab_rows(teacher)
+    if student_vocab != teacher_vocab:
+        raise HFCompressError(
+            f"the teacher's vocabulary has {teacher_vocab} tokens and the student's {student_vocab}: the teacher "
+            "must be the model the student was compressed from (or one with the same tokenizer).")
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        ids_s = student_tokenizer(TOKENIZER_SAMPLE, add_special_tokens=False).input_ids
+        ids_t = teacher_tokenizer(TOKENIZER_SAMPLE, add_special_tokens=False).input_ids
+        if list(ids_s) != list(ids_t):
+            raise HFCompressError(
+                "the teacher's tokenizer cuts text differently from the student's: the teacher must be the model "
+                "the student was compressed from (or one with the same tokenizer).")
+
+
+# --- what trains --------------------------------------------------------------------------------------------------
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm")
+
+
+def _is_factorised(module: nn.Module) -> bool:
+    return type(module).__name__ == "SharedBasisLinear"
+
+
+def _projection(layer: nn.Module, name: str) -> nn.Module:
+    return getattr(layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp, name)
+
+
+def relink_bases(student: PreTrainedModel) -> None:
+    """Points every layer's `SharedBasisLinear.basis` at the module that now sits in `shared_bases` (peft replaces
+    that module by its LoRA wrapper, and `merge_and_unload` puts the merged base layer back)."""
+    decoder, config = student.model, student.config
+    for layer_idx, layer in enumerate(decoder.layers):
+        for name in config.basis_groups:
+            module = _projection(layer, name)
+            if _is_factorised(module):
+                object.__setattr__(module, "basis", decoder.shared_bases[name][config.group_of(name, layer_idx)])
+
+
+def mark_trainable(student: PreTrainedModel) -> None:
+    """`"factors"`: the shared bases, every layer's coefficients (and bias) and the RMSNorm weights train; the
+    embeddings, the head and any dense projection stay frozen. A shared basis is one parameter for its whole group."""
+    student.requires_grad_(False)
+    student.model.shared_bases.requires_grad_(True)
+    for module in student.modules():
+        if _is_factorised(module) or _is_norm(module):
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(True)
+
+
+def add_lora(student: PreTrainedModel, config: HealConfig):
+    """`"lora"`: peft LoRA adapters on every shared basis and dense projection (the factorised layers' bases are
+    re-pointed at the wrapped modules), RMSNorm weights trainable; returns the `PeftModel` (for `merge_and_unload`)."""
+    from peft import LoraConfig, get_peft_model
+
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    targets = [name for name, module in student.named_modules()
+               if isinstance(module, nn.Linear)
+               and (name.startswith("model.shared_bases.") or name.rsplit(".", 1)[-1] in projections)]
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=targets)
+    with warnings.catch_warnings():  # peft asks transformers by a deprecated name whether checkpointing is on
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(student, lora)
+    relink_bases(student)
+    for module in student.modules():
+        if _is_norm(module):
+            module.weight.requires_grad_(True)
+    return peft_model
+
+
+def merge_lora(peft_model) -> PreTrainedModel:
+    """The adapters merged into the weights: a plain SharedBasisLlama again."""
+    student = peft_model.merge_and_unload()
+    relink_bases(student)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in student.__dict__:
+            delattr(student, attr)
+    return student
+
+
+# --- the objective ------------------------------------------------------------------------------------------------
+
+
+class HealingObjective(nn.Module):
+    """The student and its loss against the teacher's final hidden states, as one module (what accelerate wraps).
+
+    `forward(input_ids, teacher_hidden)` runs the student's base model and returns the KL (and/or LM) loss computed
+    chunk by chunk from the student's and the teacher's heads; the teacher's head is referenced, not registered.
+    """
+
+    def __init__(self, student: PreTrainedModel, teacher_head: nn.Module | None, config: HealConfig):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "teacher_head", teacher_head)
+        self.loss_name, self.temperature, self.lm_weight = config.loss, config.temperature, config.lm_weight
+        self.chunk = config.kl_chunk
+
+    def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        head = self.student.lm_head
+        if self.loss_name == "lm":
+            return chunked_lm_loss(hidden, head, input_ids, self.chunk)
+        loss = chunked_kl_loss(hidden, teacher_hidden, head, self.teacher_head, self.temperature, self.chunk)
+        if self.loss_name == "kl+lm":
+            loss = loss + self.lm_weight * chunked_lm_loss(hidden, head, input_ids, self.chunk)
+        return loss
+
+
+def teacher_hidden_states(teacher: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's final hidden states (before its head), without gradients."""
+    with torch.no_grad():
+        base = getattr(teacher, teacher.base_model_prefix)
+        return base(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+# --- resumable state ----------------------------------------------------------------------------------------------
+
+
+def _digest_tensors(digest, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Feeds names, shapes and a strided sample of every tensor's values to `digest` (cheap for any model size)."""
+    for name, tensor in named:
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+
+
+def run_fingerprint(config: HealConfig, student: nn.Module, teacher: nn.Module, data: HealingData,
+                    teacher_ref: SourceRef, num_processes: int) -> str:
+    """What a saved state must match to be resumed: the options (bar `save_steps`), the teacher, the tokens, the
+    process count and the student's starting weights."""
+    digest = hashlib.sha256()
+    options = {k: v for k, v in config.to_dict().items() if k != "save_steps"}
+    digest.update(json.dumps({"options": options, "teacher": asdict(teacher_ref), "processes": num_processes},
+                             sort_keys=True).encode())
+    digest.update(data.chunks.numpy().tobytes())
+    digest.update(data.order.numpy().tobytes())
+    _digest_tensors(digest, list(student.state_dict().items()))
+    _digest_tensors(digest, list(teacher.state_dict().items()))
+    return digest.hexdigest()
+
+
+def save_state(state_dir: Path, *, step: int, named_params: list[tuple[str, nn.Parameter]], optimizer, scheduler,
+               losses: list[float], fingerprint: str, wall_time_s: float) -> None:
+    """Writes the training state as a whole into `state_dir` (a staging folder, then a swap)."""
+    from safetensors.torch import save_file
+
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{state_dir.name}{STAGING_MARK}", dir=state_dir.parent))
+    try:
+        save_file({name: p.detach().cpu().contiguous() for name, p in named_params}, staging / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, staging / "rng.pt")
+        (staging / "state.json").write_text(json.dumps(
+            {"step": step, "fingerprint": fingerprint, "losses": losses, "wall_time_s": wall_time_s}, indent=1))
+        swap_into_place(staging, state_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_state(state_dir: Path, *, fingerprint: str, named_params: list[tuple[str, nn.Parameter]], optimizer,
+               scheduler) -> dict[str, Any] | None:
+    """Restores a saved state of the same run (weights, optimizer, scheduler, RNG); None where there is none.
+
+    Tensors are read with safetensors and `torch.load(weights_only=True)`: nothing is unpickled.
+    """
+    meta_path = state_dir / "state.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("fingerprint") != fingerprint:
+        logger.warning("%s holds the state of a run with other settings or models; starting afresh.", state_dir)
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(state_dir / "trainable.safetensors")
+    if set(tensors) != {name for name, _ in named_params}:
+        logger.warning("%s does not hold this run's trainable weights; starting afresh.", state_dir)
+        return None
+    with torch.no_grad():
+        for name, parameter in named_params:
+            parameter.copy_(tensors[name])
+    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))
+    rng = torch.load(state_dir / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return meta
+
+
+# --- the loop -----------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(bf16: bool, device: torch.device):
+    """An `Accelerator` with bfloat16 autocast or none, on `device`'s type.
+
+    accelerate keeps one process-wide state; a single process that already made an Accelerator with other settings
+    (an earlier run in the same session) gets that state reset. Under a distributed launch the launch's settings
+    stand.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    kwargs = {"mixed_precision": "bf16" if bf16 else "no", "cpu": device.type == "cpu"}
+    for attempt in range(2):
+        try:
+            accelerator = Accelerator(**kwargs)
+        except ValueError as err:
+            if attempt or "already been initialized" not in str(err) or PartialState().num_processes > 1:
+                raise
+            AcceleratorState._reset_state(reset_partial_state=True)
+            continue
+        # An earlier CPU-only state would silently keep a GPU run on the CPU.
+        if attempt or accelerator.num_processes > 1 or accelerator.device.type == device.type:
+            return accelerator
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(**kwargs)
+
+
+def _set_checkpointing(model: PreTrainedModel, on: bool) -> None:
+    """Gradient (activation) checkpointing of the decoder layers, non-reentrant, by the name this transformers has."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _make_scheduler(optimizer, config: HealConfig, steps: int):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+    )
+
+    warmup = round(config.warmup_ratio * steps)
+    if config.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def _make_optimizer(named_params: list[tuple[str, nn.Parameter]], config: HealConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only (not on norms and biases)."""
+    matrices = [p for _, p in named_params if p.dim() >= 2]
+    vectors = [p for _, p in named_params if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def loss_history(losses: list[float]) -> tuple[list[float], int]:
+    """The losses for the record: every step's, or the mean of every k steps when there are more than 512."""
+    every = max(1, -(-len(losses) // MAX_LOSS_HISTORY))
+    history = [_mean(losses[i:i + every]) for i in range(0, len(losses), every)]
+    return [round(v, 6) for v in history], every
+
+
+def heal(
+    student: str | os.PathLike | PreTrainedModel,
+    output_dir: str | os.PathLike | None,
+    *,
+    teacher: str | os.PathLike | PreTrainedModel,
+    config: HealConfig | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    teacher_ref: SourceRef | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> HealResult:
+    """Heals a Basis Sharing compression by distillation from its source and saves the result as a new checkpoint.
+
+    Args:
+        student: a SharedBasisLlama checkpoint (folder or Hub id; never modified) or a SharedBasisLlama in memory
+            (trained in place, e.g. by `convert` before it saves).
+        output_dir: the new checkpoint; it appears only once complete. `None`: nothing is saved (nor is a resumable
+            state); the student in memory is healed in place and carries the record (for `convert`, which saves).
+        teacher: the source model: Hub id, folder, `.gguf` file, `"smollm2"`, or a causal LM in memory (moved to the
+            training device).
+        config: `HealConfig` (its defaults when None).
+        tokenizer: the student's tokenizer (default: the student checkpoint's, else the teacher's).
+        device: where training runs (default: cuda if present).
+        gguf_file, revision: of a teacher given by name (as `hf-compress convert` takes them).
+        teacher_ref: how the record names a teacher given in memory (default: its `name_or_path`).
+        on_step: called as `on_step(step, loss)` after each optimizer step (and after the state save due then).
+    """
+    config = config if config is not None else HealConfig()
+    config.validate()
+    sources = [str(model) for model in (student, teacher) if not _is_module(model)]
+    output = prepare_output(output_dir, overwrite=overwrite, sources=sources) if output_dir is not None else None
+    compute_device = pick_device(device)
+    config = config.resolve(compute_device)
+    student_model, tokenizer = load_student(student, tokenizer)
+    teacher_model, teacher_tokenizer, teacher_ref = load_teacher(teacher, gguf_file=gguf_file, revision=revision,
+                                                                 teacher_ref=teacher_ref)
+    check_compatible(student_model, teacher_model, tokenizer, teacher_tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else teacher_tokenizer
+    if tokenizer is None:
+        raise HFCompressError("no tokenizer for the healing text: pass tokenizer= with a student and teacher in memory.")
+    data, data_ref = load_healing_data(tokenizer, config)
+    with PeakMemory() as peak:
+        result = _train(student_model, teacher_model, tokenizer, data, data_ref, teacher_ref, config, compute_device,
+                        output, overwrite, progress, on_step)
+    result.peak_memory_mb = peak.cuda_peak_mb if compute_device.type == "cuda" else peak.peak_mb
+    return result
+
+
+def _train(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: HealingData,
+           data_ref: DataRef, teacher_ref: SourceRef, config: HealConfig, device: torch.device, output: Path | None,
+           overwrite: bool, progress: bool, on_step: Callable[[int, float], None] | None) -> HealResult:
+    accelerator = make_accelerator(config.dtype == "bfloat16", device)
+    state_dir = state_dir_for(output) if output is not None else None
+    if state_dir is not None:
+        clean_stale_staging(state_dir)  # what a killed state save left
+    fingerprint = run_fingerprint(config, student, teacher, data, teacher_ref, accelerator.num_processes)
+    torch.manual_seed(config.seed)
+    peft_model = add_lora(student, config) if config.trainable == "lora" else None
+    try:
+        return _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, teacher_ref, config,
+                               accelerator, state_dir, fingerprint, output, overwrite, progress, on_step)
+    except BaseException:
+        if peft_model is not None:  # a student given in memory is not left with adapters in it
+            peft_model.unload()
+            relink_bases(student)
+        raise
+
+
+def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, teacher_ref, config, accelerator,
+                    state_dir, fingerprint, output, overwrite, progress, on_step) -> HealResult:
+    from tqdm.auto import tqdm
+
+    if peft_model is None:
+        mark_trainable(student)
+    if config.gradient_checkpointing:
+        _set_checkpointing(student, True)
+    student.train()
+    teacher.eval()
+    if config.uses_kl:
+        teacher.to(accelerator.device)
+    objective = accelerator.prepare(HealingObjective(student, teacher.get_output_embeddings(), config))
+    named_params = [(name, p) for name, p in accelerator.unwrap_model(objective).named_parameters() if p.requires_grad]
+    trainable_params = sum(p.numel() for _, p in named_params)
+    optimizer = _make_optimizer(named_params, config)
+    scheduler = _make_scheduler(optimizer, config, data.steps)
+    prepared_optimizer = accelerator.prepare(optimizer)
+
+    meta = None
+    if state_dir is not None:
+        meta = load_state(state_dir, fingerprint=fingerprint, named_params=named_params, optimizer=optimizer,
+                          scheduler=scheduler)
+    start_step = meta["step"] if meta else 0
+    losses: list[float] = list(meta["losses"]) if meta else []
+    earlier_time = float(meta.get("wall_time_s", 0.0)) if meta else 0.0
+    if meta:
+        logger.info("resuming from step %d of %d (%s)", start_step, data.steps, state_dir)
+
+    bar = tqdm(total=data.steps, initial=start_step, desc="healing", unit="step",
+               disable=not progress or not accelerator.is_main_process)
+    started = time.perf_counter()
+    for step in range(start_step, data.steps):
+        ids = data.batch(step, accelerator.process_index, accelerator.num_processes).to(accelerator.device)
+        with accelerator.autocast():
+            teacher_hidden = teacher_hidden_states(teacher, ids) if config.uses_kl else None
+            loss = objective(ids, teacher_hidden)
+        accelerator.backward(loss)
+        prepared_optimizer.step()
+        scheduler.step()
+        prepared_optimizer.zero_grad(set_to_none=True)
+        value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        losses.append(value)
+        done = step + 1
+        elapsed = time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{(done - start_step) * data.tokens_per_step / elapsed:,.0f}")
+        if state_dir is not None and done % config.save_steps == 0 and done < data.steps and accelerator.is_main_process:
+            save_state(state_dir, step=done, named_params=named_params, optimizer=optimizer, scheduler=scheduler,
+                       losses=losses, fingerprint=fingerprint, wall_time_s=earlier_time + elapsed)
+        if on_step is not None:
+            on_step(done, value)
+    bar.close()
+    train_time = time.perf_counter() - started
+    session_tokens = (data.steps - start_step) * data.tokens_per_step
+
+    if config.gradient_checkpointing:
+        _set_checkpointing(student, False)
+    student.eval()
+    if peft_model is not None:
+        student = merge_lora(peft_model)
+    student.requires_grad_(False)
+    history, every = loss_history(losses)
+    figures = {
+        "options": {**config.to_dict(), "dataset": data_ref.name},
+        "teacher": asdict(teacher_ref),
+        "data": [asdict(data_ref)],
+        "tokens": data.steps * data.tokens_per_step,
+        "steps": data.steps,
+        "initial_loss": round(_mean(losses[:LOSS_WINDOW]), 6),
+        "final_loss": round(_mean(losses[-LOSS_WINDOW:]), 6),
+        "loss_history": history,
+        "loss_history_every": every,
+        "trainable_params": trainable_params,
+        "wall_time_s": round(earlier_time + train_time, 3),
+    }
+    from .. import __version__
+
+    figures["hf_compress_version"] = __version__
+    record = dict(student.config.compression or {})
+    if "healing" in record:  # healed again: the earlier healing stays on record
+        figures["previous"] = record["healing"]
+    record["healing"] = figures
+    student.config.compression = record
+    if output is not None and accelerator.is_main_process:
+        _save(student, tokenizer, output, overwrite)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return HealResult(
+        output_dir=output, steps=data.steps, tokens=figures["tokens"], trainable_params=trainable_params,
+        final_loss=_mean(losses[-LOSS_WINDOW:]), losses=losses, wall_time_s=earlier_time + train_time,
+        tokens_per_s=session_tokens / train_time if train_time > 0 else 0.0, peak_memory_mb=0.0,
+        initial_loss=_mean(losses[:LOSS_WINDOW]), resumed_from=start_step, provenance=record,
+    )
+
+
+def _save(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, overwrite: bool) -> None:
+    from ..cards import write_model_card
+
+    save_pretrained_checkpoint(student, output, processor=tokenizer, overwrite=overwrite,
+                               card=lambda folder: write_model_card(folder))

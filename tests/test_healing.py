@@ -1,0 +1,427 @@
+"""Healing (`hf_compress.healing`): distillation of a tiny converted SharedBasisLlama from its tiny source."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tokenizer, run_python, tiny_llama
+from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaForCausalLM
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_compress.errors import HFCompressError
+from hf_compress.healing import HealConfig, HealResult, heal
+from hf_compress.healing.losses import chunked_kl_loss, chunked_lm_loss
+from hf_compress.healing.trainer import (
+    HealingObjective,
+    mark_trainable,
+    relink_bases,
+    state_dir_for,
+    teacher_hidden_states,
+)
+
+HELD_OUT = ("Every layer keeps its own useful coefficients, and the lazy fox shares a basis with the quick dog. "
+            "Compression keeps two consecutive directions of the brown weight matrix.")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models train fastest on one thread (and do not fight a busy machine for its cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(calib_file: Path, **overrides) -> HealConfig:
+    """16 steps of 4 x 32 tokens in float32 on the tiny text; logit chunks of 7 (not dividing the length)."""
+    kwargs = {"tokens": 16 * 4 * 32, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "warmup_ratio": 0.0,
+              "dataset": str(calib_file), "dtype": "float32", "kl_chunk": 7, "save_steps": 1000}
+    kwargs.update(overrides)
+    return HealConfig(**kwargs)
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load_student(path: Path) -> SharedBasisLlamaForCausalLM:
+    return SharedBasisLlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def full_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> float:
+    """KL(teacher || student) per token from whole logits (independent of the chunked loss)."""
+    with torch.no_grad():
+        log_s = torch.log_softmax(student(ids).logits.double(), -1)
+        log_t = torch.log_softmax(teacher(ids).logits.double(), -1)
+    return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
+
+
+def held_out_ids(tokenizer) -> torch.Tensor:
+    return tokenizer(HELD_OUT, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+def safetensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+# --- (1) healing lowers the KL ------------------------------------------------------------------------------------
+
+
+def test_heal_lowers_kl_on_held_out_text(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file, tmp_path):
+    before_hashes = folder_hashes(tiny_shared_basis_checkpoint)
+    out = tmp_path / "healed"
+    result = heal(tiny_shared_basis_checkpoint, out, teacher=str(tiny_source_dir),
+                  config=small_config(calib_file, tokens=32 * 4 * 32), device="cpu", progress=False)
+
+    assert isinstance(result, HealResult) and result.output_dir == out
+    assert result.steps == 32 and result.tokens == 32 * 4 * 32 and len(result.losses) == 32
+    assert result.tokens_per_s > 0 and result.peak_memory_mb > 0 and result.resumed_from == 0
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_source_dir).eval()
+    ids = held_out_ids(AutoTokenizer.from_pretrained(tiny_source_dir))
+    kl_before = full_kl(load_student(tiny_shared_basis_checkpoint), teacher, ids)
+    kl_after = full_kl(load_student(out), teacher, ids)
+    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+
+    # The record keeps the conversion's and gains the healing's; local data by name and sha256 only.
+    record = json.loads((out / "config.json").read_text())["compression"]
+    original = json.loads((tiny_shared_basis_checkpoint / "config.json").read_text())["compression"]
+    assert {k: v for k, v in record.items() if k != "healing"} == original
+    healing = record["healing"]
+    assert HealConfig.from_dict(healing["options"]).resolve("cpu") == small_config(
+        calib_file, tokens=32 * 4 * 32, dataset="calib.txt")
+    assert healing["teacher"]["model_id"] == tiny_source_dir.name
+    assert healing["data"] == [{"role": "healing", "name": "calib.txt", "split": None,
+                                "sha256": hashlib.sha256(calib_file.read_bytes()).hexdigest()}]
+    assert healing["steps"] == 32 and healing["tokens"] == result.tokens and len(healing["loss_history"]) == 32
+    assert healing["final_loss"] == pytest.approx(result.final_loss, abs=1e-6)
+    assert healing["trainable_params"] == result.trainable_params and healing["wall_time_s"] > 0
+    assert str(tmp_path) not in (out / "config.json").read_text()
+    for file in ("tokenizer.json", "modeling_shared_basis_llama.py", "README.md"):
+        assert (out / file).is_file()
+    # The input is untouched and the resumable state is gone.
+    assert folder_hashes(tiny_shared_basis_checkpoint) == before_hashes
+    assert not state_dir_for(out).exists()
+
+
+# --- (2) reload: bit-exact, and without the plugin ----------------------------------------------------------------
+
+
+def test_healed_checkpoint_reloads_exactly_and_without_plugin(tiny_shared_basis_checkpoint, tiny_source_dir,
+                                                              calib_file, tmp_path):
+    student = load_student(tiny_shared_basis_checkpoint)  # in memory: trained in place; tokenizer from the teacher
+    out = tmp_path / "healed"
+    heal(student, out, teacher=str(tiny_source_dir), config=small_config(calib_file, tokens=6 * 4 * 32,
+         loss="kl+lm", lm_weight=0.5, lr=1e-3), device="cpu", progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded) is SharedBasisLlamaForCausalLM
+    trained, saved = student.state_dict(), reloaded.state_dict()
+    assert trained.keys() == saved.keys()
+    assert all(torch.equal(trained[k], saved[k]) for k in trained)
+    assert not torch.equal(saved["model.shared_bases.q_proj.0.weight"],
+                           load_student(tiny_shared_basis_checkpoint).model.shared_bases["q_proj"][0].weight)
+
+    ids = held_out_ids(AutoTokenizer.from_pretrained(out))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+with torch.no_grad():
+    torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'remote.pt')!r})
+"""
+    run_python(code, cwd=tmp_path)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "remote.pt"), reloaded(ids).logits)
+
+
+# --- (3) shared bases stay shared ---------------------------------------------------------------------------------
+
+
+def _members(student, name: str, group: int) -> list[nn.Module]:
+    layers = student.model.layers
+    parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return [getattr(getattr(layers[i], parent), name) for i in student.config.basis_groups[name][group]]
+
+
+def test_shared_basis_gradient_is_the_sum_over_its_members(tiny_shared_basis_checkpoint, tiny_source_dir,
+                                                           calib_file):
+    student, teacher = load_student(tiny_shared_basis_checkpoint), AutoModelForCausalLM.from_pretrained(tiny_source_dir)
+    config = small_config(calib_file, loss="kl+lm", lm_weight=0.7)
+    mark_trainable(student)
+    objective = HealingObjective(student, teacher.get_output_embeddings(), config)
+    torch.manual_seed(0)
+    ids = torch.randint(0, student.config.vocab_size, (2, 24))
+    hidden = teacher_hidden_states(teacher, ids)
+    name = "gate_proj"
+    assert len(student.config.basis_groups[name][0]) == 2
+    shared = student.model.shared_bases[name][0]
+    objective(ids, hidden).backward()
+    shared_grad = shared.weight.grad.clone()
+
+    # The same loss with every member on its own copy of the basis: each copy's gradient is that member's share.
+    student.zero_grad(set_to_none=True)
+    copies = []
+    for member in _members(student, name, 0):
+        copy = nn.Linear(shared.in_features, shared.out_features, bias=False)
+        copy.weight.data.copy_(shared.weight.data)
+        object.__setattr__(member, "basis", copy)
+        copies.append(copy)
+    objective(ids, hidden).backward()
+    assert shared.weight.grad is None
+    torch.testing.assert_close(shared_grad, sum(c.weight.grad for c in copies), rtol=1e-5, atol=1e-7)
+    assert all(c.weight.grad.abs().sum() > 0 for c in copies)
+    relink_bases(student)
+    assert all(m.basis is shared for m in _members(student, name, 0))
+
+
+def test_shared_bases_remain_one_parameter_after_training(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file,
+                                                          tmp_path):
+    student = load_student(tiny_shared_basis_checkpoint)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    heal(student, tmp_path / "healed", teacher=str(tiny_source_dir),
+         config=small_config(calib_file, tokens=4 * 4 * 32, lr=1e-3, gradient_checkpointing=True), device="cpu",
+         progress=False)
+    bases = student.model.shared_bases
+    state = student.state_dict()
+    saved = safetensors_of(tmp_path / "healed")
+    assert state.keys() == initial.keys() and saved.keys() == safetensors_of(tiny_shared_basis_checkpoint).keys()
+    for name, groups in student.config.basis_groups.items():
+        for group_idx in range(len(groups)):
+            key = f"model.shared_bases.{name}.{group_idx}.weight"
+            assert [k for k in state if f".{name}.{group_idx}." in k and "shared_bases" in k] == [key]
+            assert not torch.equal(state[key], initial[key])  # it trained
+            for member in _members(student, name, group_idx):
+                assert member.basis is bases[name][group_idx]
+                assert member.basis.weight.data_ptr() == bases[name][group_idx].weight.data_ptr()
+    assert not any(".basis." in k for k in state)
+    assert not student.model.gradient_checkpointing and not student.training
+    # Frozen: embeddings (tied head).
+    assert torch.equal(state["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    # The norms and coefficients trained.
+    assert not torch.equal(state["model.norm.weight"], initial["model.norm.weight"])
+    assert not torch.equal(state["model.layers.1.mlp.up_proj.coefficients"],
+                           initial["model.layers.1.mlp.up_proj.coefficients"])
+
+
+# --- (4) resume ---------------------------------------------------------------------------------------------------
+
+
+class Interrupt:
+    """An `on_step` hook that records the steps and raises KeyboardInterrupt after step `at`."""
+
+    def __init__(self, at: int | None = None):
+        self.at, self.steps = at, []
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file,
+                                                     tmp_path):
+    config = small_config(calib_file, tokens=8 * 4 * 32, lr=1e-3, warmup_ratio=0.25, save_steps=3, loss="kl+lm",
+                          lm_weight=0.3)
+    run = {"teacher": str(tiny_source_dir), "device": "cpu", "progress": False}
+    out, state = tmp_path / "healed", state_dir_for(tmp_path / "healed")
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(tiny_shared_basis_checkpoint, out, config=config, on_step=Interrupt(at=5), **run)
+    assert not out.exists()
+    assert json.loads((state / "state.json").read_text())["step"] == 3
+    assert not [p for p in tmp_path.iterdir() if ".incomplete-" in p.name]
+
+    # A saved state of other settings is not resumed (and is replaced).
+    hook = Interrupt(at=4)
+    with pytest.raises(KeyboardInterrupt):
+        heal(tiny_shared_basis_checkpoint, out, config=small_config(calib_file, tokens=8 * 4 * 32, lr=2e-3,
+             save_steps=3), on_step=hook, **run)
+    assert hook.steps[0] == 1 and json.loads((state / "state.json").read_text())["step"] == 3
+    with pytest.raises(KeyboardInterrupt):
+        heal(tiny_shared_basis_checkpoint, out, config=config, on_step=Interrupt(at=7), **run)
+    assert json.loads((state / "state.json").read_text())["step"] == 6
+
+    hook = Interrupt()
+    resumed = heal(tiny_shared_basis_checkpoint, out, config=config, on_step=hook, **run)
+    assert resumed.resumed_from == 6 and hook.steps == [7, 8]
+    assert not state.exists()
+
+    straight = heal(tiny_shared_basis_checkpoint, tmp_path / "straight", config=config, **run)
+    assert resumed.losses == straight.losses and len(straight.losses) == 8
+    a, b = safetensors_of(out), safetensors_of(tmp_path / "straight")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- (5) chunked losses -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_chunked_kl_equals_full_kl(temperature):
+    torch.manual_seed(0)
+    batch, length, vocab = 2, 10, 11
+    student_head = nn.Linear(6, vocab, bias=False).double()
+    teacher_head = nn.Linear(5, vocab, bias=False).double()
+    student_hidden = torch.randn(batch, length, 6, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, 5, dtype=torch.float64)
+
+    log_s = F.log_softmax(student_head(student_hidden) / temperature, -1)
+    log_t = F.log_softmax(teacher_head(teacher_hidden) / temperature, -1)
+    full = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature**2
+    grads = torch.autograd.grad(full, (student_hidden, student_head.weight))
+    for chunk in (1, 3, 4, 10, 64):
+        value = chunked_kl_loss(student_hidden, teacher_hidden, student_head, teacher_head, temperature, chunk)
+        torch.testing.assert_close(value, full, rtol=1e-12, atol=1e-14)
+        chunk_grads = torch.autograd.grad(value, (student_hidden, student_head.weight))
+        for got, want in zip(chunk_grads, grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+        assert teacher_head.weight.grad is None
+
+
+def test_chunked_lm_loss_equals_cross_entropy():
+    torch.manual_seed(1)
+    head = nn.Linear(6, 13, bias=False).double()
+    hidden = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 9))
+    labels[0, 4] = labels[2, 8] = -100
+    logits = head(hidden)
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1))
+    grads = torch.autograd.grad(full, (hidden, head.weight))
+    for chunk in (1, 3, 8, 100):
+        value = chunked_lm_loss(hidden, head, labels, chunk)
+        torch.testing.assert_close(value, full, rtol=1e-12, atol=1e-14)
+        for got, want in zip(torch.autograd.grad(value, (hidden, head.weight)), grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+# --- (6) bad input ------------------------------------------------------------------------------------------------
+
+
+def _one_line_error(match: str, call) -> None:
+    with pytest.raises(HFCompressError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_bad_inputs_fail_with_one_line(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file, tmp_path):
+    before = folder_hashes(tiny_shared_basis_checkpoint)
+    out = tmp_path / "healed"
+    good = small_config(calib_file)
+    run = lambda student=tiny_shared_basis_checkpoint, teacher=str(tiny_source_dir), config=good, output=out, **kw: (
+        heal(student, output, teacher=teacher, config=config, device="cpu", progress=False, **kw))
+
+    _one_line_error(r"not a SharedBasisLlama.*hf-compress convert.*nothing to heal", lambda: run(student=tiny_source_dir))
+    _one_line_error(r"not a SharedBasisLlama", lambda: run(student=AutoModelForCausalLM.from_pretrained(tiny_source_dir)))
+    _one_line_error(r"vocabulary has 260 tokens and the student's 257",
+                    lambda: run(teacher=tiny_llama(vocab_size=make_tokenizer().__len__() + 3)))
+    # Same vocabulary size, but a tokenizer that lowercases: it cuts the sample text differently.
+    from tokenizers import normalizers
+
+    other = tmp_path / "lowercase-teacher"
+    AutoModelForCausalLM.from_pretrained(tiny_source_dir).save_pretrained(other)
+    lowercase = make_tokenizer()
+    lowercase.backend_tokenizer.normalizer = normalizers.Lowercase()
+    lowercase.save_pretrained(other)
+    _one_line_error(r"tokenizer cuts text differently", lambda: run(teacher=str(other)))
+    for field, value, flag in (("tokens", 0, "--tokens"), ("seq_len", 1, "--seq-len"), ("batch_size", 0, "--batch-size"),
+                               ("lr", 0.0, "--lr"), ("loss", "mse", "--loss"), ("trainable", "all", "--trainable"),
+                               ("schedule", "linear", "--schedule"), ("temperature", 0.0, "--temperature")):
+        bad = small_config(calib_file, **{field: value})
+        _one_line_error(flag, lambda config=bad: run(config=config))
+    tiny_text = tmp_path / "tiny.txt"
+    tiny_text.write_text("Too short.\n")
+    _one_line_error(r"tiny.txt.*fewer than one batch of 4 x 32", lambda: run(config=small_config(tiny_text)))
+    (tmp_path / "exists").mkdir()
+    heal_output = tmp_path / "earlier"
+    heal_output.mkdir()
+    (heal_output / "config.json").write_text(json.dumps({"model_type": "shared_basis_llama"}))
+    _one_line_error(r"already exists \(pass --overwrite", lambda: run(output=heal_output))
+    _one_line_error(r"refusing to write .*overlaps the source", lambda: run(output=tiny_shared_basis_checkpoint,
+                                                                           overwrite=True))
+    _one_line_error(r"refusing to write .*overlaps the source", lambda: run(output=tiny_source_dir / "healed"))
+
+    assert folder_hashes(tiny_shared_basis_checkpoint) == before
+    assert not out.exists() and not state_dir_for(out).exists()
+
+
+def test_config_round_trip_and_resolve():
+    config = HealConfig(loss="kl+lm", trainable="lora", dataset_column="text")
+    assert HealConfig.from_dict(config.to_dict()) == config
+    resolved = config.resolve("cpu")
+    assert resolved.dtype in ("float32", "bfloat16") and config.dtype == "auto"
+    config.validate()
+
+
+# --- (7) LoRA -----------------------------------------------------------------------------------------------------
+
+
+def test_lora_heals_into_a_plain_shared_basis_checkpoint(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file,
+                                                         tmp_path):
+    out = tmp_path / "healed-lora"
+    result = heal(tiny_shared_basis_checkpoint, out, teacher=str(tiny_source_dir),
+                  config=small_config(calib_file, trainable="lora", lora_rank=4, lr=2e-3, tokens=6 * 4 * 32,
+                                      loss="lm", dtype="bfloat16"),
+                  device="cpu", progress=False)
+    before, after = safetensors_of(tiny_shared_basis_checkpoint), safetensors_of(out)
+    assert before.keys() == after.keys() and not any("lora" in k for k in after)
+    changed = [k for k in after if not torch.equal(before[k], after[k])]
+    assert any("shared_bases" in k for k in changed) and any("norm" in k for k in changed)
+    assert not any("coefficients" in k or "embed_tokens" in k for k in changed)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "shared_basis_llama" and "peft" not in json.dumps(config).lower()
+    assert config["compression"]["healing"]["options"]["trainable"] == "lora"
+    model = load_student(out)  # the strict loader: no weight missing
+    assert all(m.basis is model.model.shared_bases["q_proj"][0] for m in _members(model, "q_proj", 0))
+    assert 0 < result.trainable_params < sum(p.numel() for p in model.parameters()) / 4
+    assert all(after[k].dtype == torch.float32 for k in after)
+
+    # Interrupted, a student given in memory is left without adapters, its bases linked as before.
+    student = load_student(tiny_shared_basis_checkpoint)
+    keys = student.state_dict().keys()
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, tmp_path / "interrupted", teacher=str(tiny_source_dir), on_step=Interrupt(at=1), device="cpu",
+             config=small_config(calib_file, trainable="lora", lora_rank=4), progress=False)
+    assert student.state_dict().keys() == keys
+    assert all(m.basis is student.model.shared_bases["up_proj"][1] for m in _members(student, "up_proj", 1))
+
+    # Without an output (what `convert` does before it saves): healed in place, merged, carrying the record.
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    unsaved = heal(student, None, teacher=str(tiny_source_dir), device="cpu", progress=False,
+                   config=small_config(calib_file, trainable="lora", lora_rank=4, lr=2e-3, tokens=3 * 4 * 32))
+    assert unsaved.output_dir is None and not list(tmp_path.glob("*heal-state*"))
+    assert student.state_dict().keys() == keys and type(student) is SharedBasisLlamaForCausalLM
+    assert not torch.equal(student.model.shared_bases["q_proj"][0].weight, initial["model.shared_bases.q_proj.0.weight"])
+    assert student.config.compression["healing"]["steps"] == 3
+    assert student.config.compression["method"] == "basis_sharing"
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+
+def test_cli_heal(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from hf_compress.cli.heal import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a second command keeps "heal" a subcommand
+    runner = CliRunner()
+    assert str(HealConfig().tokens) in runner.invoke(app, ["heal", "--help"], terminal_width=200).output
+    args = ["heal", str(tiny_shared_basis_checkpoint), str(tmp_path / "healed"), "--teacher", str(tiny_source_dir),
+            "--dataset", str(calib_file), "--tokens", "256", "--seq-len", "32", "--batch-size", "4", "--device", "cpu",
+            "--no-progress", "--dtype", "float32"]
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    assert "saved" in ok.output and "tokens/s" in ok.output and "->" in ok.output
+    bad = runner.invoke(app, args + ["--loss", "mse", "--overwrite"])
+    assert isinstance(bad.exception, HFCompressError) and "--loss" in str(bad.exception)
