@@ -675,9 +675,49 @@ def cnn_cpu_section(files: dict) -> str:
     return "\n".join(out)
 
 
+def heal_section(rows: list[dict], dense: dict | None) -> str:
+    if not rows:
+        return ""
+    out = ["## LLM healing, protocol \"quick-heal\" (CPU)", "",
+           ("`benchmarks/bench_quick_heal.py`, rows in `quick_heal.jsonl`. The student is the default conversion of "
+            "protocol \"quick\" at each ratio; healing distils it from the dense model (KL on the next-token "
+            "distribution unless the row says otherwise) on the C4 calibration documents (a train shard: 512-token "
+            "chunks, seed-2023 order, cycled); evaluation is WikiText-2 quick and C4 validation (first 20 windows of "
+            "2048 each), never trained on.")]
+    if dense:
+        out += ["", f"Dense model: WikiText-2 {dense['wikitext2']:.2f}, C4 validation {dense['c4']:.2f}."]
+    body = []
+    for r in rows:
+        options = r.get("heal_options", {})
+        setting = ", ".join(filter(None, [options.get("trainable", "factors"), options.get("loss", "kl"),
+                                          None if r.get("sequential", True) else "no sequential calibration"]))
+        body.append([r["row"], pct(r["ratio"]), f"{r['budget_tokens']:,}", setting, f"{r['heal_trainable_params']:,}",
+                     f"{r['wikitext2_before']:.2f} -> **{r['wikitext2_after']:.2f}**",
+                     f"{r['c4_before']:.2f} -> **{r['c4_after']:.2f}**",
+                     f"{r['c4_after'] / dense['c4']:.2f}x" if dense else "-",
+                     f"{r['heal_wall_time_s'] / 60:.1f}", f"{r['heal_tokens_per_s']:.0f}",
+                     f"{r['heal_peak_rss_mb']:,.0f}"])
+    out += ["", table(["row", "ratio", "budget (tokens)", "trains, loss", "trainable params", "WikiText-2 ppl",
+                       "C4-val ppl", "C4 healed / dense", "healing (min)", "tokens/s", "peak RSS (MB)"], body)]
+    notes = sorted({r.get("note") for r in rows if r.get("note")})
+    if notes:
+        out += ["", "Conditions: " + " ".join(notes)]
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------------------------------- summary
-def summary_table(llm: LLMRows, pruning: dict, exits: dict) -> str:
+def summary_table(llm: LLMRows, pruning: dict, exits: dict, heal_rows: list[dict] | None = None,
+                  heal_dense: dict | None = None) -> str:
     rows = []
+    for r in heal_rows or []:
+        if r.get("heal_options", {}).get("trainable", "factors") != "factors" or r["budget_tokens"] != 262144:
+            continue
+        if r.get("heal_options", {}).get("loss", "kl") != "kl" or not r.get("sequential", True):
+            continue
+        dense = f"{heal_dense['wikitext2']:.2f} -> " if heal_dense else ""
+        rows.append([f"Basis Sharing {r['ratio']:.0%} + healing ({r['budget_tokens']:,} tokens of distillation)",
+                     "SmolLM2-135M-Instruct, CPU", f"WikiText-2 ppl {dense}{r['wikitext2_after']:.2f}",
+                     f"unhealed: {r['wikitext2_before']:.2f}", "protocol \"quick-heal\""])
     if llm.rows and llm.dense:
         for r in (0.1, 0.2, 0.4):
             row = llm.get(DEFAULT_LLM, r)
@@ -723,6 +763,8 @@ def build() -> tuple[str, str]:
     exits = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("early_exit_*.json"))}
     cnn = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("cnn_cpu_*.json"))}
     speed = sorted(p.name for p in RESULTS.glob("llm_speed*"))
+    heal_rows = load_jsonl("quick_heal.jsonl")
+    heal_dense = load_json("quick_heal_dense.json")
     # the two early-exit runs of the first round first, the less loaded one last
     exits = dict(sorted(exits.items(), key=lambda kv: ("10k" in kv[0], "hf-" in kv[0])))
 
@@ -743,6 +785,7 @@ def build() -> tuple[str, str]:
         "Contents: " + ", ".join(f"[{t}](#{a})" for t, a in [
             ("make main", "make-main-cpu"),
             ("LLM quality", "llm-quality-smollm2-135m-instruct-protocol-quick-cpu"),
+            ("LLM healing", "llm-healing-protocol-quick-heal-cpu"),
             ("lm-eval", "lm-evaluation-harness-cpu"),
             ("LLM speed", "llm-speed-gpu"),
             ("class-aware pruning", "class-aware-pruning-reduced-scale-cpu"),
@@ -751,6 +794,8 @@ def build() -> tuple[str, str]:
         logs_section(logs),
         "",
         llm_section(llm, logs),
+        "",
+        heal_section(heal_rows, heal_dense),
         "",
         lm_eval_section(lm.get("lm_eval_quick.json"), lm.get("lm_eval_reduced.json"),
                         lm.get("lm_eval_zeroshot_limit20.json"), llm),
@@ -770,7 +815,7 @@ def build() -> tuple[str, str]:
     ]
     text = "\n".join(p for p in parts if p is not None)
     text = re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
-    return text, summary_table(llm, pruning, exits)
+    return text, summary_table(llm, pruning, exits, heal_rows, heal_dense)
 
 
 def with_summary(readme: str, summary: str) -> str:

@@ -9,9 +9,11 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+source"
 
-from .registration import register_families
+from .registration import register_families, register_on_import
 
-register_families()
+# Our families load with the stock Auto classes after `import hf_compress`: registered now if transformers is imported,
+# else the moment it is (importing it here would cost every command, `--help` included, seconds).
+register_on_import()
 
 
 _LAZY = {"convert": "basis_sharing.api", "BasisSharingConfig": "basis_sharing.config", "CalibrationConfig": "basis_sharing.config"}

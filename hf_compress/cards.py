@@ -142,7 +142,7 @@ _LOCAL_PATH_RE = re.compile(r"^(/|~|\.{1,2}/|[A-Za-z]:[\\/])")
 # Keys of the record that the table shows in their own rows (or not at all: the version goes to the card's footer).
 _OWN_ROWS = {"method", "target_ratio", "achieved_ratio", "params_before", "params_after", "total_params_before",
              "total_params_after", "calibration", "source", "data", "hf_compress_version", "source_file_bytes",
-             "output_file_bytes", "source_dtype", "output_dtype"}
+             "output_file_bytes", "source_dtype", "output_dtype", "healing"}
 
 
 def _public(value):
@@ -239,6 +239,30 @@ def _data_rows(data: list) -> list[str]:
     return rows
 
 
+def _healing_rows(healing: dict) -> list[str]:
+    """How the compressed model was healed (provenance `healing`): teacher, text, budget, what trained, the loss and
+    the perplexity before and after; an earlier healing of the same model is counted, not detailed."""
+    if not isinstance(healing, dict) or not healing:
+        return []
+    healing = _public(healing)
+    options = healing.get("options") or {}
+    teacher = (healing.get("teacher") or {}).get("model_id") or "the source model"
+    what = f"{options.get('trainable', 'factors')}, {_fmt_int(healing.get('trainable_params'))} trainable parameters"
+    schedule = f"lr {_cell(options.get('lr'))} {options.get('schedule', '')}".strip()
+    rows = [f"| Healing | distillation from {teacher} ({options.get('loss', 'kl')} loss) on {options.get('dataset')}: "
+            f"{_fmt_int(healing.get('tokens'))} tokens in {_fmt_int(healing.get('steps'))} steps, {schedule}; {what} |",
+            f"| Healing loss, first / last steps | {_cell(healing.get('initial_loss'))} / "
+            f"{_cell(healing.get('final_loss'))} |"]
+    perplexity = healing.get("perplexity")
+    if isinstance(perplexity, dict) and perplexity.get("after") is not None:
+        windows = perplexity.get("max_windows") or "all"
+        rows.append(f"| Perplexity before / after healing ({perplexity.get('dataset')}, {perplexity.get('seq_len')}-token "
+                    f"windows, {windows}) | {_cell(perplexity.get('before'))} / {_cell(perplexity.get('after'))} |")
+    if healing.get("previous"):
+        rows.append("| Earlier healing | on record in `config.json` (`compression.healing.previous`) |")
+    return rows
+
+
 def _other_rows(record: dict) -> list[str]:
     """Every other key (options, figures): `x_before` / `x_after` pairs share a row."""
     rest = dict(_flatten({k: v for k, v in record.items() if k not in _OWN_ROWS}))
@@ -264,7 +288,8 @@ def compression_table(config: dict) -> str:
     if not record:
         return "This checkpoint carries no `compression` record in its config."
     rows = ["| | |", "|---|---|", *_headline_rows(record), *_calibration_rows(record.get("calibration") or {}),
-            *_source_rows(record.get("source")), *_data_rows(record.get("data")), *_other_rows(record)]
+            *_source_rows(record.get("source")), *_data_rows(record.get("data")),
+            *_healing_rows(record.get("healing")), *_other_rows(record)]
     table = "\n".join(rows)
     family = _family_for(config)
     details = family.details_table(config) if family.details_table else ""

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import resource
 from pathlib import Path
 
@@ -103,28 +105,68 @@ def _read_status(field: str) -> int | None:
     return None
 
 
+def _peak_rss_bytes() -> int:
+    hwm = _read_status("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class PeakMemory:
     """Context manager measuring the peak RSS (and peak CUDA allocation) inside its block, in MiB.
 
     On Linux the kernel's high-water mark is reset on entry (`/proc/self/clear_refs`), so the figure belongs to the
-    block; elsewhere it falls back to the process-lifetime peak.
+    block; elsewhere it falls back to the process-lifetime peak. Blocks nest: an inner block's reset would hide the
+    outer block's peak so far, so the peak reached before the reset, and the inner block's own, are passed up to
+    every enclosing block.
     """
+
+    _active: list[PeakMemory] = []
 
     def __enter__(self) -> PeakMemory:
         self.peak_mb = 0.0
         self.cuda_peak_mb = 0.0
+        self._carried_mb = 0.0
+        if PeakMemory._active:
+            self._carry(_peak_rss_bytes() / 2**20)
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not PeakMemory._active:
             torch.cuda.reset_peak_memory_stats()
+        PeakMemory._active.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        hwm = _read_status("VmHWM")
-        if hwm is None:
-            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.peak_mb = hwm / 2**20
+        PeakMemory._active.remove(self)
+        self.peak_mb = max(_peak_rss_bytes() / 2**20, self._carried_mb)
+        self._carry(self.peak_mb)
         if torch.cuda.is_available():
             self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+
+    @staticmethod
+    def _carry(mb: float) -> None:
+        for outer in PeakMemory._active:
+            outer._carried_mb = max(outer._carried_mb, mb)
+
+
+class MemoryPhases:
+    """Peak resident memory of the consecutive phases of one job (load, calibration, decomposition, save, ...), in MiB.
+
+    `with phases("load"): ...` measures one phase (a `PeakMemory`: on Linux the kernel's high-water mark is reset at
+    the start of each phase, so each figure belongs to its phase); a phase entered twice keeps its larger peak.
+    `peak_mb` is the largest of them, the job's peak.
+    """
+
+    def __init__(self) -> None:
+        self.peaks_mb: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        with PeakMemory() as peak:
+            yield
+        self.peaks_mb[name] = max(self.peaks_mb.get(name, 0.0), peak.peak_mb)
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.peaks_mb.values(), default=0.0)
+

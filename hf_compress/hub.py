@@ -1,8 +1,13 @@
-"""Publishing a finished checkpoint folder to the Hugging Face Hub in one commit.
+"""Publishing a finished checkpoint folder to the Hugging Face Hub in one commit (`push_to_hub`).
 
-The folder is uploaded as is (weights, config with `auto_map`, remote-code files, tokenizer or image processor,
-generation config, model card), so the repo loads with the stock `from_pretrained(..., trust_remote_code=True)`.
-Nothing is ever downloaded: the local model card is the one that ends up on the Hub.
+The repo (and a missing branch `revision`) is created if needed, then the folder is uploaded: weights, config with
+`auto_map`, remote-code files, tokenizer or image processor, generation config and model card, but not local state
+(`IGNORE_PATTERNS`: pruning iterations, caches, temporary and lock files). A card hf-compress generated, or a missing
+one, is (re)written first so that its usage snippets load the repo; a hand-edited card is uploaded unchanged, and
+nothing is ever downloaded, so the Hub's card is the local one. The repo then loads with the stock
+`from_pretrained(..., trust_remote_code=True)`, or without the flag where hf-compress is installed. Transient failures
+(timeouts, rate limits, server errors, dropped connections) are retried; a refusal (token, permission, conflict, card
+metadata) or a failure that outlives the retries is one `HFCompressError` line that says what to do.
 """
 
 from __future__ import annotations

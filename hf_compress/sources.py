@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .errors import HFCompressError
+from .errors import HFCompressError, error_line
 from .provenance import SourceRef
 from .registration import FAMILIES
 
@@ -138,18 +138,34 @@ def read_config_dict(source: str, name_or_path: str, **kwargs) -> dict:
         raise HFCompressError(f"cannot read the config of {source!r}: {_one_line(err)}") from err
 
 
-def check_remote_code(config: dict, source: str, trust_remote_code: bool = False) -> None:
-    """Refuses a model whose config.json `auto_map` points at code it ships, unless `trust_remote_code`.
+def needs_remote_code(config: dict) -> bool:
+    """Whether loading a model with this config dict would run code it ships (its config.json `auto_map`).
 
-    hf-compress's own families carry an `auto_map` for users without the plugin, but load here through the plugin.
+    transformers' own rule (`AutoConfig.from_pretrained`, `resolve_trust_remote_code`): a `model_type` it knows,
+    natively or registered (hf-compress's families are, on import), loads with its own class without asking, even
+    when an `auto_map` is present; the shipped code is needed only for a type it does not know.
     """
-    auto_map = config.get("auto_map")
-    if auto_map and config.get("model_type") not in OWN_MODEL_TYPES and not trust_remote_code:
-        classes = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
-        raise HFCompressError(
-            f"{source} ships its own code (auto_map for {classes} in config.json), which loading it would run; "
-            "read that code, then pass --trust-remote-code (trust_remote_code=True) to run it"
-        )
+    model_type = config.get("model_type")
+    known = isinstance(model_type, str) and (model_type in OWN_MODEL_TYPES or model_type in CONFIG_MAPPING)
+    return bool(config.get("auto_map")) and not known
+
+
+def check_remote_code(config: dict, source: str, trust_remote_code: bool = False, *,
+                      trust_flag: str | None = "--trust-remote-code") -> None:
+    """Refuses a model that can only load by running code it ships (see `needs_remote_code`), unless
+    `trust_remote_code`.
+
+    `trust_flag` is the option that allows it; None for a command that never runs shipped code.
+    """
+    if trust_remote_code or not needs_remote_code(config):
+        return
+    auto_map = config["auto_map"]
+    classes = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+    what = (f"{source} ships its own code (auto_map for {classes} in config.json) for model_type "
+            f"{config.get('model_type')!r}, which transformers does not know, so loading it would run that code")
+    if trust_flag is None:
+        raise HFCompressError(f"{what}; this command never runs code shipped with a model")
+    raise HFCompressError(f"{what}; read that code, then pass {trust_flag} (trust_remote_code=True) to run it")
 
 
 def check_family_config(config: dict, source: str) -> None:
@@ -186,17 +202,64 @@ def check_weight_files(folder: str | Path) -> None:
                                   "it may be truncated: download or save it again") from err
 
 
-def check_loadable(source: str, name_or_path: str, kwargs: dict, trust_remote_code: bool = False) -> dict:
+def check_loadable(source: str, name_or_path: str, kwargs: dict, trust_remote_code: bool = False, *,
+                   trust_flag: str | None = "--trust-remote-code") -> dict:
     """Every check that needs no weights, before a load: config.json present and valid, no code run unasked, and
-    (local folder) weights in readable safetensors. Returns the config dict (`{}` for a GGUF file)."""
+    (local folder) weights in readable safetensors. Returns the config dict (`{}` for a GGUF file).
+
+    `kwargs` are `from_pretrained` keywords (`revision`, `gguf_file`); `trust_flag` as in `check_remote_code`.
+    """
     if "gguf_file" in kwargs:
         return {}
     config = read_config_dict(source, name_or_path, **kwargs)
-    check_remote_code(config, source, trust_remote_code)
+    _check_read_config(config, source, name_or_path, trust_remote_code, trust_flag)
+    return config
+
+
+def _check_read_config(config: dict, source: str, name_or_path: str, trust_remote_code: bool,
+                       trust_flag: str | None) -> None:
+    """The checks of `check_loadable` that follow reading the config."""
+    check_remote_code(config, source, trust_remote_code, trust_flag=trust_flag)
     check_family_config(config, source)
     if Path(name_or_path).is_dir():
         check_weight_files(name_or_path)
+
+
+def check_checkpoint(model: str | Path, *, revision: str | None = None, trust_remote_code: bool = False,
+                     trust_flag: str | None = "--trust-remote-code", hint: str | None = None) -> dict:
+    """`check_loadable` for a checkpoint given as a folder or Hub id (a path that does not exist is named as such).
+
+    `hint` says what else `model` could have meant, in the error of a Hub id whose config cannot be read.
+    Returns the config dict.
+    """
+    folder = Path(model).expanduser()
+    if str(model).startswith(("/", ".", "~")) and not folder.exists():
+        raise HFCompressError(f"model folder {model} does not exist")
+    name_or_path = str(folder) if folder.is_dir() else str(model)
+    try:
+        config = read_config_dict(str(model), name_or_path, **({"revision": revision} if revision else {}))
+    except HFCompressError as err:
+        if folder.is_dir() or hint is None:
+            raise
+        raise HFCompressError(f"{err}; {hint}") from None
+    _check_read_config(config, str(model), name_or_path, trust_remote_code, trust_flag)
     return config
+
+
+def load_pretrained(model_class: type[PreTrainedModel], model: str | Path, *, revision: str | None = None
+                    ) -> PreTrainedModel:
+    """`model_class.from_pretrained(model)` (a folder or Hub id that passed `check_loadable`'s checks) from
+    safetensors only, with a failed load (no or mismatched weights) in one line."""
+    from safetensors import SafetensorError
+
+    folder = Path(model).expanduser()
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        # safetensors only, for Hub repos too: a pickle can run code when loaded.
+        return model_class.from_pretrained(str(folder) if folder.is_dir() else str(model), use_safetensors=True,
+                                           **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise HFCompressError(f"cannot load a {model_class.__name__} from {model} ({error_line(err)})") from None
 
 
 def load_causal_lm(

@@ -1,12 +1,13 @@
 """Tries the bad inputs a new user might give every command, and counts how many get one clear line.
 
-A clear answer is: exit code 2, exactly one line on stderr that starts with `hf-compress: error:`, no traceback, and
-the input left as it was. Run from the repository root (about five minutes: every case is a fresh process):
+A clear answer is: exit code 2, exactly one line on stderr that starts with `hf-compress: error:`, no traceback, the
+inputs left as they were and no code shipped with a model run (nor any pickle loaded). Run from the repository root
+(every case is a fresh process, so a full run takes a while; `--only` picks cases by their description):
 
-    python tests/bad_inputs.py [--verbose]
+    python tests/bad_inputs.py [--verbose] [--only TEXT ...]
 
-It builds its own tiny inputs (a random Llama with a tiny tokenizer, a tiny image dataset and CNN) in a temporary
-folder; the CIFAR-10 cases use the local copy when present.
+It builds its own tiny inputs in a temporary folder: a random Llama with a tiny tokenizer and its Basis Sharing
+conversion, a tiny image dataset, CNN and ClassExitResNet, and broken copies of them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+class _Trap:
+    """Unpickling this creates the file `path`: proof that loading a pickle ran code."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
 def build_inputs(root: Path) -> dict[str, Path]:
     """Tiny models and data files for the cases."""
     import numpy as np
@@ -31,6 +43,9 @@ def build_inputs(root: Path) -> dict[str, Path]:
     import torch
     from conftest import TINY_TEXT, make_tokenizer, tiny_llama
 
+    from hf_compress.basis_sharing.api import convert
+    from hf_compress.basis_sharing.config import BasisSharingConfig, CalibrationConfig
+    from hf_compress.early_exit.heads import load_exit_model
     from hf_compress.modeling.pruned_cnn import PrunedCNNForImageClassification, resnet_cifar_config
     from hf_compress.vision.checkpoint import save_checkpoint
 
@@ -102,6 +117,35 @@ def build_inputs(root: Path) -> dict[str, Path]:
                                                               label2id={v: k for k, v in labels.items()}, image_size=8))
     save_checkpoint(cnn, root / "cnn")
     paths["cnn"] = root / "cnn"
+    # exit-report takes a ClassExitResNet: the CNN with exits attached (untrained, which the report does not mind).
+    save_checkpoint(load_exit_model(root / "cnn"), root / "exits")
+    paths["exits"] = root / "exits"
+
+    # Broken vision checkpoints: no config, truncated weights, a pickle (which would leave the marker if unpickled),
+    # shipped code for a model type transformers does not know (which would leave the marker if run).
+    for name in ("cnn_no_config", "cnn_truncated", "cnn_pickled", "cnn_foreign"):
+        shutil.copytree(root / "cnn", root / name)
+        paths[name] = root / name
+    (root / "cnn_no_config" / "config.json").unlink()
+    weights = root / "cnn_truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (root / "cnn_pickled" / "model.safetensors").unlink()
+    torch.save({"trap": _Trap(marker)}, root / "cnn_pickled" / "pytorch_model.bin")
+    config = json.loads((root / "cnn_foreign" / "config.json").read_text())
+    config.update(model_type="evil_cnn", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (root / "cnn_foreign" / "config.json").write_text(json.dumps(config))
+    (root / "cnn_foreign" / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+
+    # heal: a converted (SharedBasisLlama) student, a teacher with another vocabulary, a text shorter than a batch.
+    convert(str(src), root / "student", BasisSharingConfig(ratio=0.3),
+            calibration=CalibrationConfig(dataset=str(paths["text"]), samples=4, seq_len=16), progress=False)
+    paths["student"] = root / "student"
+    other_vocab = root / "other-vocab"
+    tiny_llama(vocab_size=len(tokenizer) + 16).save_pretrained(other_vocab)
+    tokenizer.save_pretrained(other_vocab)
+    paths["other_vocab"] = other_vocab
+    paths["short_text"] = root / "short.txt"
+    paths["short_text"].write_text("A few words.")
 
     paths["file"] = root / "a-file.txt"
     paths["file"].write_text("keep me")
@@ -116,10 +160,18 @@ def cases(p: dict[str, Path], out: Path) -> list[tuple[str, list[str], Path | No
     llama, text = str(p["llama"]), str(p["text"])
     convert = ["convert", llama, str(out / "bs"), "--calib-dataset", text, "--calib-samples", "2",
                "--calib-seq-len", "16"]
+    # Calibration within the tiny model's context (256 positions), so that the data itself is what gets checked.
+    short_calib = ["convert", llama, str(out / "bs"), "--calib-seq-len", "16", "--calib-dataset"]
     cnn, images = str(p["cnn"]), str(p["images"])
     prune = ["prune", cnn, str(out / "pruned"), "--dataset", images, "--accuracy-floor", "0.1", "--val-size", "8"]
     exits = ["early-exit", cnn, str(out / "exits"), "--dataset", images, "--n-val", "8"]
     ppl = ["ppl", llama, "--dataset", text]
+    heal = ["heal", str(p["student"]), str(out / "healed"), "--teacher", llama, "--dataset", text, "--tokens", "64",
+            "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+
+    def vision(command: list[str], model: str) -> list[str]:
+        return [command[0], str(p[model]), *command[2:]]
+
     return [
         # Outputs that must never be written.
         ("convert into the working directory", ["convert", llama, ".", "--overwrite", "--calib-dataset", text], p["not_ours"]),
@@ -131,7 +183,8 @@ def cases(p: dict[str, Path], out: Path) -> list[tuple[str, list[str], Path | No
         ("train into the working directory", ["train", "resnet20", ".", "--overwrite"], p["not_ours"]),
         ("early-exit into the home directory", ["early-exit", cnn, str(Path.home())], None),
         # convert: options found before the model loads.
-        ("--eval-dataset missing", convert + ["--eval-dataset", str(out / "missing.parquet")], None),
+        ("--eval-dataset missing", convert + ["--eval-dataset", str(out / "missing.parquet"), "--eval-seq-len", "16"],
+         None),
         ("--eval-seq-len 0", convert + ["--eval-seq-len", "0", "--eval-dataset", text], None),
         ("--ratio 1.5", convert + ["--ratio", "1.5"], None),
         ("--ratio 0", convert + ["--ratio", "0"], None),
@@ -141,11 +194,10 @@ def cases(p: dict[str, Path], out: Path) -> list[tuple[str, list[str], Path | No
         ("--device gpu", convert + ["--device", "gpu"], None),
         ("--device cuda without a GPU", convert + ["--device", "cuda"], None),
         ("--calib-seq-len beyond max_position_embeddings", convert[:-2] + ["--calib-seq-len", "100000"], None),
-        ("empty calibration file", ["convert", llama, str(out / "bs"), "--calib-dataset", str(p["empty_text"])], None),
-        ("corrupt calibration parquet", ["convert", llama, str(out / "bs"), "--calib-dataset", str(p["corrupt_parquet"])], None),
-        ("calibration parquet with no rows", ["convert", llama, str(out / "bs"), "--calib-dataset", str(p["empty_parquet"])], None),
-        ("--calib-column that is not text", ["convert", llama, str(out / "bs"), "--calib-dataset", str(p["int_column"]),
-                                             "--calib-column", "n"], None),
+        ("empty calibration file", [*short_calib, str(p["empty_text"])], None),
+        ("corrupt calibration parquet", [*short_calib, str(p["corrupt_parquet"])], None),
+        ("calibration parquet with no rows", [*short_calib, str(p["empty_parquet"])], None),
+        ("--calib-column that is not text", [*short_calib, str(p["int_column"]), "--calib-column", "n"], None),
         ("convert a folder without config.json", ["convert", str(p["no_config"]), str(out / "bs")], None),
         # ppl and loading.
         ("ppl --seq-len 0", ppl + ["--seq-len", "0"], None),
@@ -166,7 +218,17 @@ def cases(p: dict[str, Path], out: Path) -> list[tuple[str, list[str], Path | No
         ("early-exit --step 1.5", exits + ["--step", "1.5"], None),
         ("early-exit --exit-pool-size 0", exits + ["--exit-pool-size", "0"], None),
         ("early-exit --epochs -1", exits + ["--epochs", "-1"], None),
-        ("exit-report --limit 0", ["exit-report", cnn, "--dataset", images, "--limit", "0"], None),
+        ("exit-report --limit 0", ["exit-report", str(p["exits"]), "--dataset", images, "--limit", "0"], None),
+        *[(f"{command[0]} of {what}", vision(command, model), None)
+          for command in (prune, exits)
+          for what, model in (("a folder without config.json", "cnn_no_config"), ("truncated weights", "cnn_truncated"),
+                              ("a pickled checkpoint", "cnn_pickled"), ("a model with foreign remote code", "cnn_foreign"))],
+        # heal.
+        ("heal --tokens 0", heal + ["--tokens", "0"], None),
+        ("heal --lr 0", heal + ["--lr", "0"], None),
+        ("heal with a teacher of another vocabulary", [*heal[:3], "--teacher", str(p["other_vocab"]), *heal[5:]], None),
+        ("heal a dense student", ["heal", llama, *heal[2:]], None),
+        ("heal on a text shorter than one batch", heal + ["--dataset", str(p["short_text"])], None),
     ]
 
 
@@ -180,6 +242,8 @@ def digest(path: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="print every answer")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="run only the cases whose description contains TEXT (repeatable)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="hfc-bad-inputs-"))
     paths = build_inputs(root)
@@ -187,7 +251,7 @@ def main() -> int:
     before = {p: digest(p) for p in watched}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     clear = 0
-    table = cases(paths, root / "out")
+    table = [case for case in cases(paths, root / "out") if not args.only or any(t in case[0] for t in args.only)]
     for what, argv, cwd in table:
         proc = subprocess.run([sys.executable, "-m", "hf_compress.cli", *argv], cwd=cwd or root, env=env,
                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)

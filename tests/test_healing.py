@@ -425,3 +425,75 @@ def test_cli_heal(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file, tmp
     assert "saved" in ok.output and "tokens/s" in ok.output and "->" in ok.output
     bad = runner.invoke(app, args + ["--loss", "mse", "--overwrite"])
     assert isinstance(bad.exception, HFCompressError) and "--loss" in str(bad.exception)
+
+
+# --- healing inside `convert`, and the perplexity before and after ------------------------------------------------
+
+
+def _perplexity_of(folder: Path, text_file: Path, tokenizer) -> float:
+    from hf_compress.evaluation.perplexity import perplexity
+
+    return perplexity(load_student(folder), tokenizer, text_file.read_text().splitlines(), seq_len=16, progress=False)
+
+
+def test_convert_with_heal_equals_convert_then_heal(tiny_source_dir, calib_file, tmp_path):
+    """`convert(heal=...)` heals the model in memory from the source in memory: the same weights as converting, saving
+    and healing the saved checkpoint; the perplexities before and after healing are those of independent measures."""
+    from hf_compress.basis_sharing import BasisSharingConfig, CalibrationConfig, convert
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(HELD_OUT)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_source_dir)
+    options = {"calibration": CalibrationConfig(dataset=str(calib_file), samples=8, seq_len=32), "progress": False,
+               "eval_dataset": str(held_out), "eval_seq_len": 16}
+    plain = convert(str(tiny_source_dir), tmp_path / "plain", BasisSharingConfig(ratio=0.3), **options)
+    separate = heal(tmp_path / "plain", tmp_path / "separate", teacher=str(tiny_source_dir),
+                    config=small_config(calib_file), progress=False, eval_dataset=str(held_out), eval_seq_len=16)
+    joint = convert(str(tiny_source_dir), tmp_path / "joint", BasisSharingConfig(ratio=0.3),
+                    heal=small_config(calib_file), **options)
+
+    assert joint.healing.steps == 16 and joint.provenance["healing"]["tokens"] == 16 * 4 * 32
+    assert joint.timings["healing_s"] > 0
+    joint_weights, separate_weights = safetensors_of(tmp_path / "joint"), safetensors_of(tmp_path / "separate")
+    assert joint_weights.keys() == separate_weights.keys()
+    for name, tensor in joint_weights.items():
+        torch.testing.assert_close(tensor, separate_weights[name], rtol=0, atol=1e-6, msg=name)
+    # Before healing: the plain conversion's perplexity; after: the saved healed checkpoint's.
+    healed_ppl = _perplexity_of(tmp_path / "joint", held_out, tokenizer)
+    assert joint.perplexity_unhealed == pytest.approx(plain.perplexity_after, rel=1e-6)
+    assert joint.perplexity_after == pytest.approx(healed_ppl, rel=1e-5)
+    assert joint.perplexity_before == pytest.approx(plain.perplexity_before, rel=1e-9)  # the source, unchanged
+    record = json.loads((tmp_path / "joint" / "config.json").read_text())["compression"]["healing"]["perplexity"]
+    assert record["before"] == pytest.approx(plain.perplexity_after, rel=1e-4)
+    assert record["after"] == pytest.approx(healed_ppl, rel=1e-4) and record["dataset"] == "held_out.txt"
+    saved = json.loads((tmp_path / "joint" / "perplexity.json").read_text())
+    assert saved["perplexity_before_healing"] == pytest.approx(plain.perplexity_after, rel=1e-6)
+    # The standalone heal measured the same two perplexities on the same text.
+    separate_record = separate.provenance["healing"]["perplexity"]
+    assert separate_record["before"] == pytest.approx(plain.perplexity_after, rel=1e-4)
+    assert separate_record["after"] == pytest.approx(_perplexity_of(tmp_path / "separate", held_out, tokenizer), rel=1e-4)
+    card = (tmp_path / "joint" / "README.md").read_text()
+    assert f"{16 * 4 * 32:,} tokens in 16 steps" in card
+    assert f"| {record['before']:.4g} / {record['after']:.4g} |" in card
+
+
+def test_cli_convert_heal_tokens(tiny_source_dir, calib_file, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from hf_compress.cli.llm import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    short = tmp_path / "short.txt"
+    short.write_text(HELD_OUT)
+    base = ["convert", str(tiny_source_dir), str(tmp_path / "out"), "--calib-dataset", str(calib_file),
+            "--calib-samples", "8", "--calib-seq-len", "32", "--heal-dataset", str(short), "--device", "cpu"]
+    bad = runner.invoke(app, base + ["--heal-tokens", "-1"])
+    assert isinstance(bad.exception, HFCompressError) and "--heal-tokens" in str(bad.exception)
+    assert not (tmp_path / "out").exists()
+    # One healing step of the default 4 x 512 tokens does not fit a short text: refused before the calibration.
+    too_small = runner.invoke(app, base + ["--heal-tokens", "100"])
+    assert isinstance(too_small.exception, HFCompressError) and "fewer than one batch" in str(too_small.exception)
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The real `hf-compress` CLI in a subprocess, stdin closed (a prompt would fail instead of waiting)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Code a test lets run is copied into HF_MODULES_CACHE: a folder of the test's own, not the user's cache.
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_MODULES_CACHE": str(cwd / "modules")}
     return subprocess.run([sys.executable, "-m", "hf_compress.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=300)
 
@@ -49,9 +50,9 @@ def edit_config(folder: Path, **changes) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def ppl(folder: Path, calib_file: Path) -> subprocess.CompletedProcess:
+def ppl(folder: Path, calib_file: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_cli("ppl", str(folder), "--dataset", str(calib_file), "--seq-len", "16", "--max-windows", "1",
-                   "--device", "cpu", cwd=folder.parent)
+                   "--device", "cpu", *extra, cwd=folder.parent)
 
 
 # 1. Remote code only when asked
@@ -97,6 +98,78 @@ def test_own_families_load_without_the_flag(checkpoint, remote_code_folder):
     with pytest.raises(HFCompressError, match="pass --trust-remote-code"):
         check_loadable(str(folder), str(folder), {})
     assert not marker.exists()
+
+
+def _shipped_code_lm(source: Path, folder: Path, marker: Path, model_type: str) -> Path:
+    """A copy of the tiny Llama `source` whose config.json maps AutoConfig and AutoModelForCausalLM to code it ships:
+    working Llama subclasses for `model_type`, in files that leave `marker` when imported."""
+    shutil.copytree(source, folder)
+    (folder / "configuration_x.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig\n\n\n"
+        f"class XLlamaConfig(LlamaConfig):\n    model_type = {model_type!r}\n")
+    (folder / "modeling_x.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_x import XLlamaConfig\n\n\n"
+        "class XLlamaForCausalLM(LlamaForCausalLM):\n    config_class = XLlamaConfig\n")
+    edit_config(folder, model_type=model_type, auto_map={"AutoConfig": "configuration_x.XLlamaConfig",
+                                                         "AutoModelForCausalLM": "modeling_x.XLlamaForCausalLM"})
+    return folder
+
+
+@pytest.fixture
+def plain_ppl(tiny_source_dir, calib_file) -> float:
+    """The perplexity `ppl` prints for the tiny Llama itself, loaded with transformers' own class."""
+    return _perplexity(ppl(tiny_source_dir, calib_file))
+
+
+def _perplexity(proc: subprocess.CompletedProcess) -> float:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("perplexity "), proc.stdout
+    return float(proc.stdout.split()[1])
+
+
+def test_remote_code_rule_is_transformers_own(tiny_source_dir, tiny_shared_basis_checkpoint, tmp_path):
+    """`needs_remote_code` says what transformers' AutoConfig does: a known model_type (native, or one of ours once
+    hf_compress is imported) loads with its own class whatever the auto_map; an unknown one needs the shipped code."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaConfig
+    from hf_compress.sources import needs_remote_code
+
+    marker = tmp_path / "marker"
+    native = _shipped_code_lm(tiny_source_dir, tmp_path / "native", marker, "llama")
+    unknown = _shipped_code_lm(tiny_source_dir, tmp_path / "unknown", marker, "x_llama")
+    for folder, known_class in ((native, LlamaConfig), (tiny_shared_basis_checkpoint, SharedBasisLlamaConfig)):
+        config_dict = json.loads((folder / "config.json").read_text())
+        assert "AutoConfig" in config_dict["auto_map"] and not needs_remote_code(config_dict)
+        # No trust_remote_code at all: transformers neither asks nor runs the shipped code.
+        assert type(AutoConfig.from_pretrained(folder)) is known_class
+    assert not marker.exists()
+    assert needs_remote_code(json.loads((unknown / "config.json").read_text()))
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoConfig.from_pretrained(unknown, trust_remote_code=False)
+    assert not marker.exists()
+    assert needs_remote_code({"auto_map": {"AutoConfig": "a.B"}}) and not needs_remote_code({"model_type": "x_llama"})
+
+
+def test_ppl_of_a_known_type_ignores_its_shipped_code(tiny_source_dir, calib_file, plain_ppl, tmp_path):
+    marker = tmp_path / "marker"
+    folder = _shipped_code_lm(tiny_source_dir, tmp_path / "native", marker, "llama")
+    # The same weights through transformers' own LlamaForCausalLM: the same windows, the same value.
+    assert _perplexity(ppl(folder, calib_file)) == plain_ppl
+    assert not marker.exists()
+
+
+def test_ppl_runs_shipped_code_only_with_the_flag(tiny_source_dir, calib_file, plain_ppl, tmp_path):
+    marker = tmp_path / "marker"
+    folder = _shipped_code_lm(tiny_source_dir, tmp_path / "unknown", marker, "x_llama")
+    line = assert_one_line_error(ppl(folder, calib_file), str(folder), "'x_llama'", "--trust-remote-code")
+    assert "AutoConfig, AutoModelForCausalLM" in line
+    assert not marker.exists()
+    value = _perplexity(ppl(folder, calib_file, "--trust-remote-code"))
+    assert marker.read_text() == "ran"
+    # The shipped subclass computes what LlamaForCausalLM does (up to its own default attention kernel's rounding).
+    assert value == pytest.approx(plain_ppl, rel=1e-5)
 
 
 def test_ppl_of_a_good_checkpoint_still_runs(checkpoint, calib_file):

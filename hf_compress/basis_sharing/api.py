@@ -16,12 +16,14 @@ from transformers import PretrainedConfig
 
 from ..checkpoint import prepare_output
 from ..data.text import calibration_batch, load_text_option
-from ..device import PeakMemory, dtype_name, pick_device
+from ..device import MemoryPhases, dtype_name, pick_device
+from ..provenance import DataRef
 from ..sources import load_source, source_config
 from .assembly import build_shared_basis_llama
 from .compressor import BasisSharingCompressor
 from .config import EVAL_SEQ_LEN, BasisSharingConfig, CalibrationConfig
 from .evaluation import check_context, check_window_options, measure_perplexity
+from ..healing.config import HealConfig
 from .footprint import source_footprint
 from .record import compression_record, conversion_figures
 from .save import round_weights, save_checkpoint
@@ -42,9 +44,13 @@ class ConversionResult:
         ranks: the rank of every group, per projection type.
         wall_time_s: seconds from loading the source to the assembled model (evaluation and saving excluded).
         peak_memory_mb: peak resident memory of the conversion, evaluation and saving included.
+        memory_mb: the peak resident memory of each phase (`load`, `calibration`, `decomposition` or
+            `calibration_and_decomposition`, `assembly`, `healing`, `evaluation`, `save`), in MiB.
         whitening_shifts: per projection type, the diagonal shifts added to Grams that were not positive definite.
         timings: seconds of each phase (`load_s`, `calibration_s`, `decomposition_s`, ...).
-        perplexity_before, perplexity_after: on `eval_dataset`, when given.
+        perplexity_before, perplexity_after: on `eval_dataset`, when given (after: of the checkpoint as saved).
+        perplexity_unhealed: with `heal`, the compressed model's perplexity before healing.
+        healing: with `heal`, the `HealResult` of the healing.
     """
 
     output_dir: Path | None
@@ -56,6 +62,9 @@ class ConversionResult:
     timings: dict[str, float] = field(default_factory=dict)
     perplexity_before: float | None = None
     perplexity_after: float | None = None
+    perplexity_unhealed: float | None = None
+    healing: Any = None
+    memory_mb: dict[str, float] = field(default_factory=dict)
 
     target_ratio = _recorded("target_ratio", "The ratio asked for.")
     achieved_ratio = _recorded("achieved_ratio", "The ratio the ranks reach, over the compressed projections.")
@@ -84,6 +93,7 @@ def convert(
     private: bool = False,
     hub_revision: str | None = None,
     progress: bool = True,
+    heal: HealConfig | None = None,
 ) -> ConversionResult:
     """Converts a Llama-family checkpoint into a SharedBasisLlama checkpoint with Basis Sharing.
 
@@ -99,14 +109,19 @@ def convert(
         overwrite: replace an existing hf-compress output at `output_dir` (a folder of anything else is refused).
         eval_dataset: if given, perplexity before and after on this text (preset, file or Hub name).
         push_to_hub: `ORG/NAME` to upload the finished checkpoint to.
+        heal: if given, the compressed model is healed by distillation from the source already in memory
+            (`hf_compress.healing.heal`) before it is evaluated and saved.
     """
     output = None
     if output_dir is not None:
         output = prepare_output(output_dir, overwrite=overwrite, sources=[source, *([gguf_file] if gguf_file else [])])
     compute_device = pick_device(device)
     check_window_options(eval_seq_len, eval_max_windows, seq_flag="--eval-seq-len", windows_flag="--eval-max-windows")
+    if heal is not None:
+        heal.validate()
     start = time.perf_counter()
-    with PeakMemory() as peak:
+    phases = MemoryPhases()
+    with phases("load"):
         architecture = source_config(source, gguf_file=gguf_file, revision=revision)
         config, calibration = resolve_configs(config, calibration, architecture, compute_device, source)
         texts = load_text_option("--calib-dataset", calibration.dataset, calibration.config, calibration.split,
@@ -115,42 +130,86 @@ def convert(
         if eval_dataset:
             check_context("--eval-seq-len", eval_seq_len, _context(architecture), source)
             eval_texts = load_text_option("--eval-dataset", eval_dataset)
+        heal_texts = None
+        if heal is not None:  # the healing text is read before the weights load, so that a bad one fails first
+            heal_texts = load_text_option("--heal-dataset", heal.dataset, column=heal.dataset_column)
         model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision, config=architecture)
+        if heal_texts is not None:  # and it must hold one batch, checked before the calibration starts
+            from ..healing.data import healing_ids
+
+            healing_ids(tokenizer, heal_texts, heal)
         load_time = time.perf_counter() - start
         ids = calibration_batch(tokenizer, texts, samples=calibration.samples, seq_len=calibration.seq_len,
                                 seed=calibration.seed)
-        compressor = BasisSharingCompressor(model, config, ids, compute_device, calibration.batch_size, progress,
-                                            dtype=getattr(torch, calibration.dtype))
-        factors = compressor.run()
+    compressor = BasisSharingCompressor(model, config, ids, compute_device, calibration.batch_size, progress,
+                                        dtype=getattr(torch, calibration.dtype), phases=phases)
+    factors = compressor.run()
+    with phases("assembly"):
         compressed = build_shared_basis_llama(model, factors)
         figures = {**conversion_figures(config, model, compressed, factors),
                    **source_footprint(source, gguf_file, revision, architecture)}
         save_dtype = config.output_dtype(figures["source_dtype"])
         figures["output_dtype"] = dtype_name(save_dtype)
         compressed.config.compression = compression_record(config, calibration, info.to_ref(), figures)
-        result = ConversionResult(
-            output_dir=output,
-            provenance=compressed.config.compression,
-            ranks={name: [f.rank for f in groups] for name, groups in factors.items()},
-            wall_time_s=time.perf_counter() - start,
-            whitening_shifts={k: v for k, v in compressor.whitening_shifts.items() if any(v)},
-            timings={"load_s": load_time, **compressor.timings},
-        )
-        # The perplexity is that of the weights as saved (rounded to the save dtype), run in float32 as `ppl` does.
-        round_weights(compressed, save_dtype)
-        perplexity = None
-        if eval_texts is not None:
+    result = ConversionResult(
+        output_dir=output,
+        provenance=compressed.config.compression,
+        ranks={name: [f.rank for f in groups] for name, groups in factors.items()},
+        wall_time_s=time.perf_counter() - start,
+        whitening_shifts={k: v for k, v in compressor.whitening_shifts.items() if any(v)},
+        timings={"load_s": load_time, **compressor.timings},
+        memory_mb=phases.peaks_mb,
+    )
+    if heal is not None:
+        with phases("healing"):
+            _heal(result, model, compressed, tokenizer, info.to_ref(), heal, compute_device, progress,
+                  (eval_dataset, eval_texts, eval_seq_len, eval_max_windows))
+    # The perplexity is that of the weights as saved (rounded to the save dtype), run in float32 as `ppl` does.
+    round_weights(compressed, save_dtype)
+    perplexity = None
+    if eval_texts is not None:
+        with phases("evaluation"):
             perplexity = measure_perplexity(model, compressed, tokenizer, eval_dataset, eval_texts,
                                             seq_len=eval_seq_len, max_windows=eval_max_windows, progress=progress)
-            result.perplexity_before, result.perplexity_after = perplexity.before, perplexity.after
-        if output is not None:
+        result.perplexity_before, result.perplexity_after = perplexity.before, perplexity.after
+        if result.healing is not None:
+            perplexity.unhealed = result.perplexity_unhealed
+            compressed.config.compression["healing"]["perplexity"] = {
+                "dataset": DataRef.of("evaluation", eval_dataset).name, "seq_len": eval_seq_len,
+                "max_windows": eval_max_windows, "before": round(result.perplexity_unhealed, 4),
+                "after": round(perplexity.after, 4)}
+    if output is not None:
+        with phases("save"):
             save_checkpoint(compressed, tokenizer, output, dtype=save_dtype, overwrite=overwrite, perplexity=perplexity)
-    result.peak_memory_mb = peak.peak_mb
+    result.peak_memory_mb = phases.peak_mb
     if push_to_hub and output is not None:
         from ..hub import push_to_hub as push
 
         push(output, push_to_hub, private=private, revision=hub_revision)
     return result
+
+
+def _heal(result: ConversionResult, source: torch.nn.Module, compressed: torch.nn.Module, tokenizer, source_ref,
+          config: HealConfig, device: torch.device, progress: bool, evaluation: tuple) -> None:
+    """Heals `compressed` in place by distillation from `source` (the model already in memory: no second load).
+
+    With an evaluation text, the perplexity before healing is measured here and the one after healing by
+    `convert`'s own evaluation (of the weights as saved); both go into the healing record.
+    """
+    from ..evaluation.perplexity import perplexity
+    from ..healing import heal
+
+    dataset, texts, seq_len, max_windows = evaluation
+    if texts is not None:
+        result.perplexity_unhealed = perplexity(compressed, tokenizer, texts, seq_len=seq_len, max_windows=max_windows,
+                                                progress=progress)
+    started = time.perf_counter()
+    result.healing = heal(compressed, None, teacher=source, config=config, tokenizer=tokenizer, device=device,
+                          progress=progress, teacher_ref=source_ref)
+    result.timings["healing_s"] = time.perf_counter() - started
+    compressed.to("cpu")
+    source.to("cpu")
+    result.provenance = compressed.config.compression
 
 
 def _context(architecture: PretrainedConfig) -> int | None:

@@ -9,6 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..device import MemoryPhases
 from ..modeling.shared_basis_llama import SharedBasisLinear
 from .calibration import (
     FORWARD_ORDER,
@@ -59,8 +60,11 @@ class BasisSharingCompressor:
     """
 
     def __init__(self, model, options: BasisSharingConfig, calibration_ids: torch.Tensor, device: torch.device,
-                 batch_size: int = 8, progress: bool = True, dtype: torch.dtype = torch.float32):
+                 batch_size: int = 8, progress: bool = True, dtype: torch.dtype = torch.float32,
+                 phases: MemoryPhases | None = None):
         self.model = model
+        # Peak memory per phase, for the conversion summary (a fresh recorder when the caller keeps none).
+        self.phases = phases if phases is not None else MemoryPhases()
         self.ids = calibration_ids
         self.device = device
         self.progress = progress
@@ -175,12 +179,22 @@ class BasisSharingCompressor:
     def run(self, dense_grams: list[dict[str, torch.Tensor]] | None = None) -> dict[str, list[GroupFactors]]:
         """Factors of every group. `dense_grams` (from `dense_grams()`) can be passed in to reuse one calibration
         pass across several settings on the same model and data."""
-        opts = self.options
         sequential = self.sequential
         if dense_grams is None and self.needs_dense_grams():
             start = time.perf_counter()
-            dense_grams = self.dense_grams()
+            with self.phases("calibration"):
+                dense_grams = self.dense_grams()
             self.timings["calibration_s"] = time.perf_counter() - start
+        # Sequential calibration happens inside the decomposition loop, block by block: one phase.
+        phase = "calibration_and_decomposition" if sequential else "decomposition"
+        with self.phases(phase):
+            factors = self._decompose(dense_grams)
+        return factors
+
+    def _decompose(self, dense_grams: list[dict[str, torch.Tensor]] | None) -> dict[str, list[GroupFactors]]:
+        """The block loop of `run`: ranks, then each block's Grams (sequential) and its groups' factors."""
+        opts = self.options
+        sequential = self.sequential
         start = time.perf_counter()
         ranks = self._ranks(dense_grams or [])
         factors: dict[str, list[GroupFactors | None]] = {n: [None] * len(g) for n, g in self.groups.items()}

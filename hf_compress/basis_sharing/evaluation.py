@@ -14,13 +14,15 @@ from .config import EVAL_SEQ_LEN
 
 @dataclass
 class PerplexityResult:
-    """Perplexity before and after compression on `dataset` (as the user named it), in `seq_len`-token windows."""
+    """Perplexity before and after compression on `dataset` (as the user named it), in `seq_len`-token windows;
+    `unhealed`: of the compressed model before healing, when it was healed."""
 
     dataset: str
     seq_len: int
     max_windows: int | None
     before: float
     after: float
+    unhealed: float | None = None
 
 
 def check_window_options(seq_len: int, max_windows: int | None, *, seq_flag: str = "--seq-len",
@@ -54,22 +56,28 @@ def measure_perplexity(source: PreTrainedModel, compressed: PreTrainedModel, tok
 
 def model_perplexity(model: str, dataset: str, *, config: str | None = None, split: str | None = None,
                      column: str | None = None, seq_len: int = EVAL_SEQ_LEN, max_windows: int | None = None,
-                     gguf_file: str | None = None, device: str | None = None, dtype: str = "float32") -> float:
+                     gguf_file: str | None = None, device: str | None = None, dtype: str = "float32",
+                     trust_remote_code: bool = False) -> float:
     """Perplexity of any causal LM (folder, Hub id, `.gguf` file or `"smollm2"`) on a text, as `hf-compress ppl`
-    measures it. The options, the model's context and the text are checked before the weights load."""
+    measures it. The options, the model's context and the text are checked before the weights load.
+
+    Code shipped with the model runs only with `trust_remote_code` (see `sources.needs_remote_code`).
+    """
     import torch
 
     from ..evaluation.perplexity import perplexity
-    from ..sources import load_causal_lm, read_config_dict, resolve_source
+    from ..sources import check_loadable, load_causal_lm, read_config_dict, resolve_source
 
     check_window_options(seq_len, max_windows)
     torch_dtype = getattr(torch, named_dtype(dtype, "--dtype"))
     target = pick_device(device)
     name_or_path, gguf_name = resolve_source(model, gguf_file)
     gguf_kwargs = {"gguf_file": gguf_name} if gguf_name else {}
-    context = read_config_dict(model, name_or_path, **gguf_kwargs).get("max_position_embeddings")
-    check_context("--seq-len", seq_len, context, model)
+    # Every check that needs no weights (for a folder: shipped code, weight files) runs before the text is read.
+    model_config = (read_config_dict(model, name_or_path, **gguf_kwargs) if gguf_name
+                    else check_loadable(model, name_or_path, gguf_kwargs, trust_remote_code))
+    check_context("--seq-len", seq_len, model_config.get("max_position_embeddings"), model)
     texts = load_text_option("--dataset", dataset, config, split, column)
-    lm, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=torch_dtype)
+    lm, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     lm.to(target)
     return perplexity(lm, tokenizer, texts, seq_len=seq_len, max_windows=max_windows)

@@ -25,8 +25,11 @@ def _public_name(dataset: str) -> str:
 
 def perplexity_json(result: PerplexityResult) -> dict[str, Any]:
     """The content of `perplexity.json`."""
-    return {"dataset": _public_name(result.dataset), "seq_len": result.seq_len, "max_windows": result.max_windows,
-            "perplexity_source": result.before, "perplexity": result.after}
+    content = {"dataset": _public_name(result.dataset), "seq_len": result.seq_len, "max_windows": result.max_windows,
+               "perplexity_source": result.before, "perplexity": result.after}
+    if result.unhealed is not None:
+        content["perplexity_before_healing"] = result.unhealed
+    return content
 
 
 def eval_result(result: PerplexityResult) -> dict[str, Any]:
@@ -47,7 +50,8 @@ def eval_result(result: PerplexityResult) -> dict[str, Any]:
         "metric_name": f"perplexity ({result.seq_len}-token windows, {result.max_windows or 'all'} windows)",
         "metric_value": round(result.after, 4),
         "source": "hf-compress ppl",
-        "details": {"perplexity_of_source": round(result.before, 4)},
+        "details": {"perplexity_of_source": round(result.before, 4),
+                    **({"perplexity_before_healing": round(result.unhealed, 4)} if result.unhealed is not None else {})},
     }
 
 

@@ -67,7 +67,11 @@ def prune(
     resumable = (Path(output_dir).expanduser() / ITERATIONS_DIR / STATE_FILE).is_file()
     output_dir = prepare_vision_output(output_dir, overwrite=overwrite, model=source, dataset=data.dataset,
                                        resumable=resumable)
-    # The data first: a bad dataset is refused before the model is loaded.
+    if not isinstance(source, PrunedCNNForImageClassification):
+        from ..vision.resnet_import import check_cnn_source
+
+        check_cnn_source(str(source), revision=revision)  # reads no weights: a bad checkpoint is refused first
+    # Then the data: a bad dataset is refused before the model is loaded.
     train_data, val_data, test_data = load_splits(data, config.val_size, config.seed, val_option="val_size (--val-size)")
     model, source_ref = _load_source(source, revision)
     return class_aware_prune(

@@ -10,11 +10,16 @@ its layer (scores are compared inside a layer and image, because their scale var
 and images). Its score for class k is the fraction of class-k images that use it; it is *important* for k
 when that fraction reaches `class_threshold`. Filters important for at most `max_classes` classes serve
 too few classes to be worth their cost and are removed.
+
+`taylor_importance` is the plain Taylor criterion of Molchanov et al. on the same images and the same t(x, f):
+the mean over all images, with no per-class counting. It is the baseline that isolates what the per-class
+counting adds (`shrink.taylor_prune_to_macs` prunes by it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,26 +81,66 @@ def class_importance(
     layers = prunable_layers(model)
     if not layers:
         raise HFCompressError("the model has no prunable layer")
-    was_training = model.training
-    model.eval()
-    parameter = next(model.parameters())
-    device = parameter.device
+    device = next(model.parameters()).device
     usage = {layer.name: torch.zeros(data.num_classes, layer.width, device=device) for layer in layers}
-    for k in range(data.num_classes):
-        subset = data.of_class(k, images_per_class)
-        if len(subset) == 0:
-            raise HFCompressError(f"class {k} ({data.class_names[k]}) has no image in the data used for importance")
-        for images, labels in subset.to(device).batches(batch_size):
-            scores = taylor_scores(model, images.to(parameter.dtype), labels, layers)
-            for name, t in scores.items():
-                used = t >= used_threshold * t.mean(dim=1, keepdim=True)
-                usage[name][k] += used.float().sum(0)
-        for name in usage:
-            usage[name][k] /= len(subset)
-    model.train(was_training)
+    sizes = [0] * data.num_classes
+    for k, scores in _class_scores(model, data, layers, images_per_class, batch_size):
+        sizes[k] += len(next(iter(scores.values())))
+        for name, t in scores.items():
+            used = t >= used_threshold * t.mean(dim=1, keepdim=True)
+            usage[name][k] += used.float().sum(0)
+    for name in usage:
+        usage[name] /= torch.tensor(sizes, dtype=usage[name].dtype, device=device)[:, None]
     important = {name: u >= class_threshold for name, u in usage.items()}
     counts = {name: imp.sum(0) for name, imp in important.items()}
     return ClassImportance(usage=usage, important=important, class_counts=counts)
+
+
+def _class_scores(model, data: ImageClassificationData, layers: list[PrunableLayer], images_per_class: int,
+                  batch_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """`(class k, taylor_scores of a batch of class-k images)` over the first `images_per_class` images of every
+    class, the model in eval mode (restored after). Both criteria score exactly these images."""
+    was_training = model.training
+    model.eval()
+    parameter = next(model.parameters())
+    try:
+        for k in range(data.num_classes):
+            subset = data.of_class(k, images_per_class)
+            if len(subset) == 0:
+                raise HFCompressError(f"class {k} ({data.class_names[k]}) has no image in the data used for importance")
+            for images, labels in subset.to(parameter.device).batches(batch_size):
+                yield k, taylor_scores(model, images.to(parameter.dtype), labels, layers)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def taylor_importance(
+    model,
+    data: ImageClassificationData,
+    *,
+    images_per_class: int = 32,
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Plain Taylor importance of every prunable filter (Molchanov et al. 2017): t(x, f) averaged over the images.
+
+    The images (the first `images_per_class` of each class) and the per-image score t(x, f) are those of
+    `class_importance`; only the per-class counting is left out.
+
+    Returns:
+        `{layer name: [width]}` mean of t(x, f) over all scored images.
+    """
+    layers = prunable_layers(model)
+    if not layers:
+        raise HFCompressError("the model has no prunable layer")
+    device = next(model.parameters()).device
+    totals = {layer.name: torch.zeros(layer.width, dtype=torch.float64, device=device) for layer in layers}
+    count = 0
+    for _, scores in _class_scores(model, data, layers, images_per_class, batch_size):
+        count += len(next(iter(scores.values())))
+        for name, t in scores.items():
+            totals[name] += t.double().sum(0)
+    return {name: (total / count).float() for name, total in totals.items()}
 
 
 def select_filters(

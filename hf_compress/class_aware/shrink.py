@@ -223,3 +223,68 @@ def l1_prune_to_macs(model: PrunedCNNForImageClassification, target_macs: int, s
         else:
             high = ratio
     return best
+
+
+def removal_order(model: PrunedCNNForImageClassification, scores: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Every removable filter `(layer name, channel)`, least important first, by `scores` (`{layer: [width]}`).
+
+    A layer's filters stop being removable at its `min_width` (its most important filters stay). Ties are broken
+    by network order, then channel, so the order is deterministic.
+    """
+    layers = prunable_layers(model)
+    missing = [layer.name for layer in layers if layer.name not in scores]
+    if missing:
+        raise HFCompressError(f"no importance scores for layers {', '.join(missing)}")
+    ranked = []
+    for index, layer in enumerate(layers):
+        values = torch.as_tensor(scores[layer.name]).detach().double().cpu().flatten()
+        if len(values) != layer.width:
+            raise HFCompressError(f"layer {layer.name} has {layer.width} filters but {len(values)} scores")
+        # A layer's own most important filters are the last it gives up, so at min_width the least are gone.
+        by_score = sorted(range(layer.width), key=lambda c: (float(values[c]), c))
+        ranked += [(float(values[c]), index, c, layer.name) for c in by_score[: layer.width - layer.min_width]]
+    ranked.sort()
+    return [(name, channel) for _, _, channel, name in ranked]
+
+
+def _keep_without(model: PrunedCNNForImageClassification, removed: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    gone: dict[str, set[int]] = {}
+    for name, channel in removed:
+        gone.setdefault(name, set()).add(channel)
+    widths = {layer.name: layer.width for layer in prunable_layers(model)}
+    return {name: torch.tensor([c for c in range(widths[name]) if c not in channels], dtype=torch.long)
+            for name, channels in gone.items()}
+
+
+def prune_to_macs(model: PrunedCNNForImageClassification, scores: dict[str, torch.Tensor],
+                  target_macs: int) -> PrunedCNNForImageClassification:
+    """Global-ranking filter pruning: removes the filters of lowest `scores`, in `removal_order`, as many as keep
+    the MACs at or above `target_macs` (closest from above, as `l1_prune_to_macs`; an unpruned copy when even the
+    first removal goes below). The result never shares tensors with `model`.
+
+    The dependencies are `shrink`'s: a residual branch may empty (its block then leaves the network), a plain
+    layer keeps one filter. MACs only fall as filters go, so the count is found by bisection.
+    """
+    order = removal_order(model, scores)
+    low, high = 0, len(order)  # the first `low` removals stay at or above the target; `high` is the last candidate
+    best = None
+    while low < high:
+        middle = (low + high + 1) // 2
+        candidate = shrink(model, _keep_without(model, order[:middle]))
+        if candidate.config.num_macs >= target_macs:
+            low, best = middle, candidate
+        else:
+            high = middle - 1
+    return best if best is not None else shrink(model, {})
+
+
+def layer_normalized(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's scores divided by their L2 norm (Molchanov et al. 2017), so layers compare in one ranking."""
+    return {name: s / s.double().norm().clamp_min(1e-30).to(s.dtype) for name, s in scores.items()}
+
+
+def taylor_prune_to_macs(model: PrunedCNNForImageClassification, importance: dict[str, torch.Tensor],
+                         target_macs: int) -> PrunedCNNForImageClassification:
+    """Plain Taylor filter pruning to `target_macs`: `importance` (`importance.taylor_importance`), L2-normalised
+    per layer, ranked across layers, pruned by `prune_to_macs`."""
+    return prune_to_macs(model, layer_normalized(importance), target_macs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from ..basis_sharing.config import EVAL_SEQ_LEN
 from ..healing.config import DTYPES, LOSSES, SCHEDULES, TRAINABLE, HealConfig
 
 _H = HealConfig()
@@ -45,6 +46,22 @@ def heal_command(
     gradient_checkpointing: bool = typer.Option(_H.gradient_checkpointing, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                 help="Recompute the decoder layers in the backward pass (less memory)."),
     save_steps: int = typer.Option(_H.save_steps, "--save-steps", help="Save the resumable training state every this many steps."),
+    eval_dataset: str | None = typer.Option(None, "--eval-dataset",
+                                            help="Also report the perplexity before and after healing on this text."),
+    eval_seq_len: int = typer.Option(EVAL_SEQ_LEN, "--eval-seq-len", help="Tokens per window (at most the context)."),
+    eval_max_windows: int | None = typer.Option(None, "--eval-max-windows", help="At most this many windows."),
+    chat_fraction: float = typer.Option(_H.chat_fraction, "--chat-fraction",
+                                        help="Share of the training sequences that are chat text the teacher writes "
+                                             "through its chat template (for an instruct teacher); in [0, 1)."),
+    chat_source: str = typer.Option(_H.chat_source, "--chat-source",
+                                    help="'free' (the teacher writes the user's message and the answer) or a JSON "
+                                         "file of prompts the teacher answers."),
+    chat_max_new_tokens: int = typer.Option(_H.chat_max_new_tokens, "--chat-max-new-tokens",
+                                            help="Most tokens the teacher writes per chat turn."),
+    chat_temperature: float = typer.Option(_H.chat_temperature, "--chat-temperature",
+                                           help="Sampling temperature of the chat text (0: greedy answers)."),
+    chat_batch_size: int = typer.Option(_H.chat_batch_size, "--chat-batch-size",
+                                        help="Conversations the teacher writes at a time."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -57,16 +74,22 @@ def heal_command(
         warmup_ratio=warmup_ratio, schedule=schedule, loss=loss, temperature=temperature, lm_weight=lm_weight,
         trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha, kl_chunk=kl_chunk, dataset=dataset,
         dataset_column=dataset_column, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-        save_steps=save_steps,
+        save_steps=save_steps, chat_fraction=chat_fraction, chat_source=chat_source,
+        chat_max_new_tokens=chat_max_new_tokens, chat_temperature=chat_temperature, chat_batch_size=chat_batch_size,
     )
     result = heal(checkpoint, output, teacher=teacher, config=config, device=device, overwrite=overwrite,
-                  progress=progress, gguf_file=gguf_file, revision=revision)
+                  progress=progress, gguf_file=gguf_file, revision=revision, eval_dataset=eval_dataset,
+                  eval_seq_len=eval_seq_len, eval_max_windows=eval_max_windows)
     if result.resumed_from:
         typer.echo(f"resumed from step {result.resumed_from}")
     typer.echo(f"{loss} loss: {result.initial_loss:.4g} (first steps) -> {result.final_loss:.4g} (last steps) over "
                f"{result.steps} steps, {result.tokens:,} tokens, {result.trainable_params:,} trainable parameters")
     typer.echo(f"training: {result.wall_time_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s, "
                f"peak memory {result.peak_memory_mb:,.0f} MB")
+    perplexity = result.provenance.get("healing", {}).get("perplexity")
+    if perplexity:
+        typer.echo(f"perplexity on {eval_dataset}: {perplexity['before']:.3f} (before healing) -> "
+                   f"{perplexity['after']:.3f} (healed)")
     typer.echo(f"saved {result.output_dir}")
 
 

@@ -18,9 +18,12 @@ from ..basis_sharing.config import (
     CalibrationConfig,
 )
 from ..device import MODEL_DTYPES
+from ..errors import HFCompressError
+from ..healing.config import HealConfig
 
 _BS = BasisSharingConfig()
 _CAL = CalibrationConfig()
+_HEAL = HealConfig()
 
 
 def _split_names(value: str) -> tuple[str, ...]:
@@ -78,9 +81,16 @@ def convert_command(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="ORG/NAME to upload the checkpoint to."),
     private: bool = typer.Option(False, "--private"),
     hub_revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch to push to."),
+    heal_tokens: int = typer.Option(0, "--heal-tokens",
+                                    help="Then heal by distillation from the source for this many tokens (0: no "
+                                         "healing); `hf-compress heal` offers every healing option."),
+    heal_dataset: str = typer.Option(_HEAL.dataset, "--heal-dataset", help="Text to heal on (as --calib-dataset)."),
 ) -> None:
     """Compress a Llama/Mistral/Qwen2 checkpoint with Basis Sharing and save a SharedBasisLlama checkpoint."""
     from ..basis_sharing.api import convert
+
+    if heal_tokens < 0:
+        raise HFCompressError(f"--heal-tokens must be >= 0 (0: no healing); got {heal_tokens}.")
 
     result = convert(
         source,
@@ -97,6 +107,7 @@ def convert_command(
         gguf_file=gguf_file, revision=revision, device=device, overwrite=overwrite, eval_dataset=eval_dataset,
         eval_seq_len=eval_seq_len, eval_max_windows=eval_max_windows, push_to_hub=push_to_hub, private=private,
         hub_revision=hub_revision,
+        heal=HealConfig(tokens=heal_tokens, dataset=heal_dataset) if heal_tokens else None,
     )
     typer.echo(f"saved {output}")
     _echo_summary(result, eval_dataset)
@@ -114,12 +125,21 @@ def _echo_summary(result, eval_dataset: str | None) -> None:
     phases = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
                        for name, seconds in result.timings.items())
     typer.echo(f"conversion: {result.wall_time_s:.1f} s ({phases}), peak memory {result.peak_memory_mb:,.0f} MB")
+    if result.memory_mb:
+        typer.echo("peak memory by phase: " + ", ".join(f"{name.replace('_', ' ')} {mb:,.0f} MB"
+                                                        for name, mb in result.memory_mb.items()))
     if result.output_file_bytes is not None:
         typer.echo(f"weights on disk: {format_bytes(result.source_file_bytes)} {result.source_dtype} (source) -> "
                    f"{format_bytes(result.output_file_bytes)} {result.output_dtype} (output)")
+    if result.healing is not None:
+        healing = result.healing
+        typer.echo(f"healing: {healing.tokens:,} tokens in {healing.steps} steps, loss {healing.initial_loss:.4g} -> "
+                   f"{healing.final_loss:.4g}, {healing.wall_time_s:.1f} s ({healing.tokens_per_s:,.0f} tokens/s)")
     if result.perplexity_after is not None:
-        typer.echo(f"perplexity on {eval_dataset}: {result.perplexity_before:.3f} (source) -> "
-                   f"{result.perplexity_after:.3f} (compressed)")
+        unhealed = (f"{result.perplexity_unhealed:.3f} (compressed) -> "
+                    if result.perplexity_unhealed is not None else "")
+        typer.echo(f"perplexity on {eval_dataset}: {result.perplexity_before:.3f} (source) -> {unhealed}"
+                   f"{result.perplexity_after:.3f} ({'healed' if unhealed else 'compressed'})")
 
 
 def ppl_command(
@@ -133,12 +153,16 @@ def ppl_command(
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: str = typer.Option("float32", "--dtype", help=f"{', '.join(MODEL_DTYPES)}."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run the code a model ships (its auto_map) when transformers does not "
+        "know its model_type; read it first. hf-compress checkpoints never need it."),
 ) -> None:
     """Perplexity: rows joined with blank lines, tokenized once, windows of --seq-len, exp of the mean window loss."""
     from ..basis_sharing.evaluation import model_perplexity
 
     value = model_perplexity(model, dataset, config=config, split=split, column=column, seq_len=seq_len,
-                             max_windows=max_windows, gguf_file=gguf_file, device=device, dtype=dtype)
+                             max_windows=max_windows, gguf_file=gguf_file, device=device, dtype=dtype,
+                             trust_remote_code=trust_remote_code)
     typer.echo(f"perplexity {value:.4f} ({dataset}, seq_len {seq_len}, "
                f"{max_windows if max_windows else 'all'} windows)")
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import HFCompressError
+from ..errors import HFCompressError, error_line
 from .local import data_root, find_preset
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -182,11 +182,6 @@ def train_val_split(
         raise HFCompressError(f"n_val must be between 1 and {len(data) - 1} (dataset size {len(data)}), got {n_val}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     return data.subset(order[n_val:]), data.subset(order[:n_val])
-
-
-def error_line(err: BaseException) -> str:
-    """`Class: first line of the message`: a library's exception inside one of our one-line errors."""
-    return f"{err.__class__.__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def resolve_dataset(name_or_path: str, split: str):

@@ -21,7 +21,7 @@ from ..errors import HFCompressError
 from ..modeling.class_exit_resnet import ClassExitResNetForImageClassification
 from ..provenance import DataRef, SourceRef, provenance
 from .config import EarlyExitConfig
-from .heads import load_exit_model
+from .heads import check_exit_source, load_exit_model
 from .report import exit_report
 from .search import ThresholdSearch, collect_exit_scores, search_thresholds
 from .training import partial_dir, stage_settings, train_jointly
@@ -102,6 +102,7 @@ def add_early_exits(
     config.validate()
     # Not resumable here: the trained stage lives in `.<output>.partial`, whose stamp decides whether it is reused.
     output_dir = prepare_vision_output(output_dir, overwrite=overwrite, model=source, dataset=config.dataset)
+    check_exit_source(source)  # reads no weights: a bad checkpoint is refused before the data loads
     train, val, test = load_splits(config)
     accelerator = accelerator or Accelerator()
     model, config = attach_exits(source, config, train, accelerator.device)

@@ -178,26 +178,38 @@ def load_exit_model(
     exit_pool_size: int | None = None,
     exit_rule: str | None = None,
 ) -> ClassExitResNetForImageClassification:
-    """Loads a checkpoint (ClassExitResNet or transformers ResNet) as a ClassExitResNet with the wanted exits."""
-    from transformers import AutoConfig, ResNetForImageClassification
+    """Loads a checkpoint (ClassExitResNet or transformers ResNet) as a ClassExitResNet with the wanted exits.
 
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise HFCompressError(f"cannot load a model config from {path}: {err}") from None
+    The checkpoint is checked first (`check_exit_source`), so a bad one is refused in one line before any weights load.
+    """
+    from transformers import ResNetForImageClassification
+
+    from ..sources import load_pretrained
+
+    model_type = check_exit_source(path)
     # A network without exits gets the default pool size and rule; a ClassExitResNet keeps its own.
     fresh = {"exit_positions": exit_positions, "exit_pool_size": exit_pool_size or DEFAULT_EXIT_POOL_SIZE,
              "exit_rule": exit_rule or "class_exclusion"}
-    if config.model_type == "resnet":
-        return from_hf_resnet(ResNetForImageClassification.from_pretrained(path), **fresh)
-    if config.model_type == "pruned_cnn":
+    if model_type == "resnet":
+        return from_hf_resnet(load_pretrained(ResNetForImageClassification, path), **fresh)
+    if model_type == "pruned_cnn":
         from ..modeling.pruned_cnn import PrunedCNNForImageClassification
 
-        return from_pruned_cnn(PrunedCNNForImageClassification.from_pretrained(path), **fresh)
-    if config.model_type == ClassExitResNetConfig.model_type:
-        model = ClassExitResNetForImageClassification.from_pretrained(path)
-        return reattach_exits(model, exit_positions=exit_positions, exit_pool_size=exit_pool_size, exit_rule=exit_rule)
-    raise HFCompressError(
-        f"{path} holds a {config.model_type!r} model; early exit needs a transformers ResNet ('resnet'), an unpruned "
-        f"ResNet PrunedCNN ('pruned_cnn') or a ClassExitResNet ('class_exit_resnet') checkpoint"
-    )
+        return from_pruned_cnn(load_pretrained(PrunedCNNForImageClassification, path), **fresh)
+    model = load_pretrained(ClassExitResNetForImageClassification, path)
+    return reattach_exits(model, exit_positions=exit_positions, exit_pool_size=exit_pool_size, exit_rule=exit_rule)
+
+
+def check_exit_source(path: str | Path) -> str:
+    """The `model_type` of checkpoint `path` (folder or Hub id), once it is known to take exits: config.json present
+    and valid, weights in readable safetensors, no code shipped with it needed, a family early exit supports."""
+    from ..sources import check_checkpoint
+
+    # Early exit never runs code shipped with a model (trust_flag None): a type transformers does not know is refused.
+    model_type = check_checkpoint(path, trust_flag=None).get("model_type")
+    if model_type not in ("resnet", "pruned_cnn", ClassExitResNetConfig.model_type):
+        raise HFCompressError(
+            f"{path} holds a {model_type!r} model; early exit needs a transformers ResNet ('resnet'), an unpruned "
+            f"ResNet PrunedCNN ('pruned_cnn') or a ClassExitResNet ('class_exit_resnet') checkpoint"
+        )
+    return model_type

@@ -6,17 +6,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PretrainedConfig
 
-from ..data.images import ImageClassificationData, error_line, load_image_dataset
+from ..data.images import ImageClassificationData, load_image_dataset
 from ..device import pick_device
 from ..errors import HFCompressError
 from ..modeling.class_exit_resnet import ClassExitResNetConfig, ClassExitResNetForImageClassification
+from ..sources import check_checkpoint, load_pretrained
 from .config import REPORT_BATCH_SIZE
 
 
@@ -123,44 +122,22 @@ def report_checkpoint(
     for name, flag, value in (("limit", "--limit", limit), ("batch_size", "--batch-size", batch_size)):
         if value is not None and value < 1:
             raise HFCompressError(f"{name} ({flag}) must be >= 1, got {value}")
-    target = _available_device(device)
+    target = pick_device(device)
     _load_exit_checkpoint(model_id, config_only=True)
     data = load_image_dataset(dataset, split, limit=limit, **_normalisation(model_id))
     model = _load_exit_checkpoint(model_id).to(target)
     return exit_report(model, data, batch_size=batch_size, progress=progress)
 
 
-def _load_exit_checkpoint(model_id: str, config_only: bool = False):
-    """The ClassExitResNet of `model_id`, or (`config_only`) just the check that it holds one."""
-    if model_id.startswith(("/", ".", "~")) and not Path(model_id).expanduser().exists():
-        raise HFCompressError(f"model folder {model_id} does not exist")
-    try:
-        model_type = PretrainedConfig.get_config_dict(model_id)[0].get("model_type")
-        if model_type != ClassExitResNetConfig.model_type:
-            # Loaded anyway, another family's checkpoint fails later, after a warning, with a message of its own.
-            raise HFCompressError(f"{model_id} holds a {model_type!r} model, not a ClassExitResNet: make one with "
-                                  "`hf-compress early-exit`")
-        return None if config_only else ClassExitResNetForImageClassification.from_pretrained(model_id)
-    except HFCompressError:
-        raise
-    except (OSError, ValueError) as err:
-        raise HFCompressError(f"cannot load a ClassExitResNet from {model_id} ({error_line(err)})") from None
-
-
-def _available_device(device: str | None):
-    """`pick_device(device)`, refused in one line when it is no device name or is not present.
-
-    (A check that belongs in `pick_device` itself, for every command's --device.)
-    """
-    try:
-        target = pick_device(device)
-    except RuntimeError:
-        raise HFCompressError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise HFCompressError(f"--device {device} asks for a GPU, but torch sees none (CUDA_VISIBLE_DEVICES, driver?)")
-    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
-        raise HFCompressError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
-    return target
+def _load_exit_checkpoint(model_id: str, config_only: bool = False) -> ClassExitResNetForImageClassification | None:
+    """The ClassExitResNet of `model_id`, or (`config_only`) just the checks that it holds a loadable one."""
+    # The report never runs code shipped with a model (trust_flag None).
+    model_type = check_checkpoint(model_id, trust_flag=None).get("model_type")
+    if model_type != ClassExitResNetConfig.model_type:
+        # Loaded anyway, another family's checkpoint fails later, after a warning, with a message of its own.
+        raise HFCompressError(f"{model_id} holds a {model_type!r} model, not a ClassExitResNet: make one with "
+                              "`hf-compress early-exit`")
+    return None if config_only else load_pretrained(ClassExitResNetForImageClassification, model_id)
 
 
 def _normalisation(model_id: str) -> dict[str, tuple[float, ...]]:

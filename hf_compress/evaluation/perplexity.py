@@ -26,9 +26,33 @@ def window_losses(model: PreTrainedModel, ids: torch.Tensor, *, seq_len: int = 2
     losses = []
     for window in tqdm(range(num_windows), desc="perplexity", unit="window", disable=not progress):
         chunk = ids[window * seq_len : (window + 1) * seq_len].unsqueeze(0).to(device)
-        logits = model(chunk, use_cache=False).logits.float()
-        losses.append(F.cross_entropy(logits[0, :-1], chunk[0, 1:]).item())
+        losses.append(window_loss(model, chunk))
     return losses
+
+
+# Families whose logits are exactly `lm_head(last hidden state)` (no scaling or soft-capping after the head).
+_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "shared_basis_llama")
+
+
+def window_loss(model: PreTrainedModel, ids: torch.Tensor, logit_chunk: int = 256) -> float:
+    """Mean next-token NLL of the window `ids` (`1 x seq_len`).
+
+    For the families whose head is a plain projection, the vocabulary-wide logits are computed `logit_chunk`
+    positions at a time from the final hidden states: a 2048-token window over Qwen2's 152k vocabulary would
+    otherwise hold 1.2 GB of float32 logits (and as much again for their softmax) at once.
+    """
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    base = getattr(model, "base_model", model)
+    if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_TYPES or head is None or base is model:
+        logits = model(ids, use_cache=False).logits.float()
+        return F.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
+    hidden = base(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+    targets = ids[0, 1:]
+    total = 0.0
+    for start in range(0, hidden.shape[0], logit_chunk):
+        logits = head(hidden[start : start + logit_chunk]).float()
+        total += F.cross_entropy(logits, targets[start : start + logit_chunk], reduction="sum").item()
+    return total / targets.numel()
 
 
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str] | str, *,

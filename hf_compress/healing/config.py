@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,6 +53,15 @@ class HealConfig(MethodConfig):
             `"float32"`; the trained weights stay float32 either way.
         gradient_checkpointing: recompute each decoder layer in the backward pass (less memory, more time).
         save_steps: the resumable training state is saved every this many steps.
+        chat_fraction: share of the training sequences that are chat text written by the teacher (its chat
+            template's conversations packed into `seq_len` chunks), the rest plain text of `dataset`; in [0, 1).
+            For an instruct teacher: plain text alone does not show the student its chat format, and a healed
+            student can still end its turn at once.
+        chat_source: `"free"` (the teacher writes the user's message from its template's opening, then the answer)
+            or a JSON file holding a list of prompts the teacher answers (never the chat benchmark's prompts).
+        chat_max_new_tokens: the most tokens the teacher writes per turn (the user message, the answer).
+        chat_temperature: sampling temperature of the teacher's chat text (0: greedy; free samples need > 0).
+        chat_batch_size: conversations the teacher writes at a time (the chat text depends on it and on `seed`).
     """
 
     tokens: int = 262144
@@ -74,26 +84,51 @@ class HealConfig(MethodConfig):
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     save_steps: int = 25
+    chat_fraction: float = 0.0
+    chat_source: str = "free"
+    chat_max_new_tokens: int = 128
+    chat_temperature: float = 0.7
+    chat_batch_size: int = 16
 
     def validate(self) -> None:
         """Raises `HFCompressError` naming the first bad option."""
         for flag, value, minimum in (("--tokens", self.tokens, 1), ("--seq-len", self.seq_len, 2),
                                      ("--batch-size", self.batch_size, 1), ("--lora-rank", self.lora_rank, 1),
-                                     ("--kl-chunk", self.kl_chunk, 1), ("--save-steps", self.save_steps, 1)):
+                                     ("--kl-chunk", self.kl_chunk, 1), ("--save-steps", self.save_steps, 1),
+                                     ("--chat-max-new-tokens", self.chat_max_new_tokens, 1),
+                                     ("--chat-batch-size", self.chat_batch_size, 1)):
             if value < minimum:
                 raise HFCompressError(f"{flag} must be >= {minimum}; got {value}.")
         for flag, value in (("--lr", self.lr), ("--temperature", self.temperature), ("--lora-alpha", self.lora_alpha)):
             if not value > 0:
                 raise HFCompressError(f"{flag} must be > 0; got {value}.")
-        for flag, value in (("--weight-decay", self.weight_decay), ("--lm-weight", self.lm_weight)):
+        for flag, value in (("--weight-decay", self.weight_decay), ("--lm-weight", self.lm_weight),
+                            ("--chat-temperature", self.chat_temperature)):
             if not value >= 0:
                 raise HFCompressError(f"{flag} must be >= 0; got {value}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise HFCompressError(f"--warmup-ratio must be in [0, 1); got {self.warmup_ratio}.")
+        if not 0.0 <= self.chat_fraction < 1.0:
+            raise HFCompressError(f"--chat-fraction must be in [0, 1); got {self.chat_fraction}.")
+        if self.chat_fraction > 0:
+            self._validate_chat_source()
         _choice("--loss", self.loss, LOSSES)
         _choice("--trainable", self.trainable, TRAINABLE)
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--dtype", self.dtype, DTYPES)
+
+    def _validate_chat_source(self) -> None:
+        if self.chat_source == "free":
+            if not self.chat_temperature > 0:
+                raise HFCompressError("--chat-source free samples the teacher: --chat-temperature must be > 0; "
+                                      f"got {self.chat_temperature}.")
+        elif not Path(self.chat_source).is_file():
+            raise HFCompressError(f"--chat-source must be 'free' or a JSON file of prompts; {self.chat_source!r} "
+                                  "is no file.")
+        else:
+            from .chat_data import load_chat_prompts
+
+            load_chat_prompts(self.chat_source)  # a bad file is refused before any model loads
 
     def resolve(self, device: str | torch.device | None = None) -> HealConfig:
         """A copy with `dtype` "auto" replaced by "bfloat16" or "float32" for `device`."""

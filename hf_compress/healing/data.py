@@ -1,13 +1,17 @@
-"""The healing tokens: a text dataset cut into training sequences, in a seeded order, cycled to fill the budget."""
+"""The healing tokens: a text dataset cut into training sequences, in a seeded order, cycled to fill the budget; for
+an instruct teacher, mixed with chat text the teacher writes (`HealConfig.chat_fraction`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.text import (
     load_texts,
@@ -26,12 +30,15 @@ class HealingData:
 
     Step `s` takes the positions `s * batch_size ... (s + 1) * batch_size - 1` of `order`, modulo `n`: one pass over
     the text after another, in the same order, so that a batch depends on its step alone (what a resumed run needs).
+    With chat text mixed in, the last `chat_chunks` rows of `chunks` are the teacher's conversations and `order`
+    lists every training sequence of the run (`steps * batch_size`), so that the share of chat is exact.
     """
 
     chunks: torch.Tensor
     order: torch.Tensor
     batch_size: int
     steps: int
+    chat_chunks: int = 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -43,9 +50,20 @@ class HealingData:
         return self.chunks[self.order[positions[process_index::num_processes]]]
 
 
-def healing_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: HealConfig) -> HealingData:
+def training_steps(config: HealConfig) -> int:
+    return math.ceil(config.tokens / (config.batch_size * config.seq_len))
+
+
+def chat_sequences(config: HealConfig) -> int:
+    """How many of the run's training sequences are chat: `chat_fraction` of them, rounded, at least one."""
+    if config.chat_fraction <= 0:
+        return 0
+    return max(1, round(config.chat_fraction * training_steps(config) * config.batch_size))
+
+
+def text_chunks(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: HealConfig) -> torch.Tensor:
     """The rows joined with a blank line and tokenized once without special tokens, cut into non-overlapping
-    chunks of `seq_len`, ordered by `torch.manual_seed(seed); torch.randperm(n)`."""
+    chunks of `seq_len` (at least `batch_size` of them)."""
     ids = tokenize_joined(tokenizer, texts)
     num_chunks = ids.numel() // config.seq_len
     if num_chunks < config.batch_size:
@@ -53,20 +71,84 @@ def healing_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: He
             f"the healing dataset {DataRef.of('healing', config.dataset).name!r} has {ids.numel():,} tokens, fewer "
             f"than one batch of {config.batch_size} x {config.seq_len}; give more text or lower --batch-size or --seq-len."
         )
-    chunks = ids[: num_chunks * config.seq_len].view(num_chunks, config.seq_len).clone()
+    return ids[: num_chunks * config.seq_len].view(num_chunks, config.seq_len).clone()
+
+
+def healing_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: HealConfig) -> HealingData:
+    """The text's chunks (`text_chunks`) ordered by `torch.manual_seed(seed); torch.randperm(n)`."""
+    chunks = text_chunks(tokenizer, texts, config)
     torch.manual_seed(config.seed)
-    order = torch.randperm(num_chunks)
-    steps = math.ceil(config.tokens / (config.batch_size * config.seq_len))
-    return HealingData(chunks, order, config.batch_size, steps)
+    order = torch.randperm(chunks.shape[0])
+    return HealingData(chunks, order, config.batch_size, training_steps(config))
 
 
-def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig) -> tuple[HealingData, DataRef]:
-    """The healing tokens of `config.dataset` and how the provenance names that dataset (never by a local path)."""
+def mixed_healing_data(text: torch.Tensor, chat: torch.Tensor, config: HealConfig) -> HealingData:
+    """Plain-text chunks and chat chunks in one order of every training sequence of the run.
+
+    A generator seeded with `seed` draws which positions take chat (`chat.shape[0]` of them, each chat chunk once)
+    and the order of the text chunks, which fill the other positions (cycled if there are fewer).
+    """
+    total = training_steps(config) * config.batch_size
+    num_text, num_chat = text.shape[0], chat.shape[0]
+    if num_chat > total:
+        raise HFCompressError(f"{num_chat} chat chunks for a run of {total} training sequences.")
+    generator = torch.Generator().manual_seed(config.seed)
+    is_chat = torch.zeros(total, dtype=torch.bool)
+    is_chat[torch.randperm(total, generator=generator)[:num_chat]] = True
+    text_order = torch.randperm(num_text, generator=generator)
+    order = torch.empty(total, dtype=torch.long)
+    order[~is_chat] = text_order[torch.arange(total - num_chat) % num_text]
+    order[is_chat] = num_text + torch.randperm(num_chat, generator=generator)
+    return HealingData(torch.cat([text, chat]), order, config.batch_size, training_steps(config), num_chat)
+
+
+@contextmanager
+def _moved(model: PreTrainedModel, device: torch.device | str | None) -> Iterator[None]:
+    """`model` on `device` for the block, then back where it was."""
+    if device is None:
+        yield
+        return
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
+def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig, teacher: PreTrainedModel | None = None,
+                      *, device: torch.device | str | None = None,
+                      progress: bool = True) -> tuple[HealingData, DataRef]:
+    """The healing tokens of `config.dataset` and how the provenance names that dataset (never by a local path).
+
+    With `config.chat_fraction > 0`, the `teacher` (moved to `device` meanwhile) first writes the chat text of
+    `chat_sequences(config)` chunks (`chat_data.chat_chunks`), mixed in by `mixed_healing_data`.
+    """
     source = resolve_text_source(config.dataset, column=config.dataset_column)
-    data = healing_ids(tokenizer, load_texts(source), config)
+    texts = load_texts(source)
+    if config.chat_fraction > 0:
+        if teacher is None:
+            raise HFCompressError("--chat-fraction > 0 needs the teacher, which writes the chat text.")
+        from .chat_data import chat_chunks
+
+        text = text_chunks(tokenizer, texts, config)  # a too-short dataset is refused before any generation
+        with _moved(teacher, device):
+            chat = chat_chunks(teacher, tokenizer, config, chat_sequences(config), progress=progress)
+        data = mixed_healing_data(text, chat, config)
+    else:
+        data = healing_ids(tokenizer, texts, config)
     preset = preset_hub_source(config.dataset)
     if preset is not None:
         split = preset.split
     else:
         split = None if Path(config.dataset).exists() else source.split
     return data, DataRef.of("healing", config.dataset, split)
+
+
+def recorded_options(config: HealConfig, data_ref: DataRef) -> dict[str, Any]:
+    """The options as the provenance keeps them: the dataset and a chat prompts file by name, never by a local
+    path of the machine that healed (the record goes to the Hub with the model)."""
+    options = {**config.to_dict(), "dataset": data_ref.name}
+    if config.chat_source != "free":
+        options["chat_source"] = Path(config.chat_source).resolve().name
+    return options

@@ -37,11 +37,15 @@ from ..checkpoint import (
     save_pretrained_checkpoint,
     swap_into_place,
 )
+from ..basis_sharing.config import EVAL_SEQ_LEN
+from ..basis_sharing.evaluation import check_window_options
+from ..basis_sharing.save import round_weights
+from ..data.text import load_text_option
 from ..device import PeakMemory, pick_device
 from ..errors import HFCompressError
 from ..provenance import DataRef, SourceRef
 from .config import HealConfig
-from .data import HealingData, load_healing_data
+from .data import HealingData, load_healing_data, recorded_options
 from .losses import chunked_kl_loss, chunked_lm_loss
 
 logger = logging.getLogger(__name__)
@@ -84,6 +88,40 @@ class HealResult:
     initial_loss: float = float("nan")
     resumed_from: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HealingEvaluation:
+    """The student's perplexity on one text before and after healing (`heal(eval_dataset=...)`)."""
+
+    dataset: str
+    texts: list[str]
+    seq_len: int
+    max_windows: int | None
+    progress: bool = True
+    before: float | None = None
+    after: float | None = None
+
+    def measure(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> float:
+        from ..evaluation.perplexity import perplexity
+
+        model.to(device)
+        model.eval()
+        return perplexity(model, tokenizer, self.texts, seq_len=self.seq_len, max_windows=self.max_windows,
+                          progress=self.progress)
+
+    def record(self) -> dict[str, Any]:
+        """What the provenance keeps: the text by name (never a local path), the windows and both perplexities."""
+        return {"dataset": DataRef.of("evaluation", self.dataset).name, "seq_len": self.seq_len,
+                "max_windows": self.max_windows, "before": round(self.before, 4), "after": round(self.after, 4)}
+
+
+def _save_dtype(student: PreTrainedModel) -> torch.dtype:
+    """The dtype the conversion saved the student in (its record's `output_dtype`), so that healing keeps the
+    checkpoint's size; float32 when the record does not say."""
+    name = (getattr(student.config, "compression", None) or {}).get("output_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def state_dir_for(output: str | os.PathLike) -> Path:
@@ -463,6 +501,9 @@ def heal(
     revision: str | None = None,
     teacher_ref: SourceRef | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    eval_dataset: str | None = None,
+    eval_seq_len: int = EVAL_SEQ_LEN,
+    eval_max_windows: int | None = None,
 ) -> HealResult:
     """Heals a Basis Sharing compression by distillation from its source and saves the result as a new checkpoint.
 
@@ -479,6 +520,8 @@ def heal(
         gguf_file, revision: of a teacher given by name (as `hf-compress convert` takes them).
         teacher_ref: how the record names a teacher given in memory (default: its `name_or_path`).
         on_step: called as `on_step(step, loss)` after each optimizer step (and after the state save due then).
+        eval_dataset: if given, the student's perplexity on this text before and after healing (windows of
+            `eval_seq_len`, at most `eval_max_windows`) goes into the record and the card.
     """
     config = config if config is not None else HealConfig()
     config.validate()
@@ -486,6 +529,12 @@ def heal(
     output = prepare_output(output_dir, overwrite=overwrite, sources=sources) if output_dir is not None else None
     compute_device = pick_device(device)
     config = config.resolve(compute_device)
+    evaluation = None
+    if eval_dataset is not None:
+        check_window_options(eval_seq_len, eval_max_windows, seq_flag="--eval-seq-len",
+                             windows_flag="--eval-max-windows")
+        evaluation = HealingEvaluation(eval_dataset, load_text_option("--eval-dataset", eval_dataset), eval_seq_len,
+                                       eval_max_windows, progress)
     student_model, tokenizer = load_student(student, tokenizer)
     teacher_model, teacher_tokenizer, teacher_ref = load_teacher(teacher, gguf_file=gguf_file, revision=revision,
                                                                  teacher_ref=teacher_ref)
@@ -493,18 +542,21 @@ def heal(
     tokenizer = tokenizer if tokenizer is not None else teacher_tokenizer
     if tokenizer is None:
         raise HFCompressError("no tokenizer for the healing text: pass tokenizer= with a student and teacher in memory.")
-    data, data_ref = load_healing_data(tokenizer, config)
+    data, data_ref = load_healing_data(tokenizer, config, teacher_model, device=compute_device, progress=progress)
     with PeakMemory() as peak:
         result = _train(student_model, teacher_model, tokenizer, data, data_ref, teacher_ref, config, compute_device,
-                        output, overwrite, progress, on_step)
+                        output, overwrite, progress, on_step, evaluation)
     result.peak_memory_mb = peak.cuda_peak_mb if compute_device.type == "cuda" else peak.peak_mb
     return result
 
 
 def _train(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: HealingData,
            data_ref: DataRef, teacher_ref: SourceRef, config: HealConfig, device: torch.device, output: Path | None,
-           overwrite: bool, progress: bool, on_step: Callable[[int, float], None] | None) -> HealResult:
+           overwrite: bool, progress: bool, on_step: Callable[[int, float], None] | None,
+           evaluation: HealingEvaluation | None = None) -> HealResult:
     accelerator = make_accelerator(config.dtype == "bfloat16", device)
+    if evaluation is not None:
+        evaluation.before = evaluation.measure(student, tokenizer, device)
     state_dir = state_dir_for(output) if output is not None else None
     if state_dir is not None:
         clean_stale_staging(state_dir)  # what a killed state save left
@@ -513,7 +565,7 @@ def _train(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTra
     peft_model = add_lora(student, config) if config.trainable == "lora" else None
     try:
         return _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, teacher_ref, config,
-                               accelerator, state_dir, fingerprint, output, overwrite, progress, on_step)
+                               accelerator, state_dir, fingerprint, output, overwrite, progress, on_step, evaluation)
     except BaseException:
         if peft_model is not None:  # a student given in memory is not left with adapters in it
             peft_model.unload()
@@ -522,7 +574,7 @@ def _train(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTra
 
 
 def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, teacher_ref, config, accelerator,
-                    state_dir, fingerprint, output, overwrite, progress, on_step) -> HealResult:
+                    state_dir, fingerprint, output, overwrite, progress, on_step, evaluation) -> HealResult:
     from tqdm.auto import tqdm
 
     if peft_model is None:
@@ -583,9 +635,14 @@ def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, tea
     if peft_model is not None:
         student = merge_lora(peft_model)
     student.requires_grad_(False)
+    # The healed weights as they will be saved (the dtype of the conversion's output), so that the perplexity
+    # measured below is the checkpoint's.
+    round_weights(student, _save_dtype(student))
+    if evaluation is not None:
+        evaluation.after = evaluation.measure(student, tokenizer, accelerator.device)
     history, every = loss_history(losses)
     figures = {
-        "options": {**config.to_dict(), "dataset": data_ref.name},
+        "options": recorded_options(config, data_ref),
         "teacher": asdict(teacher_ref),
         "data": [asdict(data_ref)],
         "tokens": data.steps * data.tokens_per_step,
@@ -597,6 +654,8 @@ def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, tea
         "trainable_params": trainable_params,
         "wall_time_s": round(earlier_time + train_time, 3),
     }
+    if evaluation is not None:
+        figures["perplexity"] = evaluation.record()
     from .. import __version__
 
     figures["hf_compress_version"] = __version__
@@ -620,5 +679,8 @@ def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, tea
 def _save(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, overwrite: bool) -> None:
     from ..cards import write_model_card
 
+    dtype = _save_dtype(student)
+    for param in student.parameters():  # already rounded to `dtype`: this cast is exact
+        param.data = param.data.to(dtype)
     save_pretrained_checkpoint(student, output, processor=tokenizer, overwrite=overwrite,
                                card=lambda folder: write_model_card(folder))

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from ..errors import HFCompressError
-from ..provenance import SourceRef
 from ..modeling.pruned_cnn import (
     PrunedCNNConfig,
     PrunedCNNForImageClassification,
     resnet_cifar_config,
     vgg_cifar_config,
 )
+from ..provenance import SourceRef
+from ..sources import check_checkpoint, load_pretrained
 
 # transformers ResNet parameter names -> PrunedCNN names (stage, block, conv index are kept).
 _RENAMES = [
@@ -102,33 +103,41 @@ def load_cnn(
     Returns:
         The model and its `SourceRef` for provenance (a local folder by its name only).
     """
-    import transformers
-
     key = model.lower().replace("-", "")
     if key in ARCHITECTURES:
         labels = id2label or {i: str(i) for i in range(num_labels or 10)}
         config = ARCHITECTURES[key](id2label=labels, label2id={v: k for k, v in labels.items()})
         torch.manual_seed(0)
         return PrunedCNNForImageClassification(config), SourceRef(key)
-    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
-        raise HFCompressError(f"model folder {model} does not exist")
-    try:
-        config = transformers.AutoConfig.from_pretrained(model, revision=revision)
-    except (OSError, ValueError) as err:
-        raise HFCompressError(
-            f"cannot load {model!r}: not an architecture name ({', '.join(ARCHITECTURES)}), a local checkpoint folder "
-            f"or a reachable Hub model ({err.__class__.__name__}: {str(err).splitlines()[0]})"
-        ) from None
+    model_type = check_cnn_source(model, revision=revision)
     source = SourceRef.of(model, revision or _commit_of(model))
-    if config.model_type == "pruned_cnn":
-        return PrunedCNNForImageClassification.from_pretrained(model, revision=revision).eval(), source
-    if config.model_type == "resnet":
-        resnet = transformers.ResNetForImageClassification.from_pretrained(model, revision=revision)
-        return resnet_to_pruned_cnn(resnet), source
-    raise HFCompressError(
-        f"{model!r} is a {config.model_type!r} model; class-aware pruning supports PrunedCNN checkpoints, "
-        f"transformers ResNet checkpoints and the architectures {', '.join(ARCHITECTURES)}"
-    )
+    if model_type == "pruned_cnn":
+        return load_pretrained(PrunedCNNForImageClassification, model, revision=revision).eval(), source
+    from transformers import ResNetForImageClassification
+
+    return resnet_to_pruned_cnn(load_pretrained(ResNetForImageClassification, model, revision=revision)), source
+
+
+def check_cnn_source(model: str, *, revision: str | None = None) -> str | None:
+    """The `model_type` of the checkpoint `model` (folder or Hub id), once it is known to load as a PrunedCNN; None
+    for an architecture name.
+
+    Reads only its config.json (and, for a folder, the headers of its weight files): a missing folder or config,
+    pickled or unreadable weights, shipped code and a family pruning does not take are each refused in one line.
+    """
+    if model.lower().replace("-", "") in ARCHITECTURES:
+        return None
+    # Pruning never runs code shipped with a model (trust_flag None): a type transformers does not know is refused.
+    config = check_checkpoint(model, revision=revision, trust_flag=None,
+                              hint=f"{model!r} is neither an architecture name ({', '.join(ARCHITECTURES)}) nor a "
+                                   "local folder")
+    model_type = config.get("model_type")
+    if model_type not in ("pruned_cnn", "resnet"):
+        raise HFCompressError(
+            f"{model!r} is a {model_type!r} model; class-aware pruning supports PrunedCNN checkpoints, "
+            f"transformers ResNet checkpoints and the architectures {', '.join(ARCHITECTURES)}"
+        )
+    return model_type
 
 
 def _commit_of(model: str) -> str | None:

@@ -1,0 +1,173 @@
+"""Stage "prune" of the cifar-cpu benchmark end to end at tiny scale: a narrow ResNet-20 baseline, a few hundred
+CIFAR-10 images, one iteration of one epoch; then a rerun that resumes everything from the work folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_compress.data.images import LOCAL_DATA_DIR, load_image_dataset, train_val_split
+from hf_compress.modeling.pruned_cnn import PrunedCNNForImageClassification, resnet_cifar_config
+from hf_compress.vision.checkpoint import save_checkpoint
+from hf_compress.vision.counting import count_params_and_macs
+from hf_compress.vision.training import train_classifier
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+pytestmark = pytest.mark.skipif(not (LOCAL_DATA_DIR / "cifar10").exists(), reason="local CIFAR-10 copy missing")
+pytest.importorskip("evaluate")
+pytest.importorskip("matplotlib")
+torch.set_num_threads(2)
+
+TRAIN, VAL, TEST = 500, 100, 100
+
+
+def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    import cnn_cpu_prune
+
+    # As bench_cnn_cpu.py builds its parser: --seed, --work-dir and --note are its own; the stage adds the rest.
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage", choices=["baseline", "prune"])
+    parser.add_argument("--seed", type=int, action="append")
+    parser.add_argument("--work-dir", default="unused")
+    parser.add_argument("--note", default="")
+    cnn_cpu_prune.add_arguments(parser)
+    return parser.parse_args([
+        "prune", "--seed", "2023", "--work-dir", str(tmp_path / "work"), "--baseline-dir", str(tmp_path / "baselines"),
+        "--results-dir", str(tmp_path / "results"), "--train-limit", str(TRAIN + VAL), "--val-size", str(VAL),
+        "--test-limit", str(TEST), "--iterations", "1", "--retrain-epochs", "1", "--max-fraction", "0.3",
+        "--images-per-class", "4", "--bootstrap-resamples", "200", "--floor-drop", "1.0", *extra,
+    ])
+
+
+def _baseline(tmp_path: Path) -> PrunedCNNForImageClassification:
+    """A narrow ResNet-20 trained for one epoch on the smoke run's own train split, saved as stage 'baseline' does."""
+    train_all = load_image_dataset("cifar10", "train", limit=TRAIN + VAL, seed=2023)
+    train, _ = train_val_split(train_all, n_val=VAL, seed=2023)
+    labels = train.id2label()
+    torch.manual_seed(2023)
+    model = PrunedCNNForImageClassification(resnet_cifar_config(
+        20, (4, 8, 8), id2label=labels, label2id={v: k for k, v in labels.items()}))
+    train_classifier(model, train, epochs=1, lr=0.05, batch_size=64, progress=False, seed=2023)
+    save_checkpoint(model, tmp_path / "baselines" / "resnet20-seed2023", mean=train.mean, std=train.std)
+    return model
+
+
+def test_prune_stage_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    import cnn_cpu_prune
+
+    baseline = _baseline(tmp_path)
+    report = cnn_cpu_prune.run(_args(tmp_path))
+    results = tmp_path / "results"
+    assert report["reduced"] and report["scale"] == {"train_images": TRAIN, "val_images": VAL, "test_images": TEST}
+    rows = {r["method"]: r for r in report["rows"]}
+    assert sorted(rows) == ["baseline", "class_aware", "l1", "taylor"] and {r["seed"] for r in rows.values()} == {2023}
+    base, ca = rows["baseline"], rows["class_aware"]
+    counts = count_params_and_macs(baseline)
+    assert (base["macs"], base["params"]) == (counts.macs, counts.params)
+
+    # Class-aware: one iteration, kept (floor 0), smaller than the baseline; its curve starts at the baseline.
+    assert ca["best_iteration"] == 1 and [c["iteration"] for c in ca["curve"]] == [0, 1]
+    assert ca["curve"][0]["macs"] == base["macs"] and ca["curve"][1]["macs"] == ca["macs"] < base["macs"]
+    for method in ("class_aware", "l1", "taylor"):
+        row = rows[method]
+        assert 0 <= row["macs_reduction"] <= 1 and 0 <= row["params_reduction"] <= 1
+        assert row["macs_reduction"] == pytest.approx(1 - row["macs"] / base["macs"])
+        assert row["retrain_epochs"] == 1  # the same budget for every method
+        assert row["test_acc_ci"][0] <= row["test_acc"] <= row["test_acc_ci"][1]
+        # The pipeline's accuracy is evaluate_accuracy's on the same images (float32 here), up to one image.
+        assert abs(row["test_acc"] - row["test_acc_direct"]) <= 1 / TEST + 1e-9
+        saved = PrunedCNNForImageClassification.from_pretrained(results / "cnn_cpu" /
+                                                                f"resnet20-seed2023-{method.replace('_', '-')}")
+        assert saved.config.num_macs == row["macs"] == count_params_and_macs(saved).macs
+    # Equal MACs: the baselines are pruned to the closest count at or above the class-aware one. Global Taylor ranking
+    # lands within one filter; uniform L1 moves every layer at once, coarse at these tiny widths.
+    assert ca["macs"] <= rows["taylor"]["macs"] <= 1.05 * ca["macs"]
+    assert ca["macs"] <= rows["l1"]["macs"] <= 1.25 * ca["macs"]
+    saved_ca = PrunedCNNForImageClassification.from_pretrained(results / "cnn_cpu" / "resnet20-seed2023-class-aware")
+    assert saved_ca.config.compression["method"] == "class_aware_pruning"
+    assert saved_ca.config.compression["macs_after"] == ca["macs"]
+
+    # Written files: JSON, markdown, curve, summary entries (fractions).
+    assert json.loads((results / "cnn_cpu_prune.json").read_text())["rows"] == report["rows"]
+    markdown = (results / "cnn_cpu_prune.md").read_text()
+    assert "REDUCED" in markdown and "class-aware" in markdown and "plain Taylor" in markdown
+    assert (results / "cnn_cpu_prune_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((results / "cnn_cpu_summary.json").read_text())["networks"]["resnet20"]
+    for method in ("class_aware", "l1", "taylor"):
+        assert summary[f"{method}_macs_reduction"] == pytest.approx(rows[method]["macs_reduction"])
+        assert summary[f"{method}_test_acc_per_seed"] == {"2023": rows[method]["test_acc"]}
+        assert 0 <= summary[f"{method}_params_reduction"] <= 1
+
+    # A rerun finds every step finished in the work folder: no training, the same rows.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(cnn_cpu_prune, "train_classifier", no_training)
+    again = cnn_cpu_prune.run(_args(tmp_path))
+    assert again["rows"] == report["rows"]
+    # Other settings are refused rather than mixed with the stored run.
+    with pytest.raises(Exception, match="other settings"):
+        cnn_cpu_prune.run(_args(tmp_path, "--max-fraction", "0.2"))
+
+
+def test_a_reduced_run_does_not_write_the_protocol_results(tmp_path):
+    import cnn_cpu_prune
+
+    args = _args(tmp_path)
+    args.results_dir = None
+    with pytest.raises(SystemExit, match="--results-dir"):
+        cnn_cpu_prune.run(args)
+
+
+def test_class_aware_loop_prunes_past_a_floor_miss_as_the_paper_does(tmp_path, monkeypatch):
+    """The paper's loop runs until no filter can be removed; a validation accuracy below the floor does not stop it,
+    and the result is the smallest iteration that meets the floor (here the last, after a miss at iteration 1)."""
+    import cnn_cpu_prune
+    from hf_compress.class_aware.config import ClassAwareConfig
+
+    scripted = {1: 0.70, 2: 0.86, 3: 0.84}  # validation accuracies after retraining; floor 0.85
+    calls = []
+
+    def fake_iteration(run, config, model, iteration, folder, loss_fn):
+        calls.append(iteration)
+        if iteration == 4:
+            return None  # no filter left to remove
+        row = {"iteration": iteration, "params": 100 - iteration, "macs": 1000 - 100 * iteration, "filters_removed": 5,
+               "val_accuracy": scripted[iteration], "test_accuracy": scripted[iteration],
+               "meets_floor": scripted[iteration] >= config.accuracy_floor}
+        (folder / "model").mkdir(parents=True)  # where the real iteration saves its network
+        return model, row
+
+    class FakeRun:
+        def seed_dir(self, seed):
+            return tmp_path / "work"
+
+        def scale(self):
+            return {"train_images": 1}
+
+        def load_baseline(self, seed):
+            return "baseline network"
+
+    monkeypatch.setattr(cnn_cpu_prune, "_class_aware_iteration", fake_iteration)
+    base = {"params": 100, "macs": 1000, "val_acc": 0.86, "test_acc": 0.86}
+    config = ClassAwareConfig(accuracy_floor=0.85, max_iterations=10, retrain_epochs=2)
+    state = cnn_cpu_prune._class_aware(FakeRun(), 2023, config, base)
+    assert calls == [1, 2, 3, 4]
+    assert [r["meets_floor"] for r in state.get("rows")] == [True, False, True, False]
+    assert state.get("stop_reason") == "no filter can be removed" and state.get("best_iteration") == 2
+    # The iteration budget stops it too; a finished run is read back, not run again.
+    config.max_iterations = 2
+    calls.clear()
+    other = tmp_path / "budget"
+    FakeRun.seed_dir = lambda self, seed: other
+    state = cnn_cpu_prune._class_aware(FakeRun(), 2023, config, base)
+    assert calls == [1, 2] and state.get("stop_reason") == "reached 2 iterations" and state.get("best_iteration") == 2
+    calls.clear()
+    assert cnn_cpu_prune._class_aware(FakeRun(), 2023, config, base).get("rows") == state.get("rows") and calls == []
