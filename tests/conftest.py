@@ -100,3 +100,27 @@ def run_python(code: str, cwd: Path, env_extra: dict | None = None) -> str:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random BN statistics and affine terms: no two filters score alike, and a wrong mapping of any BN tensor
+    changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+            n = m.num_features
+            m.weight.data = (torch.rand(n, generator=g) + 0.5).to(m.weight.dtype)
+            m.bias.data = (torch.randn(n, generator=g) * 0.1).to(m.weight.dtype)
+            m.running_mean = (torch.randn(n, generator=g) * 0.1).to(m.weight.dtype)
+            m.running_var = (torch.rand(n, generator=g) + 0.5).to(m.weight.dtype)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (two threads on a busy machine wait on each other); a module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

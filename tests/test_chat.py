@@ -29,13 +29,7 @@ PROMPTS = ["The quick brown fox?", "Compression keeps the most useful directions
            "Every layer keeps its own coefficients", "lazy dog", "Shared basis serves two layers. Why?", "Hi"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy machine wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chat_tokenizer() -> PreTrainedTokenizerFast:

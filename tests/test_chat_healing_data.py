@@ -34,13 +34,7 @@ EOS_TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'syste
                 "{% if add_generation_prompt %}<|endoftext|>assistant: {% endif %}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy machine wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixed_config(calib_file: Path, **overrides) -> HealConfig:

@@ -30,13 +30,7 @@ HELD_OUT = ("Every layer keeps its own useful coefficients, and the lazy fox sha
             "Compression keeps two consecutive directions of the brown weight matrix.")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models train fastest on one thread (and do not fight a busy machine for its cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(calib_file: Path, **overrides) -> HealConfig:

@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_bn
 import transformers
 from PIL import Image
 
@@ -22,16 +23,6 @@ from hf_compress.vision.resnet_import import load_cnn, resnet_to_pruned_cnn
 torch.set_num_threads(2)
 
 
-def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics, so a wrong mapping of any BN tensor changes the logits."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
-            n = module.num_features
-            module.weight.data = torch.rand(n, generator=g) + 0.5
-            module.bias.data = torch.randn(n, generator=g) * 0.1
-            module.running_mean = torch.randn(n, generator=g) * 0.1
-            module.running_var = torch.rand(n, generator=g) + 0.5
 
 
 def tiny_resnet_config(**kwargs) -> PrunedCNNConfig:
@@ -52,7 +43,7 @@ def test_resnet_conversion_gives_identical_logits(resnet_kwargs):
     torch.manual_seed(0)
     config = transformers.ResNetConfig(num_labels=5, **resnet_kwargs)
     resnet = transformers.ResNetForImageClassification(config).eval()
-    _randomize_bn(resnet)
+    randomize_bn(resnet)
     converted = resnet_to_pruned_cnn(resnet)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
@@ -142,7 +133,7 @@ def test_save_load_and_remote_code_round_trip(tmp_path):
     models = {}
     for name, config in configs.items():
         model = PrunedCNNForImageClassification(config).eval()
-        _randomize_bn(model)
+        randomize_bn(model)
         model.config.id2label = {0: "cat", 1: "dog", 2: "ship"}
         model.config.label2id = {"cat": 0, "dog": 1, "ship": 2}
         save_checkpoint(model, tmp_path / name)

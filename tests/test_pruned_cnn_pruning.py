@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import randomize_bn
 import transformers
 from typer.testing import CliRunner
 
@@ -24,15 +25,6 @@ from hf_compress.class_aware.regularizers import l1_penalty, orthogonality_penal
 torch.set_num_threads(2)
 
 
-def _randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
-            n = m.num_features
-            m.weight.data = (torch.rand(n, generator=g) + 0.5).to(m.weight.dtype)
-            m.bias.data = (torch.randn(n, generator=g) * 0.1).to(m.weight.dtype)
-            m.running_mean = (torch.randn(n, generator=g) * 0.1).to(m.weight.dtype)
-            m.running_var = (torch.rand(n, generator=g) + 0.5).to(m.weight.dtype)
 
 
 def _images(n_per_class: int, classes: int, side: int, seed: int) -> ImageClassificationData:
@@ -72,7 +64,7 @@ def _finite_difference_taylor(model, x, label, layer_conv, width, eps=1e-6):
 def test_importance_matches_a_hand_computation():
     torch.manual_seed(3)
     model = PrunedCNNForImageClassification(vgg_cifar_config([4, "M", 3], (), num_labels=2, image_size=4)).double().eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     data = _images(3, 2, 4, seed=1)
     layers = prunable_layers(model)
     used_threshold, class_threshold = 1.0, 0.5
@@ -121,7 +113,7 @@ def _silence(layer, channels):
 def test_shrinking_a_plain_net_keeps_the_kept_filters_outputs():
     torch.manual_seed(0)
     model = PrunedCNNForImageClassification(vgg_cifar_config([6, "M", 5, 4], (7,), num_labels=3, image_size=8)).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 8, 8)
     keep = {"plain.0": torch.tensor([0, 2, 5]), "plain.2": torch.tensor([1, 3])}
     with torch.no_grad():
@@ -152,7 +144,7 @@ def test_shrinking_a_resnet_removes_channels_and_whole_blocks(layer_type):
         shortcut_type="zero_pad" if layer_type == "basic" else "projection", num_labels=3, image_size=8,
     )
     model = PrunedCNNForImageClassification(config).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 8, 8)
     # stage0.block1 loses its branch (identity shortcut -> the block disappears), stage1.block0 keeps 2 channels
     # (its branch stays), stage0.block0 keeps channels 1, 3, 4.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_bn
 
 from hf_compress.class_aware.importance import class_importance, taylor_importance
 from hf_compress.class_aware.shrink import (
@@ -24,16 +25,6 @@ from hf_compress.vision.counting import count_params_and_macs
 torch.set_num_threads(2)
 
 
-def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random BN statistics and affine terms, so that no two filters score alike."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
-            n = m.num_features
-            m.weight.data = (torch.rand(n, generator=g) + 0.5).to(m.weight.dtype)
-            m.bias.data = (torch.randn(n, generator=g) * 0.1).to(m.weight.dtype)
-            m.running_mean = (torch.randn(n, generator=g) * 0.1).to(m.weight.dtype)
-            m.running_var = (torch.rand(n, generator=g) + 0.5).to(m.weight.dtype)
 
 
 def _images(n_per_class: int, classes: int, side: int, seed: int) -> ImageClassificationData:
@@ -73,7 +64,7 @@ def _finite_difference_scores(model, x: torch.Tensor, label: int, conv: torch.nn
 def test_taylor_importance_is_the_mean_finite_difference_score_over_the_class_aware_images(config):
     torch.manual_seed(0)
     model = PrunedCNNForImageClassification(config).double().eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     data = _images(4, 3, 8, seed=1)
     images_per_class = 3  # the 4th image of each class is not scored, as in class_importance
     scored = [i for i in range(len(data)) if i % 4 < images_per_class]
@@ -96,7 +87,7 @@ def test_class_importance_is_unchanged_by_the_shared_scoring_loop():
     """`class_importance` now shares its image loop with `taylor_importance`: usage still equals a direct count."""
     torch.manual_seed(2)
     model = PrunedCNNForImageClassification(resnet_cifar_config(8, (4, 4, 6), num_labels=2, image_size=8)).eval()
-    _randomize_bn(model, seed=2)
+    randomize_bn(model, seed=2)
     data = _images(5, 2, 8, seed=3)
     from hf_compress.class_aware.importance import taylor_scores
 
@@ -137,7 +128,7 @@ def test_global_ranking_prunes_the_lowest_normalised_scores_down_to_the_closest_
     torch.manual_seed(0)
     layout, hidden = [6, "M", 5, 7], [9]
     model = PrunedCNNForImageClassification(vgg_cifar_config(layout, tuple(hidden), num_labels=3, image_size=8)).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     assert count_params_and_macs(model, (3, 8, 8)).macs == _plain_macs(layout, 3, 8, hidden, 3)  # the formula holds
     g = torch.Generator().manual_seed(5)
     scores = {layer.name: torch.rand(layer.width, generator=g) * (10 ** i) for i, layer in enumerate(prunable_layers(model))}
@@ -178,7 +169,7 @@ def test_taylor_pruning_of_a_resnet_removes_silent_filters_first_and_keeps_the_l
     zero BN scale): pruning to the MACs of the network without them removes exactly them, and the logits stay."""
     torch.manual_seed(1)
     model = PrunedCNNForImageClassification(resnet_cifar_config(14, (4, 6, 8), num_labels=3, image_size=8)).eval()
-    _randomize_bn(model, seed=4)
+    randomize_bn(model, seed=4)
     silent = {"stage0.block0.conv0": [1, 3], "stage1.block1.conv0": [0, 2, 5], "stage2.block0.conv0": [7]}
     layers = {layer.name: layer for layer in prunable_layers(model)}
     for name, channels in silent.items():

@@ -17,7 +17,6 @@ from transformers import PretrainedConfig
 from ..checkpoint import prepare_output
 from ..data.text import calibration_batch, load_text_option
 from ..device import MemoryPhases, dtype_name, pick_device
-from ..provenance import DataRef
 from ..sources import load_source, source_config
 from .assembly import build_shared_basis_llama
 from .compressor import BasisSharingCompressor
@@ -160,10 +159,14 @@ def convert(
         timings={"load_s": load_time, **compressor.timings},
         memory_mb=phases.peaks_mb,
     )
+    healing_eval = None
     if heal is not None:
+        from ..healing.trainer import HealingEvaluation
+
+        if eval_texts is not None:
+            healing_eval = HealingEvaluation(eval_dataset, eval_texts, eval_seq_len, eval_max_windows, progress)
         with phases("healing"):
-            _heal(result, model, compressed, tokenizer, info.to_ref(), heal, compute_device, progress,
-                  (eval_dataset, eval_texts, eval_seq_len, eval_max_windows))
+            _heal(result, model, compressed, tokenizer, info.to_ref(), heal, compute_device, progress, healing_eval)
     # The perplexity is that of the weights as saved (rounded to the save dtype), run in float32 as `ppl` does.
     round_weights(compressed, save_dtype)
     perplexity = None
@@ -172,12 +175,10 @@ def convert(
             perplexity = measure_perplexity(model, compressed, tokenizer, eval_dataset, eval_texts,
                                             seq_len=eval_seq_len, max_windows=eval_max_windows, progress=progress)
         result.perplexity_before, result.perplexity_after = perplexity.before, perplexity.after
-        if result.healing is not None:
-            perplexity.unhealed = result.perplexity_unhealed
-            compressed.config.compression["healing"]["perplexity"] = {
-                "dataset": DataRef.of("evaluation", eval_dataset).name, "seq_len": eval_seq_len,
-                "max_windows": eval_max_windows, "before": round(result.perplexity_unhealed, 4),
-                "after": round(perplexity.after, 4)}
+        if healing_eval is not None:
+            healing_eval.after = perplexity.after
+            perplexity.unhealed = healing_eval.before
+            compressed.config.compression["healing"]["perplexity"] = healing_eval.record()
     if output is not None:
         with phases("save"):
             save_checkpoint(compressed, tokenizer, output, dtype=save_dtype, overwrite=overwrite, perplexity=perplexity)
@@ -190,19 +191,16 @@ def convert(
 
 
 def _heal(result: ConversionResult, source: torch.nn.Module, compressed: torch.nn.Module, tokenizer, source_ref,
-          config: HealConfig, device: torch.device, progress: bool, evaluation: tuple) -> None:
+          config: HealConfig, device: torch.device, progress: bool, evaluation) -> None:
     """Heals `compressed` in place by distillation from `source` (the model already in memory: no second load).
 
-    With an evaluation text, the perplexity before healing is measured here and the one after healing by
-    `convert`'s own evaluation (of the weights as saved); both go into the healing record.
+    With an evaluation (`HealingEvaluation`), the perplexity before healing is measured here; the one after healing
+    is `convert`'s own evaluation of the weights as saved.
     """
-    from ..evaluation.perplexity import perplexity
     from ..healing import heal
 
-    dataset, texts, seq_len, max_windows = evaluation
-    if texts is not None:
-        result.perplexity_unhealed = perplexity(compressed, tokenizer, texts, seq_len=seq_len, max_windows=max_windows,
-                                                progress=progress)
+    if evaluation is not None:
+        evaluation.before = result.perplexity_unhealed = evaluation.measure(compressed, tokenizer, device)
     started = time.perf_counter()
     result.healing = heal(compressed, None, teacher=source, config=config, tokenizer=tokenizer, device=device,
                           progress=progress, teacher_ref=source_ref)

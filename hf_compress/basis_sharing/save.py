@@ -64,7 +64,7 @@ def round_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
 
 
 @torch.no_grad()
-def _cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
+def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
     """Casts every parameter (not the buffers, see `round_weights`) to `dtype`."""
     for param in model.parameters():
         param.data = param.data.to(dtype)
@@ -77,7 +77,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     are); a measured perplexity goes in as `perplexity.json` and as an evaluation result of the card. The size of the
     saved weights is added to the record (`output_file_bytes`) before the card is written."""
     if dtype is not None:
-        _cast_weights(model, dtype)
+        cast_weights(model, dtype)
     extra = {PERPLEXITY_FILE: perplexity_json(perplexity)} if perplexity is not None else {}
 
     def finish(folder: Path) -> None:

@@ -78,9 +78,7 @@ def class_importance(
     """Scores every prunable filter of `model` against every class of `data` (the first `images_per_class` images of each)."""
     if used_threshold < 0 or not 0 < class_threshold <= 1:
         raise HFCompressError(f"used_threshold must be >= 0 and class_threshold in (0, 1], got {used_threshold}, {class_threshold}")
-    layers = prunable_layers(model)
-    if not layers:
-        raise HFCompressError("the model has no prunable layer")
+    layers = _prunable_layers(model)
     device = next(model.parameters()).device
     usage = {layer.name: torch.zeros(data.num_classes, layer.width, device=device) for layer in layers}
     sizes = [0] * data.num_classes
@@ -94,6 +92,13 @@ def class_importance(
     important = {name: u >= class_threshold for name, u in usage.items()}
     counts = {name: imp.sum(0) for name, imp in important.items()}
     return ClassImportance(usage=usage, important=important, class_counts=counts)
+
+
+def _prunable_layers(model) -> list[PrunableLayer]:
+    layers = prunable_layers(model)
+    if not layers:
+        raise HFCompressError("the model has no prunable layer")
+    return layers
 
 
 def _class_scores(model, data: ImageClassificationData, layers: list[PrunableLayer], images_per_class: int,
@@ -130,9 +135,7 @@ def taylor_importance(
     Returns:
         `{layer name: [width]}` mean of t(x, f) over all scored images.
     """
-    layers = prunable_layers(model)
-    if not layers:
-        raise HFCompressError("the model has no prunable layer")
+    layers = _prunable_layers(model)
     device = next(model.parameters()).device
     totals = {layer.name: torch.zeros(layer.width, dtype=torch.float64, device=device) for layer in layers}
     count = 0

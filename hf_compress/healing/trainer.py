@@ -39,7 +39,7 @@ from ..checkpoint import (
 )
 from ..basis_sharing.config import EVAL_SEQ_LEN
 from ..basis_sharing.evaluation import check_window_options
-from ..basis_sharing.save import round_weights
+from ..basis_sharing.save import cast_weights, round_weights
 from ..data.text import load_text_option
 from ..device import PeakMemory, pick_device
 from ..errors import HFCompressError
@@ -679,8 +679,6 @@ def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, tea
 def _save(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, overwrite: bool) -> None:
     from ..cards import write_model_card
 
-    dtype = _save_dtype(student)
-    for param in student.parameters():  # already rounded to `dtype`: this cast is exact
-        param.data = param.data.to(dtype)
+    cast_weights(student, _save_dtype(student))  # already rounded to that dtype: the cast is exact
     save_pretrained_checkpoint(student, output, processor=tokenizer, overwrite=overwrite,
                                card=lambda folder: write_model_card(folder))
