@@ -73,11 +73,13 @@ def model_perplexity(model: str, dataset: str, *, config: str | None = None, spl
     target = pick_device(device)
     name_or_path, gguf_name = resolve_source(model, gguf_file)
     gguf_kwargs = {"gguf_file": gguf_name} if gguf_name else {}
-    # Every check that needs no weights (for a folder: shipped code, weight files) runs before the text is read.
-    model_config = (read_config_dict(model, name_or_path, **gguf_kwargs) if gguf_name
-                    else check_loadable(model, name_or_path, gguf_kwargs, trust_remote_code))
-    check_context("--seq-len", seq_len, model_config.get("max_position_embeddings"), model)
+    # The options first (they need only the config), then the text, then the folder's shipped code and weight
+    # files: all of it before the weights load.
+    context = read_config_dict(model, name_or_path, **gguf_kwargs).get("max_position_embeddings")
+    check_context("--seq-len", seq_len, context, model)
     texts = load_text_option("--dataset", dataset, config, split, column)
+    if not gguf_name:
+        check_loadable(model, name_or_path, gguf_kwargs, trust_remote_code)
     lm, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     lm.to(target)
     return perplexity(lm, tokenizer, texts, seq_len=seq_len, max_windows=max_windows)
