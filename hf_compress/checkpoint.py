@@ -32,6 +32,19 @@ def _umask() -> int:
     return mask
 
 
+def _apply_umask(folder: Path) -> None:
+    """Gives `folder` and everything in it the user's usual permissions.
+
+    mkdtemp creates the staging folder 0700, and transformers writes `model.safetensors` through a private
+    temporary file (0600): a checkpoint others are meant to read would be unreadable to them.
+    """
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def is_our_output(folder: Path) -> bool:
     """Whether `folder` holds a checkpoint hf-compress wrote (a config of one of its families or with a
     `compression` record), or the resumable work of one of its runs."""
@@ -156,11 +169,10 @@ def write_checkpoint(
             raise HFCompressError(f"{output} already exists (pass --overwrite to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}{STAGING_MARK}", dir=output.parent))
-    # mkdtemp creates 0700; a checkpoint gets the user's usual permissions, as save_pretrained's folders do.
-    os.chmod(staging, 0o777 & ~_umask())
     carried: list[str] = []
     try:
         write(staging)
+        _apply_umask(staging)
         for name in carry:
             if (output / name).exists():
                 (output / name).rename(staging / name)

@@ -113,13 +113,23 @@ def test_write_checkpoint_refuses_an_existing_output_before_writing(tmp_path):
     assert called == [] and (out / "keep.txt").read_text() == "mine"
 
 
+def _write_private_weights(folder: Path) -> None:
+    # What transformers does: model.safetensors goes through a private (0600) temporary file.
+    (folder / "config.json").write_text(OURS)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "model.safetensors").write_text("weights")
+    os.chmod(folder / "sub" / "model.safetensors", 0o600)
+
+
 def test_write_checkpoint_permissions_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        out = write_checkpoint(tmp_path / "ckpt", _write_files({"config.json": "{}"}))
+        out = write_checkpoint(tmp_path / "ckpt", _write_private_weights)
     finally:
         os.umask(old)
+    modes = {path.relative_to(out).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in out.rglob("*")}
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert modes == {"config.json": 0o644, "sub": 0o755, "sub/model.safetensors": 0o644}
 
 
 @pytest.mark.parametrize("failing_step", ["write", "move_new_in"])
