@@ -4,21 +4,43 @@
     python benchmarks/bench_quick_heal.py run                 # the main rows (20/30/40% at 262,144 tokens, 20% at 131,072)
     python benchmarks/bench_quick_heal.py run --rows ablations  # at 20% and 131,072 tokens: LoRA, LM loss, KL+LM, no sequential
     python benchmarks/bench_quick_heal.py table               # rewrite the markdown table from the rows
+    python benchmarks/bench_quick_heal.py chat --threads 1    # chat: dense + every student/healed checkpoint of the work dir
+    python benchmarks/bench_quick_heal.py zeroshot --threads 1  # six zero-shot sets, 200 items: dense, 20% unhealed, 20% healed
+    python benchmarks/report.py                               # then: tables, targets and the chat exchange in the READMEs
 
-Each row: the student (converted once per ratio and conversion setting, kept under --work-dir), its WikiText-2 quick
-perplexity (first 20 windows of 2048) and C4-validation perplexity (documents joined with "\\n\\n", first 20 windows
-of 2048) before and after healing, the healing's wall time, peak RSS, tokens/s and trainable parameters. Healing
-saves a resumable state every 25 steps, and a finished row is appended to `results/quick_heal.jsonl` at once, so the
-script may be stopped at any time and started again: it continues with the first row not yet measured.
-Healing never sees an evaluation text: its data is the C4 *calibration* documents (a train shard).
+Stage "run", one row per healing run: the student (converted once per ratio and conversion setting, kept under
+--work-dir), its WikiText-2 quick perplexity (first 20 windows of 2048) and C4-validation perplexity (documents
+joined with "\\n\\n", first 20 windows of 2048) before and after healing, the healing's wall time, peak RSS, tokens/s
+and trainable parameters. Healing saves a resumable state every 25 steps, and a finished row is appended to
+`results/quick_heal.jsonl` at once, so the script may be stopped at any time and started again: it continues with the
+first row not yet measured. Healing never sees an evaluation text: its data is the C4 *calibration* documents (a
+train shard).
+
+Stage "chat": the dense source and every finished checkpoint of the work dir (`student-r*`, `healed-<row>`; smallest
+ratio first, each unhealed student before its healed models) answer every prompt of `benchmarks/chat_prompts.json`
+greedily, each as one user turn through the model's own chat template, with at most `--max-new-tokens` (48) new
+tokens, float32; the answers are scored against the dense model's (`hf_compress.evaluation.chat.chat_metrics`: share
+of non-empty answers, first-sentence exact match, the dense model's mean NLL per token of the answers). One row per
+model goes to `results/quick_heal_chat.jsonl` as soon as it is measured, the answers themselves to
+`results/quick_heal_chat_answers.json` (the dense answers are generated once and kept there); a rerun skips the
+models already measured and never generates kept answers again.
+
+Stage "zeroshot": lm-eval 0-shot on the six local sets (`hfc_zeroshot`, `--zeroshot-limit` items per set, batch 8,
+float32) for `--models` (default: dense, student-r0.2, healed-r0.2-262k), one row per model (per-set acc / acc_norm,
+their plain means) to `results/quick_heal_zeroshot.jsonl`; a model already there with the same limit is skipped.
+
+`--threads 1` for chat and zeroshot while other jobs hold the cores: on a loaded 2-core machine two threads that
+wait on each other made one forward of a student over 20x slower. The rows record the thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +58,17 @@ from hf_compress.healing import HealConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS_FILE = RESULTS / "quick_heal.jsonl"
 TABLE_FILE = RESULTS / "quick_heal.md"
+CHAT_ROWS_FILE = RESULTS / "quick_heal_chat.jsonl"
+CHAT_ANSWERS_FILE = RESULTS / "quick_heal_chat_answers.json"
+ZEROSHOT_ROWS_FILE = RESULTS / "quick_heal_zeroshot.jsonl"
+CHAT_PROMPTS_FILE = Path(__file__).resolve().parent / "chat_prompts.json"
 EVAL_WINDOWS, EVAL_SEQ_LEN = 20, 2048
+SOURCE, DENSE = "smollm2", "dense"
+# 48 new tokens hold the first sentence of nearly every answer (what the exact match compares) and keep the chat
+# stage of 5 models x 72 prompts to about half an hour on 2 CPU cores.
+CHAT_MAX_NEW_TOKENS, CHAT_BATCH_SIZE = 48, 8
+ZEROSHOT_LIMIT, ZEROSHOT_BATCH_SIZE = 200, 8
+ZEROSHOT_MODELS = (DENSE, "student-r0.2", "healed-r0.2-262k")
 
 
 @dataclass(frozen=True)
@@ -67,6 +99,11 @@ ROWS = {
         Row("r0.2-131k-kl+lm", 0.2, 131072, {"loss": "kl+lm"}),
         Row("r0.2-131k-nosequential", 0.2, 131072, sequential=False),
     ],
+    "chat": [
+        # A quarter of the sequences written by the teacher through its chat template (free samples).
+        Row("r0.2-131k-chat25", 0.2, 131072, {"chat_fraction": 0.25}),
+        Row("r0.2-262k-chat25", 0.2, 262144, {"chat_fraction": 0.25}),
+    ],
     "extra": [
         Row("r0.1-262k", 0.1, 262144),
         Row("r0.5-262k", 0.5, 262144),
@@ -90,15 +127,23 @@ class Evaluator:
         return out
 
 
-def read_rows() -> list[dict]:
-    if not ROWS_FILE.exists():
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
         return []
-    return [json.loads(line) for line in ROWS_FILE.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    rows = read_jsonl(path) + [row]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_rows() -> list[dict]:
+    return read_jsonl(ROWS_FILE)
 
 
 def append_row(row: dict) -> None:
-    rows = read_rows() + [row]
-    atomic_write_text(ROWS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    append_jsonl(ROWS_FILE, row)
 
 
 def cached(path: Path, compute) -> dict:
@@ -183,8 +228,8 @@ def write_table(work: Path, note: str = "") -> None:
     if dense_file.is_file():
         dense = json.loads(dense_file.read_text())
         lines += [f"Dense model: WikiText-2 quick {dense['wikitext2']:.2f}, C4 validation (20 windows) {dense['c4']:.2f}.", ""]
-    lines += ["| row | ratio | budget (tokens) | trainable params | WikiText-2 before -> after | C4 val before -> after "
-              "| C4 after / dense | heal wall (s) | tokens/s | heal peak RSS (MB) |",
+    lines += [("| row | ratio | budget (tokens) | trainable params | WikiText-2 before -> after | C4 val before -> after "
+              "| C4 after / dense | heal wall (s) | tokens/s | heal peak RSS (MB) |"),
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c4_vs_dense = f"{r['c4_after'] / dense['c4']:.2f}x" if dense else "-"
@@ -192,25 +237,238 @@ def write_table(work: Path, note: str = "") -> None:
             f"| {r['row']} | {r['ratio']:.0%} | {r['budget_tokens']:,} | {r['heal_trainable_params']:,} "
             f"| {r['wikitext2_before']:.2f} -> {r['wikitext2_after']:.2f} | {r['c4_before']:.2f} -> {r['c4_after']:.2f} "
             f"| {c4_vs_dense} | {r['heal_wall_time_s']:.0f} | {r['heal_tokens_per_s']:.0f} | {r['heal_peak_rss_mb']:,.0f} |")
-    lines += ["", "Protocol \"quick-heal\" (BENCHMARKS.md); rows in `quick_heal.jsonl`. Healing data: the C4 calibration "
-              "documents in 512-token chunks, seed-2023 order; evaluation texts are never trained on."]
+    lines += ["", ("Protocol \"quick-heal\" (BENCHMARKS.md); rows in `quick_heal.jsonl`. Healing data: the C4 calibration "
+              "documents in 512-token chunks, seed-2023 order; evaluation texts are never trained on.")]
     if note:
         lines += ["", note]
     atomic_write_text(TABLE_FILE, "\n".join(lines) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------------- chat, zero-shot
+@dataclass(frozen=True)
+class BenchModel:
+    """One model of the chat and zero-shot stages: the dense source, an unhealed student or a healed one."""
+
+    name: str
+    spec: str  # what `load_causal_lm` / `resolve_source` take: the source ("smollm2") or a checkpoint folder
+    ratio: float
+    kind: str  # "dense", "unhealed" or "healed"
+    sequential: bool = True
+    heal_row: str | None = None
+    budget_tokens: int | None = None
+    heal_options: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"model": self.name, "kind": self.kind, "ratio": self.ratio, "sequential": self.sequential,
+                "heal_row": self.heal_row, "budget_tokens": self.budget_tokens, "heal_options": self.heal_options}
+
+
+_STUDENT = re.compile(r"student-r([0-9.]+)(-nosequential)?")
+
+
+def bench_models(work: Path, source: str = SOURCE) -> list[BenchModel]:
+    """The dense source, then every finished checkpoint of the work dir (a folder with a config.json: `student-r*`
+    and `healed-<row of ROWS>`), by ratio, each unhealed student before its healed models (smaller budget first).
+    Hidden folders (healing states, staging folders) and folders of unknown rows are left out."""
+    every = {row.name: row for rows in ROWS.values() for row in rows}
+    found = []
+    for folder in sorted(work.iterdir()) if work.is_dir() else []:
+        if folder.name.startswith(".") or not (folder / "config.json").is_file():
+            continue
+        match = _STUDENT.fullmatch(folder.name)
+        row = every.get(folder.name.removeprefix("healed-")) if folder.name.startswith("healed-") else None
+        if match:
+            found.append(BenchModel(folder.name, str(folder), float(match.group(1)), "unhealed",
+                                    sequential=not match.group(2)))
+        elif row is not None:
+            found.append(BenchModel(folder.name, str(folder), row.ratio, "healed", sequential=row.sequential,
+                                    heal_row=row.name, budget_tokens=row.tokens, heal_options=dict(row.heal)))
+    found.sort(key=lambda m: (m.ratio, m.kind == "healed", m.budget_tokens or 0, m.name))
+    return [BenchModel(DENSE, source, 0.0, "dense")] + found
+
+
+def pick_models(models: list[BenchModel], names, work: Path) -> list[BenchModel]:
+    if names is None:
+        return models
+    known = {m.name: m for m in models}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise SystemExit(f"no finished checkpoint {', '.join(missing)} in {work} (present: {', '.join(known)})")
+    return [known[name] for name in names]
+
+
+def load_prompts(path: Path) -> list[str]:
+    prompts = json.loads(Path(path).read_text())
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise SystemExit(f"{path}: expected a JSON list of non-empty prompt strings")
+    return prompts
+
+
+def prompts_sha256(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def _finite(value: float) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def chat_stage(work: Path, *, source: str = SOURCE, names=None, prompts_file: Path | None = None,
+               rows_file: Path | None = None, answers_file: Path | None = None,
+               max_new_tokens: int = CHAT_MAX_NEW_TOKENS, batch_size: int = CHAT_BATCH_SIZE, note: str = "",
+               log=print) -> list[dict]:
+    """Greedy chat answers of every model (`bench_models`) to every prompt, scored against the dense model's; one
+    row per model appended to `rows_file`, the answers kept in `answers_file`. Models with a row are skipped, and
+    answers already in `answers_file` are not generated again (the dense ones are generated once). Returns the rows
+    this call appended."""
+    from hf_compress.evaluation.chat import chat_metrics, generate_chat_outputs
+    from hf_compress.sources import load_causal_lm
+
+    rows_file = rows_file or CHAT_ROWS_FILE
+    answers_file = answers_file or CHAT_ANSWERS_FILE
+    prompts_file = Path(prompts_file or CHAT_PROMPTS_FILE)
+    prompts = load_prompts(prompts_file)
+    settings = {"prompts_file": prompts_file.name, "prompts_sha256": prompts_sha256(prompts), "prompts": len(prompts),
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "decoding": "greedy", "dtype": "float32"}
+    store = json.loads(answers_file.read_text()) if answers_file.exists() else {**settings, "prompt_texts": prompts,
+                                                                               "models": {}}
+    stale = {k: (store.get(k), v) for k, v in settings.items() if store.get(k) != v}
+    stale.update({f"row {r['model']}: {k}": (r.get(k), v) for r in read_jsonl(rows_file) for k, v in settings.items()
+                  if r.get(k) != v})
+    if stale:
+        raise SystemExit(f"{answers_file.name} / {rows_file.name} were measured with other settings "
+                         f"({'; '.join(f'{k}: {old!r}, now {new!r}' for k, (old, new) in stale.items())}); move both "
+                         "away to measure again.")
+    models = pick_models(bench_models(work, source), names, work)
+    todo = [m for m in models if not any(r["model"] == m.name for r in read_jsonl(rows_file))]
+    for m in models:
+        if m not in todo:
+            log(f"chat {m.name}: already measured")
+    if not todo:
+        return []
+    loaded: dict = {}
+
+    def teacher():
+        if "dense" not in loaded:
+            loaded["dense"] = load_causal_lm(source)
+        return loaded["dense"]
+
+    def answers_of(m: BenchModel) -> dict:
+        if m.name not in store["models"]:
+            model, tokenizer = teacher() if m.kind == "dense" else load_causal_lm(m.spec)
+            started = time.perf_counter()
+            outputs = generate_chat_outputs(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size)
+            wall = time.perf_counter() - started
+            store["models"][m.name] = {"spec": m.spec if m.kind == "dense" else Path(m.spec).name,
+                                       "answers": [o["answer"] for o in outputs],
+                                       "tokens": [o["tokens"] for o in outputs],
+                                       "finished": [o["finished"] for o in outputs], "wall_time_s": wall,
+                                       "threads": torch.get_num_threads()}
+            atomic_write_json(answers_file, store)
+            log(f"chat {m.name}: {len(prompts)} answers in {wall:.0f} s")
+        return store["models"][m.name]
+
+    dense = answers_of(next(m for m in bench_models(work, source) if m.kind == "dense"))
+    appended = []
+    for m in todo:
+        got = answers_of(m)
+        started = time.perf_counter()
+        model, tokenizer = teacher()
+        metrics = chat_metrics(got["answers"], dense["answers"], model, tokenizer, prompts, batch_size=batch_size)
+        row = {**m.describe(), **settings, **metrics, "teacher_nll": _finite(metrics["teacher_nll"]),
+               "cut_at_limit": sum(not f for f in got["finished"]) / len(prompts),
+               "generated_tokens": sum(got["tokens"]), "generation_wall_time_s": got["wall_time_s"],
+               "generated_tokens_per_s": sum(got["tokens"]) / got["wall_time_s"] if got["wall_time_s"] else None,
+               "metrics_wall_time_s": time.perf_counter() - started, "hf_compress_version": __version__,
+               "threads": got["threads"], "note": note}
+        append_jsonl(rows_file, row)
+        appended.append(row)
+        nll = "-" if row["teacher_nll"] is None else f"{row['teacher_nll']:.3f}"
+        log(f"chat {m.name}: non-empty {row['non_empty']:.1%}, first sentence = dense {row['first_sentence_match']:.1%}, "
+            f"teacher NLL {nll}")
+    return appended
+
+
+ZEROSHOT_METRICS = ("acc", "acc_norm")
+
+
+def zeroshot_row(m: BenchModel, results: dict, limit: int) -> dict:
+    """One row of the zero-shot stage from lm-eval's results: acc (and acc_norm where the set has it) and the item
+    count of each of the six sets, their plain (unweighted) means, lm-eval's own group figure and the wall time."""
+    from hf_compress.evaluation.tasks import ZEROSHOT_GROUP, ZEROSHOT_SETS
+
+    per_task = {}
+    for task in ZEROSHOT_SETS:
+        metrics = results["results"][task]
+        per_task[task] = {name: metrics[f"{name},none"] for name in ZEROSHOT_METRICS if f"{name},none" in metrics}
+        per_task[task]["n"] = (results.get("n-samples", {}).get(task) or {}).get("effective")
+    accs = [t["acc"] for t in per_task.values()]
+    norms = [t["acc_norm"] for t in per_task.values() if "acc_norm" in t]
+    info = results.get("hf_compress", {})
+    return {**m.describe(), "limit": limit, "tasks": per_task, "mean_acc": sum(accs) / len(accs),
+            "mean_acc_norm": sum(norms) / len(norms) if norms else None,
+            "group_acc": results["results"].get(ZEROSHOT_GROUP, {}).get("acc,none"),
+            "batch_size": info.get("batch_size"), "dtype": info.get("dtype"), "device": info.get("device"),
+            "wall_time_s": info.get("wall_time_s"), "lm_eval_version": results.get("lm_eval_version"),
+            "hf_compress_version": __version__, "threads": torch.get_num_threads()}
+
+
+def zeroshot_stage(work: Path, *, source: str = SOURCE, names=ZEROSHOT_MODELS, limit: int = ZEROSHOT_LIMIT,
+                   batch_size: int = ZEROSHOT_BATCH_SIZE, device: str = "cpu", rows_file: Path | None = None,
+                   note: str = "", log=print) -> list[dict]:
+    """lm-eval 0-shot on the six local sets (`hfc_zeroshot`, `limit` items each) for the named models, one row per
+    model appended to `rows_file`; a model with a row of the same limit is skipped. Returns the rows appended."""
+    from hf_compress.evaluation.lm_eval import run_lm_eval
+    from hf_compress.evaluation.tasks import ZEROSHOT_GROUP
+    from hf_compress.sources import resolve_source
+
+    rows_file = rows_file or ZEROSHOT_ROWS_FILE
+    appended = []
+    for m in pick_models(bench_models(work, source), names, work):
+        if any(r["model"] == m.name and r["limit"] == limit for r in read_jsonl(rows_file)):
+            log(f"zeroshot {m.name}: already measured (limit {limit})")
+            continue
+        path, gguf_file = resolve_source(m.spec)
+        results = run_lm_eval(path, [ZEROSHOT_GROUP], limit=limit, gguf_file=gguf_file, batch_size=batch_size,
+                              device=device)
+        row = {**zeroshot_row(m, results, limit), "note": note}
+        append_jsonl(rows_file, row)
+        appended.append(row)
+        log(f"zeroshot {m.name}: mean acc {row['mean_acc']:.3f} ({row['wall_time_s']:.0f} s)")
+    return appended
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["run", "table"])
+    parser.add_argument("stage", choices=["run", "table", "chat", "zeroshot"])
     parser.add_argument("--rows", nargs="+", default=["main"], help=f"row sets ({', '.join(ROWS)}) or row names")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/quick_heal"),
                         help="students, healed checkpoints and resumable states")
     parser.add_argument("--note", default="", help="written under the table (e.g. other jobs on the machine)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help=f"chat/zeroshot: these models only ({DENSE}, or checkpoint folder names of the work dir; "
+                             f"default: all for chat, {' '.join(ZEROSHOT_MODELS)} for zeroshot)")
+    parser.add_argument("--max-new-tokens", type=int, default=CHAT_MAX_NEW_TOKENS, help="chat: tokens per answer")
+    parser.add_argument("--chat-batch-size", type=int, default=CHAT_BATCH_SIZE, help="chat: prompts per batch")
+    parser.add_argument("--zeroshot-limit", type=int, default=ZEROSHOT_LIMIT, help="zeroshot: items per set")
+    parser.add_argument("--zeroshot-batch-size", type=int, default=ZEROSHOT_BATCH_SIZE)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 is much faster while other jobs hold the cores")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if args.stage == "table":
         write_table(work, args.note)
+        return
+    if args.stage == "chat":
+        chat_stage(work, names=args.models, max_new_tokens=args.max_new_tokens, batch_size=args.chat_batch_size,
+                   note=args.note, log=lambda line: print(line, flush=True))
+        return
+    if args.stage == "zeroshot":
+        zeroshot_stage(work, names=args.models or ZEROSHOT_MODELS, limit=args.zeroshot_limit,
+                       batch_size=args.zeroshot_batch_size, note=args.note, log=lambda line: print(line, flush=True))
         return
     every = {row.name: row for rows in ROWS.values() for row in rows}
     wanted = [row for name in args.rows for row in (ROWS[name] if name in ROWS else [every[name]])]

@@ -4,9 +4,12 @@
     python benchmarks/report.py --check    # exit 1 if either file is out of date
 
 Reads, under benchmarks/results/: llm_quality_quick.jsonl, lm_eval_*.json, pruning_*.json, early_exit_*.json,
-cnn_cpu_*.json (when present), and the *.log files of single CLI runs. Every number in the generated text is
-formatted from those files; the few facts the files do not record (what else ran on the machine, how old
-checkpoints were made) are kept in `CONTEXT` below, in words.
+cnn_cpu_*.json, quick_heal*.json* (when present), and the *.log files of single CLI runs. Once the chat stage of
+bench_quick_heal.py has run, it also writes quick_heal_chat_exchange.md (one chat exchange, dense / unhealed / healed
+at 20%) and puts the same exchange into README.md between <!-- chat-exchange:start --> and <!-- chat-exchange:end -->
+where README.md has those markers. Every number in the generated text is formatted from those files; the few
+facts the files do not record (what else ran on the machine, how old checkpoints were made) are kept in `CONTEXT`
+below, in words.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ RESULTS_README = RESULTS / "README.md"
 MAIN_README = ROOT / "README.md"
 SUMMARY_START = "<!-- results-summary:start -->"
 SUMMARY_END = "<!-- results-summary:end -->"
+# The chat exchange of protocol "quick-heal" (`chat_exchange`): its own file, and README.md between these markers
+# where README.md has them.
+EXCHANGE_FILE = RESULTS / "quick_heal_chat_exchange.md"
+EXCHANGE_START = "<!-- chat-exchange:start -->"
+EXCHANGE_END = "<!-- chat-exchange:end -->"
 
 # Facts about the runs that the result files do not record.
 CONTEXT = {
@@ -663,6 +671,10 @@ def cnn_cpu_section(files: dict) -> str:
         if any(r.get("note") for r in rows):
             out.append("Rows with a note were measured under the condition it names.")
             out.append("")
+    reference = files.get("cnn_cpu_reference.json")
+    if reference:
+        out.append(reference_check(reference))
+        out.append("")
     summary = files.get("cnn_cpu_summary.json")
     if summary:
         for network, entries in summary.get("networks", {}).items():
@@ -670,13 +682,225 @@ def cnn_cpu_section(files: dict) -> str:
                 f"{k} {pct(v, 2) if isinstance(v, float) and 0 <= v <= 1 else v}" for k, v in entries.items()) + ".")
         out.append("")
     for name in files:
-        if name not in ("cnn_cpu_baseline.json", "cnn_cpu_summary.json"):
+        if name not in ("cnn_cpu_baseline.json", "cnn_cpu_summary.json", "cnn_cpu_reference.json"):
             out.append(f"`{name}` is stored but not summarised here.")
     return "\n".join(out)
 
 
-def heal_section(rows: list[dict], dense: dict | None) -> str:
+# Accuracy gap (points) within which the pipeline and the independent reference count as equal at this length.
+REFERENCE_NOISE_POINTS = 1.0
+
+
+def reference_check(report: dict) -> str:
+    """The cross-check of the training pipeline against an independent implementation (`cnn_cpu_reference.py`)."""
+    rows = report.get("rows", [])
+    out = [("**Pipeline cross-check** (`benchmarks/cnn_cpu_reference.py`): the same ResNet-20, hyper-parameters and "
+            "short schedule, trained once through hf-compress and once by an independent minimal implementation "
+            "(PIL decoding, per-image augmentation, a ResNet-20 written out separately, a plain loop)."), ""]
+    out.append(table(["arm", "epochs", "seed", "test acc", "val acc", "train acc (no augmentation)", "note"],
+                     [[r["arm"], r["epochs"], r["seed"], pct(r["test_acc"], 2), pct(r["val_acc"], 2),
+                       pct(r["train_acc_no_aug"], 2), r.get("note") or "-"] for r in rows]))
+    by_arm = {(r["epochs"], r["seed"], r["arm"]): r for r in rows}
+    for (epochs, seed, arm), ours in by_arm.items():
+        ref = by_arm.get((epochs, seed, "reference"))
+        if arm != "hf-compress" or ref is None:
+            continue
+        gaps = {k: 100 * (ours[k] - ref[k]) for k in ("test_acc", "val_acc")}
+        equal = all(abs(g) <= REFERENCE_NOISE_POINTS for g in gaps.values())
+        out += ["", (f"At {epochs} epochs (seed {seed}) hf-compress minus reference: test {gaps['test_acc']:+.2f}, "
+                     f"validation {gaps['val_acc']:+.2f} points: "
+                     + ("equal within run-to-run noise, so the training pipeline shows no defect; the baseline's "
+                        "shortfall comes from the recipe or the data." if equal else
+                        f"a gap beyond {REFERENCE_NOISE_POINTS:g} point: the pipeline differs from the reference."))]
+    data = report.get("data", {})
+    if data:
+        described = "; ".join(f"{split}: {', '.join(d['formats'])}, quality {', '.join(map(str, d['jpeg_quality']))}, "
+                              f"chroma {', '.join(d['chroma_subsampling'])}" for split, d in data.items())
+        out += ["", (f"The stored CIFAR-10 images ({described}; read from the first {next(iter(data.values()))['images_checked']} "
+                     "files of each split) are lossy re-encodings of the 32x32 originals, with colour at half "
+                     "resolution; published ResNet-20 figures (91-92%) are for the original PNG images and "
+                     "160-200 epochs.")]
+    return "\n".join(out)
+
+
+def save_dtype_section(report: dict | None) -> str:
+    if not report:
+        return ""
+    rows = report["rows"]
+    return "\n".join([
+        "### Saved dtype", "",
+        (f"SmolLM2-135M-Instruct at {report['ratio']:.0%} (protocol \"quick\"), the same conversion saved in float32 "
+         "and in bfloat16 (the source's dtype, the default), each measured from its saved files with float32 compute "
+         "(`benchmarks/bench_save_dtype.py`)."), "",
+        table(["saved as", "weights (MB)", "WikiText-2 quick ppl", "change vs float32"],
+              [[r["save_dtype"], f"{r['weights_mb']:.1f}", ppl(r["wikitext2_ppl"]),
+                f"{100 * r['relative_change']:+.2f}%"] for r in rows]),
+        "",
+        f"bfloat16 within 1% of float32: {'yes' if report['within_1_percent'] else 'no'}.",
+    ])
+
+
+# The healing targets at the 262,144-token budget (WikiText-2 quick; C4 against dense; chat and zero-shot at 20%).
+HEAL_BUDGET = 262144
+WIKITEXT_TARGETS = {0.2: 45.0, 0.3: 65.0}
+CHAT_TARGET_RATIO, CHAT_NON_EMPTY_TARGET = 0.2, 0.9
+ZEROSHOT_TARGET_RATIO = 0.2
+# The chat exchange shown in the READMEs: always this prompt of benchmarks/chat_prompts.json (the first), never one
+# picked by its answers.
+EXCHANGE_PROMPT = 0
+
+
+def is_main_heal(r: dict) -> bool:
+    """A row healed as the main rows are: KL on the factors, sequential calibration, the 262,144-token budget."""
+    options = r.get("heal_options", {})
+    return (r["budget_tokens"] == HEAL_BUDGET and options.get("loss", "kl") == "kl"
+            and options.get("trainable", "factors") == "factors" and r.get("sequential", True))
+
+
+def bench_row(rows: list[dict], ratio: float, kind: str) -> dict | None:
+    """The chat or zero-shot row of the dense model, the unhealed student (sequential calibration) at `ratio`, or
+    the model healed as the main rows are at `ratio` (zero-shot: the row with the most items per set)."""
+    found = [r for r in rows if r["kind"] == kind and (kind == "dense" or (
+        math.isclose(r["ratio"], ratio) and r.get("sequential", True)
+        and (kind == "unhealed" or (not r.get("heal_options") and r.get("budget_tokens") == HEAL_BUDGET))))]
+    return max(found, key=lambda r: r.get("limit", 0)) if found else None
+
+
+def bench_row_label(r: dict) -> str:
+    if r["kind"] == "dense":
+        return "dense"
+    text = f"{pct(r['ratio'])} {r['kind']}"
+    if r["kind"] == "healed":
+        options = ", ".join(f"{k} {v}" for k, v in (r.get("heal_options") or {}).items())
+        text += f" ({r['budget_tokens']:,} tokens" + (f", {options}" if options else "") + ")"
+    if not r.get("sequential", True):
+        text += ", no sequential calibration"
+    return text
+
+
+def model_order(r: dict) -> tuple:
+    return r["kind"] != "dense", r["ratio"], r["kind"] == "healed", r.get("budget_tokens") or 0, r["model"]
+
+
+def chat_table(rows: list[dict]) -> list[str]:
     if not rows:
+        return []
+    first = rows[0]
+    limit = first["max_new_tokens"]
+    out = [(f"Chat behaviour (`quick_heal_chat.jsonl`; the answers themselves in `quick_heal_chat_answers.json`): each "
+           f"model answers the {first['prompts']} prompts of `benchmarks/{first['prompts_file']}` (short questions "
+           "and instructions written for this benchmark, none from an evaluation set), each as one user turn through "
+           f"its chat template, greedily, at most {limit} new tokens, {first['dtype']}. *answered*: share of non-empty "
+           "answers; *first sentence = dense*: share whose first sentence (of an answer cut at the limit: of what was "
+           "written) is exactly the dense model's (100% for the dense row by construction); *dense NLL*: the dense model's mean NLL per token of the answers "
+           "(non-empty ones only; for the dense row, of its own answers); *cut*: answers the token limit stopped."),
+           ""]
+    body = []
+    for r in sorted(rows, key=model_order):
+        nll = "-" if r["teacher_nll"] is None else f"{r['teacher_nll']:.3f}"
+        body.append([bench_row_label(r), pct(r["non_empty"], 1), pct(r["first_sentence_match"], 1), nll,
+                     f"{r['answer_tokens']:,}", pct(r["cut_at_limit"]), f"{r['generation_wall_time_s']:.0f}",
+                     r["threads"]])
+    out.append(table(["model", "answered", "first sentence = dense", "dense NLL", "answer tokens",
+                      f"cut at {limit} tokens", "generation (s)", "threads"], body))
+    return out
+
+
+def zeroshot_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    latest = {}
+    for r in rows:  # one row per model: the one with the most items per set
+        if r["model"] not in latest or r["limit"] >= latest[r["model"]]["limit"]:
+            latest[r["model"]] = r
+    rows = sorted(latest.values(), key=model_order)
+    tasks = list(rows[0]["tasks"])
+    limits = sorted({r["limit"] for r in rows})
+    out = [(f"Zero-shot (`quick_heal_zeroshot.jsonl`): lm-eval 0-shot with its own prompts and metrics on the first "
+           f"{' / '.join(str(n) for n in limits)} items of each of the six local sets, {rows[0]['dtype']}, batch "
+           f"{rows[0]['batch_size']}. Cells are acc / acc_norm; the means are unweighted over the six sets (acc) and "
+           f"the five with acc_norm. At {limits[0]} items one set's accuracy has a standard error of up to "
+           f"{std_error(0.5, limits[0]):.3f}, the six-set mean of up to {std_error(0.5, limits[0]) / math.sqrt(6):.3f}."),
+           ""]
+    body = []
+    for r in rows:
+        cells = [f"{t['acc']:.3f}" + (f" / {t['acc_norm']:.3f}" if "acc_norm" in t else "") for t in r["tasks"].values()]
+        norm = "-" if r["mean_acc_norm"] is None else f"{r['mean_acc_norm']:.3f}"
+        body.append([bench_row_label(r), *cells, f"**{r['mean_acc']:.3f}**", norm, r["limit"],
+                     f"{r['wall_time_s'] / 60:.0f}", r["threads"]])
+    out.append(table(["model", *(t.removeprefix("hfc_") for t in tasks), "mean acc", "mean acc_norm",
+                      "items per set", "wall (min)", "threads"], body))
+    return out
+
+
+def heal_targets(rows: list[dict], dense: dict | None, chat_rows: list[dict], zeroshot_rows: list[dict]) -> list[str]:
+    checks = []
+    for r in rows:
+        if r["ratio"] in WIKITEXT_TARGETS and is_main_heal(r):
+            goal = WIKITEXT_TARGETS[r["ratio"]]
+            checks.append(f"{pct(r['ratio'])}: WikiText-2 {r['wikitext2_after']:.2f} against at most {goal:.0f} "
+                          f"({'met' if r['wikitext2_after'] <= goal else 'missed'})")
+            if r["ratio"] == 0.2 and dense:
+                ok = r["c4_after"] <= 2 * dense["c4"]
+                checks.append(f"20%: C4 validation {r['c4_after']:.2f} against at most twice the dense model's "
+                              f"({2 * dense['c4']:.2f}; {'met' if ok else 'missed'})")
+    healed = bench_row(chat_rows, CHAT_TARGET_RATIO, "healed")
+    if healed:
+        ok = healed["non_empty"] >= CHAT_NON_EMPTY_TARGET
+        checks.append(f"{pct(CHAT_TARGET_RATIO)} healed: {pct(healed['non_empty'], 1)} of the {healed['prompts']} "
+                      f"chat prompts answered against at least {pct(CHAT_NON_EMPTY_TARGET)} "
+                      f"({'met' if ok else 'missed'})")
+    healed = bench_row(zeroshot_rows, ZEROSHOT_TARGET_RATIO, "healed")
+    unhealed = bench_row(zeroshot_rows, ZEROSHOT_TARGET_RATIO, "unhealed")
+    if healed and unhealed and healed["limit"] == unhealed["limit"]:
+        ok = healed["mean_acc"] > unhealed["mean_acc"]
+        checks.append(f"{pct(ZEROSHOT_TARGET_RATIO)}: mean zero-shot acc {healed['mean_acc']:.3f} healed against "
+                      f"{unhealed['mean_acc']:.3f} unhealed, to be above it ({healed['limit']} items per set; "
+                      f"{'met' if ok else 'missed'})")
+    return checks
+
+
+def md_cell(text: str) -> str:
+    """An answer as one markdown table cell: HTML and pipes escaped, line breaks as <br>."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return "<br>".join(line.strip() for line in text.strip().splitlines())
+
+
+def chat_exchange(answers: dict | None, chat_rows: list[dict], where: str = "") -> str:
+    """One prompt (`EXCHANGE_PROMPT`, fixed) with the measured answers of the dense model, the unhealed 20% student
+    and the 20% model healed as the main rows are, side by side; "" until all three were measured. `where` is the
+    path of the results folder from the file the text goes into."""
+    if not answers:
+        return ""
+    picked = [bench_row(chat_rows, CHAT_TARGET_RATIO, kind) for kind in ("dense", "unhealed", "healed")]
+    if not all(picked) or not all(r["model"] in answers["models"] for r in picked):
+        return ""
+    # Models healed with the teacher's chat text at the same ratio, beside the main healed row.
+    picked += sorted((r for r in chat_rows if r["kind"] == "healed" and math.isclose(r["ratio"], CHAT_TARGET_RATIO)
+                      and (r.get("heal_options") or {}).get("chat_fraction") and r["model"] in answers["models"]),
+                     key=model_order)
+    limit = answers["max_new_tokens"]
+    cells = []
+    for r in picked:
+        got = answers["models"][r["model"]]
+        text = md_cell(got["answers"][EXCHANGE_PROMPT]) or "*(no answer: the model ends its turn at once)*"
+        cells.append(text + ("" if got["finished"][EXCHANGE_PROMPT] else f" *[cut at {limit} tokens]*"))
+    prompt = answers["prompt_texts"][EXCHANGE_PROMPT]
+    return "\n".join([
+        (f"Prompt {EXCHANGE_PROMPT + 1} of `benchmarks/{answers['prompts_file']}` (always this one, whatever the "
+        f"answers), asked as one user turn through the chat template; greedy answers of at most {limit} new tokens, "
+        f"as measured (`{where}quick_heal_chat_answers.json`):"),
+        "",
+        "> " + md_cell(prompt),
+        "",
+        table([bench_row_label(r) for r in picked], [cells]),
+    ])
+
+
+def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | None = None,
+                 zeroshot_rows: list[dict] | None = None, answers: dict | None = None) -> str:
+    chat_rows, zeroshot_rows = chat_rows or [], zeroshot_rows or []
+    if not (rows or chat_rows or zeroshot_rows):
         return ""
     out = ["## LLM healing, protocol \"quick-heal\" (CPU)", "",
            ("`benchmarks/bench_quick_heal.py`, rows in `quick_heal.jsonl`. The student is the default conversion of "
@@ -697,24 +921,19 @@ def heal_section(rows: list[dict], dense: dict | None) -> str:
                      f"{r['c4_after'] / dense['c4']:.2f}x" if dense else "-",
                      f"{r['heal_wall_time_s'] / 60:.1f}", f"{r['heal_tokens_per_s']:.0f}",
                      f"{r['heal_peak_rss_mb']:,.0f}"])
-    out += ["", table(["row", "ratio", "budget (tokens)", "trains, loss", "trainable params", "WikiText-2 ppl",
-                       "C4-val ppl", "C4 healed / dense", "healing (min)", "tokens/s", "peak RSS (MB)"], body)]
-    # The targets the healing was built to reach at the 262,144-token budget (WikiText-2 quick; C4 against dense).
-    targets = {0.2: 45.0, 0.3: 65.0}
-    checks = []
-    for r in rows:
-        if r["budget_tokens"] == 262144 and r["ratio"] in targets and r.get("heal_options", {}).get("loss") == "kl" \
-                and r.get("heal_options", {}).get("trainable") == "factors" and r.get("sequential", True):
-            goal = targets[r["ratio"]]
-            checks.append(f"{pct(r['ratio'])}: WikiText-2 {r['wikitext2_after']:.2f} against at most {goal:.0f} "
-                          f"({'met' if r['wikitext2_after'] <= goal else 'missed'})")
-            if r["ratio"] == 0.2 and dense:
-                ok = r["c4_after"] <= 2 * dense["c4"]
-                checks.append(f"20%: C4 validation {r['c4_after']:.2f} against at most twice the dense model's "
-                              f"({2 * dense['c4']:.2f}; {'met' if ok else 'missed'})")
+    if body:
+        out += ["", table(["row", "ratio", "budget (tokens)", "trains, loss", "trainable params", "WikiText-2 ppl",
+                           "C4-val ppl", "C4 healed / dense", "healing (min)", "tokens/s", "peak RSS (MB)"], body)]
+    for part in (chat_table(chat_rows), zeroshot_table(zeroshot_rows)):
+        if part:
+            out += [""] + part
+    checks = heal_targets(rows, dense, chat_rows, zeroshot_rows)
     if checks:
         out += ["", "Targets: " + "; ".join(checks) + "."]
-    notes = sorted({r.get("note") for r in rows if r.get("note")})
+    exchange = chat_exchange(answers, chat_rows)
+    if exchange:
+        out += ["", "One chat exchange (dense, unhealed and healed at 20%):", "", exchange]
+    notes = sorted({r.get("note") for r in rows + chat_rows + zeroshot_rows if r.get("note")})
     if notes:
         out += ["", "Conditions: " + " ".join(notes)]
     return "\n".join(out)
@@ -780,6 +999,8 @@ def build() -> tuple[str, str]:
     speed = sorted(p.name for p in RESULTS.glob("llm_speed*"))
     heal_rows = load_jsonl("quick_heal.jsonl")
     heal_dense = load_json("quick_heal_dense.json")
+    chat_rows, zeroshot_rows = load_jsonl("quick_heal_chat.jsonl"), load_jsonl("quick_heal_zeroshot.jsonl")
+    chat_answers = load_json("quick_heal_chat_answers.json")
     # the two early-exit runs of the first round first, the less loaded one last
     exits = dict(sorted(exits.items(), key=lambda kv: ("10k" in kv[0], "hf-" in kv[0])))
 
@@ -810,7 +1031,9 @@ def build() -> tuple[str, str]:
         "",
         llm_section(llm, logs),
         "",
-        heal_section(heal_rows, heal_dense),
+        heal_section(heal_rows, heal_dense, chat_rows, zeroshot_rows, chat_answers),
+        "",
+        save_dtype_section(load_json("save_dtype.json")),
         "",
         lm_eval_section(lm.get("lm_eval_quick.json"), lm.get("lm_eval_reduced.json"),
                         lm.get("lm_eval_zeroshot_limit20.json"), llm),
@@ -833,12 +1056,28 @@ def build() -> tuple[str, str]:
     return text, summary_table(llm, pruning, exits, heal_rows, heal_dense)
 
 
+def with_block(readme: str, start: str, end: str, text: str) -> str:
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{text}\n{end}{tail}"
+
+
 def with_summary(readme: str, summary: str) -> str:
     if SUMMARY_START not in readme or SUMMARY_END not in readme:
         raise SystemExit(f"README.md lacks the {SUMMARY_START} / {SUMMARY_END} markers")
-    head, rest = readme.split(SUMMARY_START, 1)
-    _, tail = rest.split(SUMMARY_END, 1)
-    return f"{head}{SUMMARY_START}\n{summary}\n{SUMMARY_END}{tail}"
+    return with_block(readme, SUMMARY_START, SUMMARY_END, summary)
+
+
+def exchange_files() -> tuple[str, str]:
+    """The chat exchange as its own file (`EXCHANGE_FILE`) and as README.md's block; ("", "") until measured."""
+    rows, answers = load_jsonl("quick_heal_chat.jsonl"), load_json("quick_heal_chat_answers.json")
+    own, readme = chat_exchange(answers, rows), chat_exchange(answers, rows, "benchmarks/results/")
+    if not own:
+        return "", ""
+    head = ["# One chat exchange: dense, unhealed and healed SmolLM2-135M-Instruct at 20%", "",
+            "<!-- Generated by benchmarks/report.py from quick_heal_chat*.json*; edit the script, not this file. -->",
+            ""]
+    return "\n".join(head) + own + "\n", readme
 
 
 def main() -> None:
@@ -847,15 +1086,17 @@ def main() -> None:
     args = parser.parse_args()
     results, summary = build()
     readme = with_summary(MAIN_README.read_text(), summary)
-    stale = [p for p, text in ((RESULTS_README, results), (MAIN_README, readme))
-             if not p.exists() or p.read_text() != text]
+    exchange, exchange_block = exchange_files()
+    if exchange_block and EXCHANGE_START in readme and EXCHANGE_END in readme:
+        readme = with_block(readme, EXCHANGE_START, EXCHANGE_END, exchange_block)
+    outputs = [(RESULTS_README, results), (MAIN_README, readme)] + ([(EXCHANGE_FILE, exchange)] if exchange else [])
+    stale = [(p, text) for p, text in outputs if not p.exists() or p.read_text() != text]
     if args.check:
-        for p in stale:
+        for p, _ in stale:
             print(f"out of date: {p.relative_to(ROOT)}")
         sys.exit(1 if stale else 0)
-    RESULTS_README.write_text(results)
-    MAIN_README.write_text(readme)
-    for p in stale:
+    for p, text in stale:
+        p.write_text(text)
         print(f"wrote {p.relative_to(ROOT)}")
 
 

@@ -18,6 +18,7 @@ from hf_compress.evaluation.chat import (
     end_of_turn_ids,
     first_sentence,
     generate_chat_answers,
+    generate_chat_outputs,
     generate_ids,
 )
 
@@ -104,6 +105,9 @@ def test_answers_equal_a_token_by_token_greedy_loop():
     answers = generate_chat_answers(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
     assert answers == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens, _ in expected]
     assert answers[0] == "" and all(answers[1:])
+    outputs = generate_chat_outputs(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
+    assert outputs == [{"answer": answer, "tokens": len(tokens), "finished": finished}
+                       for answer, (tokens, finished) in zip(answers, expected)]
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone():

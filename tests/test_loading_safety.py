@@ -241,6 +241,25 @@ def test_basis_field_types_are_checked_by_the_config_itself():
 # 3. Checkpoints users can live with
 
 
+def test_tokenizer_loads_without_plugin_with_trust_remote_code(tiny_shared_basis_checkpoint, tiny_source_dir):
+    """The documented way without the plugin: the same tokens as the source's tokenizer, and no prompt."""
+    code = (
+        "import sys\nsys.modules['hf_compress'] = None\n"
+        "from transformers import AutoTokenizer\n"
+        f"new = AutoTokenizer.from_pretrained({str(tiny_shared_basis_checkpoint)!r}, trust_remote_code=True)\n"
+        f"old = AutoTokenizer.from_pretrained({str(tiny_source_dir)!r})\n"
+        "text = 'The quick brown fox shares a basis.'\n"
+        "print(type(new).__name__, new(text)['input_ids'] == old(text)['input_ids'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tiny_shared_basis_checkpoint.parent, env=env,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, same = proc.stdout.strip().splitlines()[-1].split()
+    assert same == "True" and not name.startswith("SharedBasis")
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "transformers 5.x AutoTokenizer always loads the model config through AutoConfig first, which prompts for any "
     "config whose auto_map has AutoConfig and whose model_type it does not know: no saved file avoids it while "

@@ -130,6 +130,17 @@ def generate_ids(
     return results
 
 
+def generate_chat_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                          max_new_tokens: int = 64, batch_size: int = 8) -> list[dict]:
+    """`generate_chat_answers` with what each answer cost: for every prompt, `{"answer": text, "tokens": the new
+    tokens before the end of the turn, "finished": whether the model ended its turn (False: cut at
+    `max_new_tokens`)}`."""
+    texts = [chat_prompt_text(tokenizer, prompt) for prompt in prompts]
+    outputs = generate_ids(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [{"answer": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "tokens": len(tokens),
+             "finished": finished} for tokens, finished in outputs]
+
+
 def generate_chat_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                           max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
     """Greedy answers of `model` to `prompts`, each asked as one user turn through the tokenizer's chat template.
@@ -137,9 +148,7 @@ def generate_chat_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     Decoding stops at the token that ends the assistant's turn (or at `max_new_tokens`); the answers are decoded
     without special tokens and stripped of surrounding whitespace ("" when the model ends its turn at once).
     """
-    texts = [chat_prompt_text(tokenizer, prompt) for prompt in prompts]
-    outputs = generate_ids(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens, _ in outputs]
+    return [out["answer"] for out in generate_chat_outputs(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
 def first_sentence(text: str) -> str:

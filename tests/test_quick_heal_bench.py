@@ -1,0 +1,302 @@
+"""The chat and zero-shot stages of benchmarks/bench_quick_heal.py and their part of benchmarks/report.py, end to
+end on tiny models: a random chat Llama as the dense source, its real Basis Sharing conversion and a real (short)
+healing of it in the work dir, every results path redirected into tmp_path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+from conftest import DATA, REPO
+from test_chat import PROMPTS, chat_model, chat_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_compress  # noqa: F401  (registers SharedBasisLlama with the Auto classes)
+from hf_compress.evaluation.chat import (
+    answer_nll,
+    first_sentence,
+    generate_chat_answers,
+)
+from hf_compress.evaluation.tasks import ZEROSHOT_GROUP, ZEROSHOT_SETS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHAT_PROMPTS = PROMPTS[:4]  # the first makes the dense model end its turn at once
+MODELS = ["dense", "student-r0.2", "healed-r0.2-262k"]
+
+
+def load_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_module("bench_quick_heal")
+report = load_module("report")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A random chat Llama (ChatML template) saved in float32 with its tokenizer: the dense model."""
+    tokenizer = chat_tokenizer()
+    path = tmp_path_factory.mktemp("chat-source")
+    chat_model(tokenizer).float().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, source, calib_file):
+    """A work dir as the benchmark leaves it: the 20% student, it healed as row r0.2-262k (for a few steps), and
+    what the stages must leave out: a healing state, an unfinished student and a healed model of no known row."""
+    from hf_compress.basis_sharing import BasisSharingConfig, CalibrationConfig, convert
+    from hf_compress.healing import HealConfig, heal
+
+    work = tmp_path_factory.mktemp("quick_heal")
+    convert(str(source), work / "student-r0.2", BasisSharingConfig(ratio=0.2),
+            calibration=CalibrationConfig(dataset=str(calib_file), samples=8, seq_len=32), progress=False)
+    heal(work / "student-r0.2", work / "healed-r0.2-262k", teacher=str(source),
+         config=HealConfig(tokens=8 * 4 * 32, seq_len=32, batch_size=4, lr=3e-3, warmup_ratio=0.0,
+                           dataset=str(calib_file), dtype="float32", save_steps=1000), device="cpu", progress=False)
+    (work / ".healed-r0.3-262k.heal-state").mkdir()
+    (work / ".healed-r0.3-262k.heal-state" / "config.json").write_text("{}")
+    (work / "student-r0.3").mkdir()  # a conversion still running: no config.json yet
+    shutil.copytree(work / "student-r0.2", work / "healed-unknown-row")
+    return work
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, work, source):
+    """The chat stage run once: its paths, the rows it returned and what it logged."""
+    out = tmp_path_factory.mktemp("results")
+    prompts_file = out / "chat_prompts.json"
+    prompts_file.write_text(json.dumps(CHAT_PROMPTS))
+    paths = {"prompts_file": prompts_file, "rows_file": out / "quick_heal_chat.jsonl",
+             "answers_file": out / "quick_heal_chat_answers.json"}
+    logged: list[str] = []
+    rows = bench.chat_stage(work, source=str(source), max_new_tokens=10, batch_size=3, log=logged.append, **paths)
+    return paths, rows, logged
+
+
+def load(spec):
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(spec)
+
+
+def test_models_of_the_work_dir(work, source):
+    models = bench.bench_models(work, str(source))
+    assert [m.name for m in models] == MODELS
+    assert [(m.kind, m.ratio, m.budget_tokens) for m in models] == [("dense", 0.0, None), ("unhealed", 0.2, None),
+                                                                   ("healed", 0.2, 262144)]
+    assert models[0].spec == str(source) and models[2].spec == str(work / "healed-r0.2-262k")
+    assert bench.bench_models(work)[0].spec == "smollm2"
+    with pytest.raises(SystemExit, match="no finished checkpoint student-r0.3"):
+        bench.pick_models(models, ["dense", "student-r0.3"], work)
+
+
+def test_chat_stage_rows_match_independent_computations(chat_run, work, source):
+    paths, rows, logged = chat_run
+    assert rows == bench.read_jsonl(paths["rows_file"])
+    assert [r["model"] for r in rows] == MODELS
+    store = json.loads(paths["answers_file"].read_text())
+    assert store["prompt_texts"] == CHAT_PROMPTS and store["max_new_tokens"] == 10 and set(store["models"]) == set(MODELS)
+    teacher, tokenizer = load(source)
+    dense_answers = store["models"]["dense"]["answers"]
+    for row, spec in zip(rows, [source, work / "student-r0.2", work / "healed-r0.2-262k"]):
+        got = store["models"][row["model"]]
+        model, own_tokenizer = load(spec)
+        # The stored answers are the model's greedy chat answers with the recorded settings.
+        assert got["answers"] == generate_chat_answers(model, own_tokenizer, CHAT_PROMPTS, max_new_tokens=10,
+                                                       batch_size=3)
+        assert row["max_new_tokens"] == 10 and row["batch_size"] == 3 and row["prompts"] == len(CHAT_PROMPTS)
+        assert row["prompts_sha256"] == bench.prompts_sha256(CHAT_PROMPTS)
+        assert row["non_empty"] == sum(bool(a.strip()) for a in got["answers"]) / len(CHAT_PROMPTS)
+        assert row["first_sentence_match"] == sum(first_sentence(a) == first_sentence(d) for a, d in
+                                                  zip(got["answers"], dense_answers)) / len(CHAT_PROMPTS)
+        assert row["cut_at_limit"] == sum(not f for f in got["finished"]) / len(CHAT_PROMPTS)
+        assert all(0 <= t <= 10 for t in got["tokens"]) and row["generated_tokens"] == sum(got["tokens"])
+        nll, count = answer_nll(teacher, tokenizer, CHAT_PROMPTS, got["answers"])
+        assert row["answer_tokens"] == count
+        assert (row["teacher_nll"] is None) if count == 0 else row["teacher_nll"] == pytest.approx(nll, rel=1e-6)
+    dense = rows[0]
+    assert dense["kind"] == "dense" and dense["first_sentence_match"] == 1.0
+    assert dense_answers[0] == "" and 0 < dense["non_empty"] < 1  # the tiny model ends its turn at once once
+    assert rows[2]["kind"] == "healed" and rows[2]["heal_row"] == "r0.2-262k" and rows[2]["budget_tokens"] == 262144
+    assert any("healed-r0.2-262k: non-empty" in line for line in logged)
+
+
+def test_chat_stage_resumes_without_recomputing(chat_run, work, source, monkeypatch):
+    from hf_compress import sources
+    from hf_compress.evaluation import chat
+
+    paths, rows, _ = chat_run
+    before = paths["rows_file"].read_bytes(), paths["answers_file"].read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing may be loaded or generated again")
+
+    # Every row there: nothing is loaded.
+    monkeypatch.setattr(sources, "load_causal_lm", refuse)
+    logged: list[str] = []
+    assert bench.chat_stage(work, source=str(source), max_new_tokens=10, batch_size=3, log=logged.append,
+                            **paths) == []
+    assert logged == [f"chat {name}: already measured" for name in MODELS]
+    assert (paths["rows_file"].read_bytes(), paths["answers_file"].read_bytes()) == before
+    monkeypatch.undo()
+
+    # The last row lost (stopped after the answers, before the row): scored again from the kept answers.
+    paths["rows_file"].write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    monkeypatch.setattr(chat, "generate_chat_outputs", refuse)
+    again = bench.chat_stage(work, source=str(source), max_new_tokens=10, batch_size=3, log=lambda _: None, **paths)
+    timing = {"metrics_wall_time_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in again] == \
+           [{k: v for k, v in rows[2].items() if k not in timing}]
+    assert bench.read_jsonl(paths["rows_file"])[:2] == rows[:2] and len(bench.read_jsonl(paths["rows_file"])) == 3
+    assert paths["answers_file"].read_bytes() == before[1]
+
+    # Other settings than the kept answers: refused, nothing mixed.
+    with pytest.raises(SystemExit, match="other settings .*max_new_tokens: 10, now 12"):
+        bench.chat_stage(work, source=str(source), max_new_tokens=12, batch_size=3, **paths)
+
+
+def fake_results(accs: dict[str, float], limit: int, wall: float) -> dict:
+    """What run_lm_eval returns for `hfc_zeroshot`, with the given acc per set (acc_norm = acc / 2 where the set
+    has it) and a group figure that is deliberately not the plain mean (the rows must compute their own)."""
+    results = {task: {"acc,none": acc, "acc_stderr,none": 0.01, "alias": task} for task, acc in accs.items()}
+    for task, acc in accs.items():
+        if task != "hfc_winogrande":
+            results[task]["acc_norm,none"] = acc / 2
+    results[ZEROSHOT_GROUP] = {"acc,none": -1.0}
+    return {"results": results, "n-samples": {t: {"original": 1000, "effective": limit} for t in accs},
+            "lm_eval_version": "0.4.test",
+            "hf_compress": {"wall_time_s": wall, "batch_size": 8, "device": "cpu", "dtype": "float32", "limit": limit}}
+
+
+def test_zeroshot_rows_and_resume(work, source, tmp_path, monkeypatch):
+    from hf_compress.evaluation import lm_eval
+
+    calls = []
+    per_model = {str(source): 0.5, str(work / "student-r0.2"): 0.3, str(work / "healed-r0.2-262k"): 0.4}
+
+    def fake_run(path, tasks, *, limit, gguf_file, batch_size, device):
+        calls.append((path, tuple(tasks), limit, gguf_file, batch_size, device))
+        base = per_model[path]
+        return fake_results({t: base + 0.01 * i for i, t in enumerate(ZEROSHOT_SETS)}, limit, 60.0)
+
+    monkeypatch.setattr(lm_eval, "run_lm_eval", fake_run)
+    rows_file = tmp_path / "quick_heal_zeroshot.jsonl"
+    run = lambda limit: bench.zeroshot_stage(work, source=str(source), limit=limit, rows_file=rows_file,
+                                             log=lambda _: None)
+    rows = run(7)
+    assert calls == [(spec, (ZEROSHOT_GROUP,), 7, None, 8, "cpu") for spec in per_model]
+    assert [r["model"] for r in rows] == MODELS and bench.read_jsonl(rows_file) == rows
+    for r, base in zip(rows, per_model.values()):
+        accs = [base + 0.01 * i for i in range(len(ZEROSHOT_SETS))]
+        norms = [a / 2 for a, t in zip(accs, ZEROSHOT_SETS) if t != "hfc_winogrande"]
+        assert r["mean_acc"] == pytest.approx(sum(accs) / 6) and r["mean_acc_norm"] == pytest.approx(sum(norms) / 5)
+        assert r["group_acc"] == -1.0 and r["limit"] == 7 and r["wall_time_s"] == 60.0
+        assert r["tasks"]["hfc_winogrande"] == {"acc": pytest.approx(accs[list(ZEROSHOT_SETS).index("hfc_winogrande")]),
+                                                "n": 7}
+    assert [r["kind"] for r in rows] == ["dense", "unhealed", "healed"]
+
+    calls.clear()
+    assert run(7) == [] and calls == []  # resumed: every model already there with this limit
+    assert [r["model"] for r in run(9)] == MODELS and len(calls) == 3  # another limit is another measurement
+    assert len(bench.read_jsonl(rows_file)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "zeroshot").is_dir(), reason="needs the local zero-shot sets (../shared/data)")
+def test_zeroshot_stage_with_lm_eval(work, source, tmp_path):
+    """The real lm-eval runner on the six local sets, 2 items each, for the healed tiny model."""
+    rows = bench.zeroshot_stage(work, source=str(source), names=["healed-r0.2-262k"], limit=2, batch_size=4,
+                                rows_file=tmp_path / "zs.jsonl", log=lambda _: None)
+    (row,) = rows
+    assert set(row["tasks"]) == set(ZEROSHOT_SETS) and all(t["n"] == 2 for t in row["tasks"].values())
+    accs = [t["acc"] for t in row["tasks"].values()]
+    assert all(a in (0.0, 0.5, 1.0) for a in accs)
+    assert row["mean_acc"] == pytest.approx(sum(accs) / 6) == pytest.approx(row["group_acc"])
+    assert "acc_norm" not in row["tasks"]["hfc_winogrande"] and "acc_norm" in row["tasks"]["hfc_piqa"]
+
+
+def zeroshot_rows(work, source, healed_mean: float, unhealed_mean: float) -> list[dict]:
+    models = {m.name: m for m in bench.bench_models(work, str(source))}
+    rows = []
+    for name, mean in (("dense", 0.5), ("student-r0.2", unhealed_mean), ("healed-r0.2-262k", healed_mean)):
+        results = fake_results({t: mean for t in ZEROSHOT_SETS}, 200, 1800.0)
+        rows.append({**bench.zeroshot_row(models[name], results, 200), "note": ""})
+    return rows
+
+
+@pytest.mark.parametrize("healed_mean, verdict", [(0.41, "met"), (0.39, "missed")])
+def test_report_tables_targets_and_exchange(chat_run, work, source, tmp_path, monkeypatch, healed_mean, verdict):
+    paths, rows, _ = chat_run
+    results = tmp_path / "benchmarks" / "results"
+    shutil.copytree(REPO / "benchmarks" / "results", results,
+                    ignore=shutil.ignore_patterns("quick_heal_chat*", "quick_heal_zeroshot*"))
+    shutil.copy(paths["rows_file"], results)
+    shutil.copy(paths["answers_file"], results)
+    (results / "quick_heal_zeroshot.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in zeroshot_rows(work, source, healed_mean, 0.4)))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results-summary:start -->\n<!-- results-summary:end -->\n\nOne exchange:\n\n"
+                      "<!-- chat-exchange:start -->\n<!-- chat-exchange:end -->\n\n## After\n")
+    for name, value in {"ROOT": tmp_path, "RESULTS": results, "RESULTS_README": results / "README.md",
+                        "MAIN_README": readme, "EXCHANGE_FILE": results / "quick_heal_chat_exchange.md"}.items():
+        monkeypatch.setattr(report, name, value)
+    monkeypatch.setattr(sys, "argv", ["report.py"])
+    report.main()
+    text = (results / "README.md").read_text()
+
+    # The chat table: one line per model, figures formatted from the rows.
+    labels = {"dense": "dense", "student-r0.2": "20% unhealed", "healed-r0.2-262k": "20% healed (262,144 tokens)"}
+    chat_part = text.split("Chat behaviour (", 1)[1].split("Zero-shot (", 1)[0]
+    for r in rows:
+        line = next(line for line in chat_part.splitlines() if line.startswith(f"| {labels[r['model']]} | "))
+        assert f"| {100 * r['non_empty']:.1f}% | {100 * r['first_sentence_match']:.1f}% |" in line
+    # The zero-shot table and both new targets, judged from the files.
+    assert "| 20% healed (262,144 tokens) | " + " | ".join([f"{healed_mean:.3f} / {healed_mean / 2:.3f}"] * 3) in text
+    healed = rows[2]
+    chat_verdict = "met" if healed["non_empty"] >= 0.9 else "missed"
+    targets = next(line for line in text.splitlines() if line.startswith("Targets: "))
+    assert (f"20% healed: {100 * healed['non_empty']:.1f}% of the {len(CHAT_PROMPTS)} chat prompts answered against "
+            f"at least 90% ({chat_verdict})") in targets
+    assert (f"20%: mean zero-shot acc {healed_mean:.3f} healed against 0.400 unhealed, to be above it (200 items per "
+            f"set; {verdict})") in targets
+
+    # The exchange: the first prompt, the measured answers of dense / unhealed / healed, in the README too.
+    store = json.loads(paths["answers_file"].read_text())
+    cells = []
+    for name in MODELS:
+        answer = store["models"][name]["answers"][0]
+        cell = report.md_cell(answer) or "*(no answer: the model ends its turn at once)*"
+        cells.append(cell + ("" if store["models"][name]["finished"][0] else " *[cut at 10 tokens]*"))
+    row = "| " + " | ".join(cells) + " |"
+    exchange = (results / "quick_heal_chat_exchange.md").read_text()
+    assert f"> {CHAT_PROMPTS[0]}\n" in exchange and row in exchange.splitlines()
+    assert "| dense | 20% unhealed | 20% healed (262,144 tokens) |" in exchange
+    main = readme.read_text()
+    block = main.split("<!-- chat-exchange:start -->\n", 1)[1].split("\n<!-- chat-exchange:end -->", 1)[0]
+    assert row in block.splitlines() and "`benchmarks/results/quick_heal_chat_answers.json`" in block
+    assert main.endswith("\n\n## After\n") and row in text.splitlines()
+
+    # Written once, the files are up to date.
+    with pytest.raises(SystemExit) as info:
+        monkeypatch.setattr(sys, "argv", ["report.py", "--check"])
+        report.main()
+    assert info.value.code == 0
+
+
+def test_exchange_cells_and_missing_models():
+    assert report.md_cell(" a | b <c>\n\n  d & e ") == "a \\| b &lt;c&gt;<br><br>d &amp; e"
+    assert report.chat_exchange(None, []) == ""
+    rows = [{"model": "dense", "kind": "dense", "ratio": 0.0}]
+    assert report.chat_exchange({"models": {"dense": {}}}, rows) == ""  # no 20% rows yet: nothing to show
+    assert math.isclose(report.std_error(0.5, 200) / math.sqrt(6), 0.0144, abs_tol=1e-4)
