@@ -13,6 +13,11 @@ pruning and early-exit stages start from them.
 
 Writes `benchmarks/results/cnn_cpu_baseline.json` (one row per seed) and updates the `baseline_test_acc` entries of
 `benchmarks/results/cnn_cpu_summary.json`.
+
+The later stages start from these baselines; each is a module of its own, dispatched from here with its options:
+
+    python benchmarks/bench_cnn_cpu.py prune --seed 2023 --seed 2024   # cnn_cpu_prune.py: class-aware pruning
+    python benchmarks/bench_cnn_cpu.py exits --seed 2023 --seed 2024   # cnn_cpu_exits.py: early exit
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import os
 import time
 from pathlib import Path
 
+import cnn_cpu_exits
+import cnn_cpu_prune
 import torch
 from bench_common import RESULTS, device_note
 from hf_compress.modeling.pruned_cnn import (
@@ -99,15 +106,18 @@ def baseline(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["baseline"])
+    parser.add_argument("stage", choices=["baseline", "prune", "exits"])
     parser.add_argument("--seed", type=int, action="append", help="repeatable (default 2023 and 2024)")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/cnn_cpu"),
-                        help="per-epoch training states, for resuming")
+                        help="per-epoch training states (and each stage's finished work), for resuming")
     parser.add_argument("--note", default="", help="recorded with each row (e.g. other jobs on the machine)")
+    # After the options above, which the stages then leave to this parser.
+    cnn_cpu_prune.add_arguments(parser)
+    cnn_cpu_exits.add_arguments(parser)
     args = parser.parse_args()
     args.seed = args.seed or [2023, 2024]
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    {"baseline": baseline}[args.stage](args)
+    {"baseline": baseline, "prune": cnn_cpu_prune.run, "exits": cnn_cpu_exits.run}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""`add_early_exits`: attach exit heads to a ResNet, train them jointly, search thresholds, save a ClassExitResNet.
+"""`add_early_exits`: attach exit heads to a ResNet, train them, search thresholds, save a ClassExitResNet.
 
 Stages: (1) load the source (a transformers ResNet, an unpruned ResNet PrunedCNN or a ClassExitResNet) and attach
-heads; (2) train backbone and heads jointly on the training split minus a held-out validation split (kept in
-`.<output>.partial/`, so a rerun with the same settings resumes at the search); (3) search the thresholds on the
-validation split; (4) report real batched early-exit inference on the test split; (5) write the checkpoint with its
-provenance record atomically.
+heads; (2) train backbone and heads jointly (or the heads alone on the frozen backbone, `train_backbone=False`) on the
+training split minus a held-out validation split (kept in `.<output>.partial/`, so a rerun with the same settings
+resumes at the search); (3) search the thresholds on the validation split; (4) report real batched early-exit
+inference on the test split; (5) write the checkpoint with its provenance record atomically.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from .heads import check_exit_source, load_exit_model
 from .report import exit_report
 from .search import ThresholdSearch, collect_exit_scores, search_thresholds
 from .training import partial_dir, stage_settings, train_jointly
-
-# The seed of the validation hold-out (the benchmark protocol's), independent of `config.seed`.
 
 
 @dataclass
@@ -166,9 +164,10 @@ def measured_result(
         "exit_rule": config.exit_rule,
         "exit_positions": list(config.exit_positions),
         "validation": {"samples": len(val), "accuracy_full": search.accuracy_full,
-                       "accuracy_early_exit": search.accuracy, "mean_macs": search.mean_macs},
+                       "accuracy_early_exit": search.accuracy, "mean_macs": search.mean_macs,
+                       "grid_settings": search.grid_settings, "search_moves": len(search.steps)},
         "training": {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size,
-                     "train_samples": len(train),
+                     "train_backbone": config.train_backbone, "train_samples": len(train),
                      "final_loss": history["train_loss"][-1] if history["train_loss"] else None},
     }
     options = dataclasses.replace(config, dataset=train_ref.name)

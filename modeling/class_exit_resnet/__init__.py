@@ -9,6 +9,7 @@ from .modeling_class_exit_resnet import (
     ClassExitResNetPreTrainedModel,
     confidence_stops,
     exclude_classes,
+    exit_loss,
     joint_exit_loss,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "ClassExitResNetPreTrainedModel",
     "confidence_stops",
     "exclude_classes",
+    "exit_loss",
     "joint_exit_loss",
 ]

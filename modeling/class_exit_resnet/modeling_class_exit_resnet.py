@@ -70,31 +70,33 @@ def confidence_stops(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return logits.float().softmax(dim=1).max(dim=1).values > threshold
 
 
+def exit_loss(logits: torch.Tensor, labels: torch.Tensor, exit_rule: str = "class_exclusion") -> torch.Tensor:
+    """The loss of one exit head, in float32 whatever the autocast dtype.
+
+    Class exclusion: binary cross-entropy of each class's sigmoid score against the one-hot label, summed over the
+    K classes and averaged over the batch, with no class or positive weighting, so that each score estimates the
+    probability of its class and the exclusion rule's ratio s_k / max(s) compares class probabilities.
+    Confidence baseline: cross-entropy, since its rule reads a softmax.
+    """
+    logits = logits.float()
+    if exit_rule == "confidence":
+        return F.cross_entropy(logits, labels)
+    target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+
+
 def joint_exit_loss(
     final_logits: torch.Tensor,
     exit_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
     labels: torch.Tensor,
     exit_rule: str = "class_exclusion",
 ) -> torch.Tensor:
-    """CE on the final output plus sum_i w_i * L_i over the E exits, w_i = 1 / (E - i + 1) (i = 1..E).
-
-    Class exclusion: L_i = BCE-with-logits against the one-hot label, positive weight 4 (K - 1) to offset the
-    one positive per K - 1 negatives. Confidence baseline: L_i = CE, since it reads a softmax.
-    """
-    # float32 whatever the autocast dtype: the positive weight makes the BCE terms large.
+    """CE on the final output plus sum_i w_i * L_i over the E exits, w_i = 1 / (E - i + 1) (i = 1..E), with L_i the
+    exit's own loss (`exit_loss`)."""
     loss = F.cross_entropy(final_logits.float(), labels)
     num_exits = len(exit_logits)
     for i, logits in enumerate(exit_logits, start=1):
-        logits = logits.float()
-        weight = 1.0 / (num_exits - i + 1)
-        if exit_rule == "confidence":
-            exit_loss = F.cross_entropy(logits, labels)
-        else:
-            num_classes = logits.shape[1]
-            target = F.one_hot(labels, num_classes).to(logits.dtype)
-            pos_weight = torch.full((num_classes,), 4.0 * (num_classes - 1), dtype=logits.dtype, device=logits.device)
-            exit_loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
-        loss = loss + weight * exit_loss
+        loss = loss + (1.0 / (num_exits - i + 1)) * exit_loss(logits, labels, exit_rule)
     return loss
 
 
@@ -472,5 +474,6 @@ __all__ = [
     "ClassExitResNetPreTrainedModel",
     "confidence_stops",
     "exclude_classes",
+    "exit_loss",
     "joint_exit_loss",
 ]
