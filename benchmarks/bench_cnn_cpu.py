@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import cnn_cpu_exits
 import cnn_cpu_prune
 import torch
-from bench_common import RESULTS, device_note
+from bench_common import RESULTS, add_cifar_cpu_arguments, device_note
 from hf_compress.modeling.pruned_cnn import (
     PrunedCNNForImageClassification,
     resnet_cifar_config,
@@ -107,11 +106,9 @@ def baseline(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["baseline", "prune", "exits"])
-    parser.add_argument("--seed", type=int, action="append", help="repeatable (default 2023 and 2024)")
-    parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/cnn_cpu"),
-                        help="per-epoch training states (and each stage's finished work), for resuming")
-    parser.add_argument("--note", default="", help="recorded with each row (e.g. other jobs on the machine)")
-    # After the options above, which the stages then leave to this parser.
+    # First, so that the options every stage has are listed once, here.
+    add_cifar_cpu_arguments(parser, "every stage",
+                            "per-epoch training states (and each stage's finished work), for resuming")
     cnn_cpu_prune.add_arguments(parser)
     cnn_cpu_exits.add_arguments(parser)
     args = parser.parse_args()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from pathlib import Path
 
@@ -24,6 +25,28 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, val_flag: str = "--va
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--test-limit", type=int, default=None)
     parser.add_argument(val_flag, dest="val_size", type=int, default=5000, help="train images held out (seed 2023)")
+
+
+def add_cifar_cpu_arguments(parser: argparse.ArgumentParser, group_title: str, work_dir_help: str):
+    """The options every stage of protocol "cifar-cpu" has (seeds, work dir, note, folders, reduced-scale limits),
+    each added only once: a stage's own script and bench_cnn_cpu.py (which holds every stage's options) both call
+    this. Returns the stage's argument group, for its own options."""
+
+    def add(target, *flags: str, **kwargs) -> None:
+        if not any(flag in parser._option_string_actions for flag in flags):
+            target.add_argument(*flags, **kwargs)
+
+    add(parser, "--seed", type=int, action="append", help="repeatable (default 2023 and 2024)")
+    add(parser, "--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/cnn_cpu"), help=work_dir_help)
+    add(parser, "--note", default="", help="recorded with each row (e.g. other jobs on the machine)")
+    group = parser.add_argument_group(group_title)
+    add(group, "--baseline-dir", type=Path, default=None,
+        help="folder holding resnet20-seed<seed> (default results/cnn_cpu)")
+    add(group, "--results-dir", type=Path, default=None, help="where results go (default benchmarks/results)")
+    add(group, "--train-limit", type=int, default=None, help="reduced scale only: train images used")
+    add(group, "--val-size", type=int, default=None, help="reduced scale only (protocol: 5000)")
+    add(group, "--test-limit", type=int, default=None, help="reduced scale only: test images used")
+    return group
 
 
 def load_data(args) -> tuple[ImageClassificationData, ImageClassificationData, ImageClassificationData]:

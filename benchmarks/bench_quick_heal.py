@@ -193,7 +193,9 @@ def heal_row(row: Row, work: Path, evaluator_of) -> dict:
     folder, before = student(row, work, evaluator_of)
     healed = work / f"healed-{row.name}"
     figures_file = work / f"healed-{row.name}.heal.json"
-    config = HealConfig(tokens=row.tokens, **row.heal)
+    # The protocol heals on the C4 calibration documents: plain text unless the row asks for the teacher's chat text
+    # (the library's default, "auto", would add it for this instruct teacher).
+    config = HealConfig(tokens=row.tokens, **{"chat_fraction": 0.0, **row.heal})
     if not figures_file.exists():
         # `heal` resumes from its state beside `healed` when an earlier run of this row was interrupted.
         with PeakMemory() as peak:

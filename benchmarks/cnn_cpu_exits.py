@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common / bench_cnn_cpu when imported from elsewhere
 
-from bench_common import RESULTS, device_note  # noqa: E402
+from bench_common import RESULTS, add_cifar_cpu_arguments, device_note  # noqa: E402
 
 from hf_compress import __version__  # noqa: E402
 from hf_compress.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
@@ -96,22 +95,10 @@ def _protocol() -> dict[str, Any]:
     return PROTOCOL
 
 
-def _add(parser, *flags: str, **kwargs) -> None:
-    """`parser.add_argument` (of a parser or a group), skipped when bench_cnn_cpu's parser defines the option
-    already (--seed, --work-dir, --note, and the options stage "prune" shares)."""
-    try:
-        parser.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of stage "exits" (their defaults are the protocol's budget)."""
-    _add(parser, "--seed", type=int, action="append", help="repeatable (default 2023 and 2024)")
-    _add(parser, "--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/cnn_cpu"),
-         help="training states, trained models and finished seeds, for resuming")
-    _add(parser, "--note", default="", help="recorded with each row (e.g. other jobs on the machine)")
-    group = parser.add_argument_group("stage exits")
+    group = add_cifar_cpu_arguments(parser, "stage exits",
+                                    "training states, trained models and finished seeds, for resuming")
     group.add_argument("--rule", action="append", choices=RULES, help="repeatable (default both)")
     group.add_argument("--tolerance", action="append", type=float,
                        help="validation accuracy the exits may lose, repeatable (default "
@@ -130,13 +117,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--speed-rounds", type=int, default=3, help="timed passes over the test batches")
     group.add_argument("--throughput-batches", type=int, default=None, help="time at most this many test batches")
     group.add_argument("--progress", action="store_true", help="progress bars")
-    # The same options as stage "prune" (bench_cnn_cpu's parser holds both stages' options: added once)
-    _add(group, "--baseline-dir", type=Path, default=None,
-         help="folder holding resnet20-seed<seed> (default results/cnn_cpu)")
-    _add(group, "--results-dir", type=Path, default=None, help="where results go (default benchmarks/results)")
-    _add(group, "--train-limit", type=int, default=None, help="reduced scale only: train images used")
-    _add(group, "--val-size", type=int, default=None, help="reduced scale only (protocol: 5000)")
-    _add(group, "--test-limit", type=int, default=None, help="reduced scale only: test images used")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers

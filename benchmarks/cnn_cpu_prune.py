@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common / bench_cnn_cpu when imported from elsewhere
 
-from bench_common import RESULTS, device_note  # noqa: E402
+from bench_common import RESULTS, add_cifar_cpu_arguments, device_note  # noqa: E402
 
 from hf_compress import __version__  # noqa: E402
 from hf_compress.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
@@ -84,21 +83,10 @@ def _protocol() -> dict[str, Any]:
     return PROTOCOL
 
 
-def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
-    """`parser.add_argument`, skipped when bench_cnn_cpu's parser defines the option already (--seed, --work-dir)."""
-    try:
-        parser.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of stage "prune" (their defaults are the protocol's budget)."""
-    _add(parser, "--seed", type=int, action="append", help="repeatable (default 2023 and 2024)")
-    _add(parser, "--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/cnn_cpu"),
-         help="pruned networks, training states and finished iterations, for resuming")
-    _add(parser, "--note", default="", help="recorded with each row (e.g. other jobs on the machine)")
-    group = parser.add_argument_group("stage prune")
+    group = add_cifar_cpu_arguments(parser, "stage prune",
+                                    "pruned networks, training states and finished iterations, for resuming")
     group.add_argument("--method", action="append", choices=METHODS,
                        help="repeatable (default all; L1 and Taylor need the class-aware result of their seed)")
     group.add_argument("--iterations", type=int, default=5, help="class-aware iterations at most")
@@ -117,12 +105,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-macs-reduction", type=float, default=None,
                        help="also stop class-aware pruning once the MACs are reduced by this fraction")
     group.add_argument("--bootstrap-resamples", type=int, default=9999, help="of the 95%% test accuracy intervals")
-    group.add_argument("--baseline-dir", type=Path, default=None,
-                       help="folder holding resnet20-seed<seed> (default results/cnn_cpu)")
-    group.add_argument("--results-dir", type=Path, default=None, help="where results go (default benchmarks/results)")
-    group.add_argument("--train-limit", type=int, default=None, help="reduced scale only: train images used")
-    group.add_argument("--val-size", type=int, default=None, help="reduced scale only (protocol: 5000)")
-    group.add_argument("--test-limit", type=int, default=None, help="reduced scale only: test images used")
 
 
 # --------------------------------------------------------------------------------------------------- run context

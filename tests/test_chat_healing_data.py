@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,15 @@ from hf_compress.data.text import tokenize_joined
 from hf_compress.errors import HFCompressError
 from hf_compress.evaluation.chat import chat_prompt_text
 from hf_compress.healing import HealConfig, heal
+from hf_compress.healing import chat_data
 from hf_compress.healing.chat_data import (
     EVAL_PROMPTS,
     chat_chunks,
     free_chat_texts,
     teacher_chat_texts,
 )
-from hf_compress.healing.data import chat_sequences, load_healing_data, recorded_options
+from hf_compress.healing.config import AUTO_CHAT_FRACTION, parse_chat_fraction
+from hf_compress.healing.data import chat_sequences, has_chat_template, load_healing_data, recorded_options
 from hf_compress.provenance import DataRef
 
 OPENING = "<|im_start|>system\nYou are a tiny fox.<|im_end|>\n<|im_start|>user\n"
@@ -235,9 +238,10 @@ def test_recorded_options_round_trip(tmp_path):
     ref = DataRef.of("healing", "c4-calibration")
     assert recorded_options(config, ref) == {**config.to_dict(), "dataset": "c4-calibration", "chat_source": "p.json"}
     assert recorded_options(HealConfig(chat_fraction=0.1), ref)["chat_source"] == "free"
-    # A record written before the chat options existed still reads back, with chat off.
+    # A record written before the chat options existed still reads back, with chat off (not today's "auto").
     old = {k: v for k, v in HealConfig().to_dict().items() if not k.startswith("chat_")}
-    assert HealConfig.from_dict(old) == HealConfig() and HealConfig.from_dict(old).chat_fraction == 0.0
+    assert HealConfig.from_dict(old) == HealConfig(chat_fraction=0.0)
+    assert HealConfig.from_dict(old).chat_fraction == 0.0
 
 
 def test_cli_chat_options(calib_file, tmp_path):
@@ -256,3 +260,132 @@ def test_cli_chat_options(calib_file, tmp_path):
         assert flag in help_text
     bad = runner.invoke(app, ["heal", "in", str(tmp_path / "out"), "--teacher", "t", "--chat-fraction", "1.5"])
     assert isinstance(bad.exception, HFCompressError) and "--chat-fraction must be in [0, 1)" in str(bad.exception)
+
+
+# --- the "auto" chat fraction ---------------------------------------------------------------------------------------
+
+
+def template_tokenizer(template: str | None):
+    """The tiny tokenizer (the converted checkpoint's vocabulary) with `template` as its chat template."""
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def resolved(config: HealConfig, tokenizer) -> HealConfig:
+    return config.resolve("cpu", chat_template=has_chat_template(tokenizer))
+
+
+def test_auto_chat_fraction_follows_the_chat_template(calib_file):
+    with_template, without = template_tokenizer(EOS_TEMPLATE), template_tokenizer(None)
+    assert HealConfig().chat_fraction == "auto"
+    assert has_chat_template(with_template) and not has_chat_template(without)
+    assert not has_chat_template(template_tokenizer("")) and not has_chat_template(template_tokenizer("  \n"))
+    assert not has_chat_template(None)
+
+    assert resolved(HealConfig(), with_template).chat_fraction == AUTO_CHAT_FRACTION == 0.25
+    assert resolved(HealConfig(), without).chat_fraction == 0.0
+    # An explicit fraction stays as given, 0 included.
+    assert resolved(HealConfig(chat_fraction=0.0), with_template).chat_fraction == 0.0
+    assert resolved(HealConfig(chat_fraction=0.1), without).chat_fraction == 0.1
+    # Resolved once: a resolved config keeps its number whatever tokenizer it meets later.
+    once = resolved(HealConfig(), with_template)
+    assert resolved(once, without) == once
+
+    # Without word of the tokenizer, "auto" stays unresolved, and what needs the number refuses it (no guess).
+    unresolved = HealConfig(dataset=str(calib_file)).resolve("cpu")
+    assert unresolved.chat_fraction == "auto" and unresolved.dtype in ("float32", "bfloat16")
+    for call in (lambda: chat_sequences(unresolved), lambda: load_healing_data(without, unresolved),
+                 lambda: recorded_options(unresolved, DataRef.of("healing", "c4-calibration"))):
+        with pytest.raises(ValueError, match='"auto" is unresolved'):
+            call()
+
+
+def test_chat_fraction_round_trip_and_validation(tmp_path):
+    for config in (HealConfig(), HealConfig(chat_fraction=0.25), HealConfig(chat_fraction=0.0)):
+        data = json.loads(json.dumps(config.to_dict()))
+        assert HealConfig.from_dict(data) == config and HealConfig.from_dict(data).to_dict() == data
+    assert HealConfig().to_dict()["chat_fraction"] == "auto"
+    HealConfig().validate()
+    HealConfig(chat_fraction=0.25).validate()
+    for value, match in (("sometimes", r"--chat-fraction must be 'auto' or a number in \[0, 1\); got 'sometimes'"),
+                         (1.5, r"--chat-fraction must be in \[0, 1\); got 1.5"),
+                         ("0.25", r"--chat-fraction must be 'auto' or a number"),
+                         (True, r"--chat-fraction must be 'auto' or a number"),
+                         (None, r"--chat-fraction must be 'auto' or a number")):
+        _one_line_error(match, HealConfig(chat_fraction=value).validate)
+    # "auto" may mean chat: the chat options are checked with it.
+    _one_line_error("--chat-source must be 'free' or a JSON file",
+                    HealConfig(chat_source=str(tmp_path / "missing.json")).validate)
+
+    assert parse_chat_fraction(" auto ") == "auto" and parse_chat_fraction("AUTO") == "auto"
+    assert parse_chat_fraction("0.25") == 0.25 and parse_chat_fraction("0") == 0.0
+    _one_line_error(r"--chat-fraction must be 'auto' or a number in \[0, 1\); got 'nope'",
+                    lambda: parse_chat_fraction("nope"))
+
+
+@pytest.mark.parametrize("value, shown", [("nope", "got 'nope'"), ("1.5", "got 1.5")])
+def test_cli_refuses_a_bad_chat_fraction_in_one_line(tmp_path, monkeypatch, capsys, value, shown):
+    from hf_compress.cli import main
+
+    missing = str(tmp_path / "missing")  # neither model exists: only the option's check can answer
+    monkeypatch.setattr(sys, "argv", ["hf-compress", "heal", missing, str(tmp_path / "out"), "--teacher", missing,
+                                      "--chat-fraction", value])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("hf-compress: error: --chat-fraction must be") and shown in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_chat_fraction_help_says_what_auto_means():
+    import typer
+    from typer.testing import CliRunner
+
+    from hf_compress.cli.heal import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    output = CliRunner().invoke(app, ["heal", "--help"], env={"COLUMNS": "200"}).output
+    help_text = " ".join(output.replace("\u2502", " ").split())  # the lines of the table's cells joined
+    assert "or auto (0.25 for a teacher whose" in help_text and "%" not in help_text
+
+
+def test_heal_records_the_resolved_chat_fraction(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file,
+                                                 tmp_path, monkeypatch):
+    """The default "auto" with a tokenizer that has a chat template: a quarter of the sequences are chat, and the
+    record (saved, or carried in memory as `convert` heals) holds 0.25, never "auto"."""
+    from hf_compress.modeling.shared_basis_llama import SharedBasisLlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    asked = []
+
+    def spy(teacher, tokenizer, config, num_chunks, **kwargs):
+        asked.append((config.chat_fraction, num_chunks))
+        return real(teacher, tokenizer, config, num_chunks, **kwargs)
+
+    real = chat_data.chat_chunks
+    monkeypatch.setattr(chat_data, "chat_chunks", spy)
+    tokenizer = template_tokenizer(EOS_TEMPLATE)
+    prompts = tmp_path / "heal_prompts.json"
+    prompts.write_text(json.dumps(["Tell the fox a story", "Why is the dog lazy?"]))
+    config = HealConfig(tokens=4 * 4 * 32, seq_len=32, batch_size=4, warmup_ratio=0.0, dataset=str(calib_file),
+                        dtype="float32", save_steps=1000, chat_source=str(prompts), chat_temperature=0.0,
+                        chat_max_new_tokens=8)
+    assert config.chat_fraction == "auto"
+    out = tmp_path / "healed"
+    heal(tiny_shared_basis_checkpoint, out, teacher=str(tiny_source_dir), tokenizer=tokenizer, config=config,
+         device="cpu", progress=False)
+    options = json.loads((out / "config.json").read_text())["compression"]["healing"]["options"]
+    assert options["chat_fraction"] == AUTO_CHAT_FRACTION and asked == [(0.25, 4)]  # 16 sequences, 4 of them chat
+    assert config.chat_fraction == "auto"  # the caller's config is left as it was
+
+    # Both models in memory and no output, as `convert --heal-tokens` heals: the same resolution.
+    student = SharedBasisLlamaForCausalLM.from_pretrained(tiny_shared_basis_checkpoint, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_source_dir)
+    heal(student, None, teacher=teacher, tokenizer=tokenizer, device="cpu", progress=False,
+         config=HealConfig(**{**config.to_dict(), "tokens": 4 * 32}))
+    assert student.config.compression["healing"]["options"]["chat_fraction"] == AUTO_CHAT_FRACTION
+    assert asked[1:] == [(0.25, 1)]

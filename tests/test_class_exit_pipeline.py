@@ -207,6 +207,30 @@ def test_cli_end_to_end_on_cifar(tmp_path, monkeypatch, capsys):
     assert "| airplane |" in stdout and "| **all** | 200 |" in stdout
 
 
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10")
+def test_cli_frozen_backbone_keeps_the_source_network(tmp_path, monkeypatch, capsys):
+    """`--frozen-backbone` trains the heads alone: with every exit off, the saved model computes the source's
+    logits exactly, and the record says how it was trained."""
+    source_model = _tiny_hf_resnet()
+    source = tmp_path / "resnet"
+    source_model.save_pretrained(source)
+    out = tmp_path / "exit"
+    code, _, stderr = _run_cli(
+        monkeypatch, capsys, "early-exit", str(source), str(out), "--frozen-backbone", "--exits", "stage1",
+        "--epochs", "1", "--lr", "0.1", "--train-limit", "300", "--n-val", "100", "--test-limit", "50",
+        "--batch-size", "100", "--step", "0.1", "--no-progress",
+    )
+    assert code == 0, stderr
+    record = json.loads((out / "config.json").read_text())["compression"]
+    assert record["training"]["train_backbone"] is False and record["options"]["train_backbone"] is False
+    model = ClassExitResNetForImageClassification.from_pretrained(out).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, early_exit=False).logits, source_model(images).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+
 def test_cli_bad_input(tmp_path, monkeypatch, capsys):
     import pandas as pd
 

@@ -89,8 +89,10 @@ def test_heal_lowers_kl_on_held_out_text(tiny_shared_basis_checkpoint, tiny_sour
     original = json.loads((tiny_shared_basis_checkpoint / "config.json").read_text())["compression"]
     assert {k: v for k, v in record.items() if k != "healing"} == original
     healing = record["healing"]
+    # The tiny tokenizer has no chat template: the default chat fraction "auto" was resolved to 0.0 and recorded so.
+    assert healing["options"]["chat_fraction"] == 0.0
     assert HealConfig.from_dict(healing["options"]).resolve("cpu") == small_config(
-        calib_file, tokens=32 * 4 * 32, dataset="calib.txt")
+        calib_file, tokens=32 * 4 * 32, dataset="calib.txt", chat_fraction=0.0)
     assert healing["teacher"]["model_id"] == tiny_source_dir.name
     assert healing["data"] == [{"role": "healing", "name": "calib.txt", "split": None,
                                 "sha256": hashlib.sha256(calib_file.read_bytes()).hexdigest()}]

@@ -241,21 +241,29 @@ def test_basis_field_types_are_checked_by_the_config_itself():
 # 3. Checkpoints users can live with
 
 
-def test_tokenizer_loads_without_plugin_with_trust_remote_code(tiny_shared_basis_checkpoint, tiny_source_dir):
-    """The documented way without the plugin: the same tokens as the source's tokenizer, and no prompt."""
+def _tokenize_without_plugin(checkpoint, source_dir, **kwargs) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Loads the checkpoint's tokenizer (with `kwargs`) and the source's in a process without hf_compress and
+    without a terminal; returns the process and its last line: the tokenizer's class, and whether both tokenize a
+    sentence alike."""
     code = (
         "import sys\nsys.modules['hf_compress'] = None\n"
         "from transformers import AutoTokenizer\n"
-        f"new = AutoTokenizer.from_pretrained({str(tiny_shared_basis_checkpoint)!r}, trust_remote_code=True)\n"
-        f"old = AutoTokenizer.from_pretrained({str(tiny_source_dir)!r})\n"
+        f"new = AutoTokenizer.from_pretrained({str(checkpoint)!r}, **{kwargs!r})\n"
+        f"old = AutoTokenizer.from_pretrained({str(source_dir)!r})\n"
         "text = 'The quick brown fox shares a basis.'\n"
         "print(type(new).__name__, new(text)['input_ids'] == old(text)['input_ids'])\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tiny_shared_basis_checkpoint.parent, env=env,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=checkpoint.parent, env=env,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    name, same = proc.stdout.strip().splitlines()[-1].split()
+    return proc, proc.stdout.strip().splitlines()[-1].split()
+
+
+def test_tokenizer_loads_without_plugin_with_trust_remote_code(tiny_shared_basis_checkpoint, tiny_source_dir):
+    """The documented way without the plugin: the same tokens as the source's tokenizer, and no prompt."""
+    proc, (name, same) = _tokenize_without_plugin(tiny_shared_basis_checkpoint, tiny_source_dir,
+                                                  trust_remote_code=True)
     assert same == "True" and not name.startswith("SharedBasis")
     assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
 
@@ -265,18 +273,7 @@ def test_tokenizer_loads_without_plugin_with_trust_remote_code(tiny_shared_basis
     "config whose auto_map has AutoConfig and whose model_type it does not know: no saved file avoids it while "
     "AutoModelForCausalLM(trust_remote_code=True) keeps working without the plugin"))
 def test_tokenizer_loads_without_plugin_or_prompt(tiny_shared_basis_checkpoint, tiny_source_dir):
-    code = (
-        "import sys\nsys.modules['hf_compress'] = None\n"
-        "from transformers import AutoTokenizer\n"
-        f"new = AutoTokenizer.from_pretrained({str(tiny_shared_basis_checkpoint)!r})\n"
-        f"old = AutoTokenizer.from_pretrained({str(tiny_source_dir)!r})\n"
-        "text = 'The quick brown fox shares a basis.'\n"
-        "print(new(text)['input_ids'] == old(text)['input_ids'])\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tiny_shared_basis_checkpoint.parent, env=env,
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "True"
+    proc, (_, same) = _tokenize_without_plugin(tiny_shared_basis_checkpoint, tiny_source_dir)
+    assert same == "True"
     for stream in (proc.stdout, proc.stderr):
         assert "Do you wish to run the custom code" not in stream and "model of type ``" not in stream

@@ -18,7 +18,7 @@ from ..checkpoint import prepare_output
 from ..data.text import calibration_batch, load_text_option
 from ..device import MemoryPhases, dtype_name, pick_device
 from ..sources import load_source, source_config
-from .assembly import build_shared_basis_llama
+from .assembly import LayerwiseAssembly
 from .compressor import BasisSharingCompressor
 from .config import EVAL_SEQ_LEN, BasisSharingConfig, CalibrationConfig
 from .evaluation import check_context, check_window_options, measure_perplexity
@@ -140,11 +140,22 @@ def convert(
         load_time = time.perf_counter() - start
         ids = calibration_batch(tokenizer, texts, samples=calibration.samples, seq_len=calibration.seq_len,
                                 seed=calibration.seed)
+    # Without healing the source is needed for nothing but its own perplexity, measured first: its layers are then
+    # freed as soon as their compressed versions exist, so the two models never sit in memory side by side. Healing
+    # distils from the source, which is then kept whole.
+    release_source = heal is None
+    before, before_s = None, 0.0
+    if eval_texts is not None and release_source:
+        started = time.perf_counter()
+        with phases("evaluation"):
+            before = _perplexity(model, tokenizer, eval_texts, eval_seq_len, eval_max_windows, progress)
+        before_s = time.perf_counter() - started
+    assembly = LayerwiseAssembly(model, release_source=release_source)
     compressor = BasisSharingCompressor(model, config, ids, compute_device, calibration.batch_size, progress,
-                                        dtype=getattr(torch, calibration.dtype), phases=phases)
-    factors = compressor.run()
+                                        dtype=getattr(torch, calibration.dtype), phases=phases, sink=assembly)
+    factors = compressor.run()  # their tensors went into `assembly`: shapes and ranks only
     with phases("assembly"):
-        compressed = build_shared_basis_llama(model, factors)
+        compressed = assembly.finish()
         figures = {**conversion_figures(config, model, compressed, factors),
                    **source_footprint(source, gguf_file, revision, architecture)}
         save_dtype = config.output_dtype(figures["source_dtype"])
@@ -154,7 +165,7 @@ def convert(
         output_dir=output,
         provenance=compressed.config.compression,
         ranks={name: [f.rank for f in groups] for name, groups in factors.items()},
-        wall_time_s=time.perf_counter() - start,
+        wall_time_s=time.perf_counter() - start - before_s,
         whitening_shifts={k: v for k, v in compressor.whitening_shifts.items() if any(v)},
         timings={"load_s": load_time, **compressor.timings},
         memory_mb=phases.peaks_mb,
@@ -172,8 +183,9 @@ def convert(
     perplexity = None
     if eval_texts is not None:
         with phases("evaluation"):
-            perplexity = measure_perplexity(model, compressed, tokenizer, eval_dataset, eval_texts,
-                                            seq_len=eval_seq_len, max_windows=eval_max_windows, progress=progress)
+            perplexity = measure_perplexity(None if release_source else model, compressed, tokenizer, eval_dataset,
+                                            eval_texts, seq_len=eval_seq_len, max_windows=eval_max_windows,
+                                            progress=progress, before=before)
         result.perplexity_before, result.perplexity_after = perplexity.before, perplexity.after
         if healing_eval is not None:
             healing_eval.after = perplexity.after
@@ -188,6 +200,12 @@ def convert(
 
         push(output, push_to_hub, private=private, revision=hub_revision)
     return result
+
+
+def _perplexity(model, tokenizer, texts: list[str], seq_len: int, max_windows: int | None, progress: bool) -> float:
+    from ..evaluation.perplexity import perplexity
+
+    return perplexity(model, tokenizer, texts, seq_len=seq_len, max_windows=max_windows, progress=progress)
 
 
 def _heal(result: ConversionResult, source: torch.nn.Module, compressed: torch.nn.Module, tokenizer, source_ref,

@@ -161,6 +161,13 @@ def symmetrize(upper: torch.Tensor) -> torch.Tensor:
     return upper.triu() + upper.triu(1).T
 
 
+def symmetrize_(upper: torch.Tensor) -> torch.Tensor:
+    """`symmetrize` in place (returns `upper`, completed), with one temporary (the strict upper triangle) instead of
+    three: the same values."""
+    strict = upper.triu(1)
+    return upper.triu_().add_(strict.T)
+
+
 def gram_keys(names) -> tuple[str, ...]:
     return tuple(sorted({GRAM_KEY[name] for name in names}))
 
@@ -188,7 +195,9 @@ def layer_grams(
         # A NaN or inf anywhere in the inputs reaches the diagonal (sums of squares): one check per Gram, not per batch.
         if not torch.isfinite(gram.diagonal()).all():
             raise HFCompressError(f"the input of {KEY_PROJECTION[key]} in decoder layer {layer_idx} has NaN or inf.")
-    return {key: symmetrize(gram) for key, gram in grams.items()}, result
+    for key in grams:
+        grams[key] = symmetrize_(grams[key])
+    return grams, result
 
 
 @torch.no_grad()

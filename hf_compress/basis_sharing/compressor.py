@@ -57,12 +57,18 @@ class BasisSharingCompressor:
 
     `run()` returns the factors of every group; only one decoder layer and the calibration activations are on
     `device` at a time, the model itself stays where it was loaded.
+
+    With a `sink` (e.g. `assembly.LayerwiseAssembly`), `sink.start(groups, ranks)` is called once the ranks are
+    known and `sink.add_block(span, factors)` as soon as the groups of each block of layers are final; their tensors
+    are then dropped, and `run()` returns the factors with meta tensors (shapes and ranks only). The compressor
+    never reads a layer again after its block went to the sink, so the sink may free it.
     """
 
     def __init__(self, model, options: BasisSharingConfig, calibration_ids: torch.Tensor, device: torch.device,
                  batch_size: int = 8, progress: bool = True, dtype: torch.dtype = torch.float32,
-                 phases: MemoryPhases | None = None):
+                 phases: MemoryPhases | None = None, sink=None):
         self.model = model
+        self.sink = sink
         # Peak memory per phase, for the conversion summary (a fresh recorder when the caller keeps none).
         self.phases = phases if phases is not None else MemoryPhases()
         self.ids = calibration_ids
@@ -88,9 +94,12 @@ class BasisSharingCompressor:
     # -- streams of calibration hidden states -------------------------------------------------------------
     @torch.no_grad()
     def _embeddings(self) -> torch.Tensor:
+        """The calibration stream entering layer 0, float32 on the device (written batch by batch)."""
         embed = self.model.model.embed_tokens
-        return torch.cat([embed(self.ids[rows].to(embed.weight.device)).to(self.device, torch.float32)
-                          for rows in self.runner.batches(self.ids.shape[0])])
+        hidden = torch.empty(*self.ids.shape, embed.embedding_dim, dtype=torch.float32, device=self.device)
+        for rows in self.runner.batches(self.ids.shape[0]):
+            hidden[rows] = embed(self.ids[rows].to(embed.weight.device)).to(self.device, torch.float32)
+        return hidden
 
     def _layer(self, layer_idx: int):
         return self.model.model.layers[layer_idx].to(self.device)
@@ -120,11 +129,19 @@ class BasisSharingCompressor:
         key = (GRAM_KEY[name], tuple(group))
         whitening = whitenings.get(key) if whitenings is not None else None
         if whitening is None:
-            gram = sum(grams_by_layer[l][GRAM_KEY[name]].to(self.device, torch.float64) for l in group)
-            whitening = whiten(gram)
+            # The summed Gram is handed over to `whiten` (no reference kept here), which then frees it early.
+            whitening = whiten(self._group_gram(name, group, grams_by_layer))
             if whitenings is not None:
                 whitenings[key] = whitening
         return spectrum(name, group, weights, None, whitening=whitening)
+
+    def _group_gram(self, name: str, group: list[int], grams_by_layer) -> torch.Tensor:
+        """The float64 sum of the members' Grams (as `sum(...)` adds them, in place into one tensor)."""
+        grams = (grams_by_layer[l][GRAM_KEY[name]] for l in group)
+        total = next(grams).to(self.device, torch.float64, copy=True)
+        for gram in grams:
+            total += gram.to(self.device, torch.float64)
+        return total
 
     def _ranks(self, dense_grams: list[dict[str, torch.Tensor]]) -> dict[str, list[int]]:
         """Ranks of every group, from the formula or from the spectra of the whole model."""
@@ -132,13 +149,15 @@ class BasisSharingCompressor:
         needs_spectra = self._ranks_need_spectra()
         grams_by_layer = dict(enumerate(dense_grams)) if needs_spectra else {}
         for span in block_spans(self.groups, self.num_layers):
-            whitenings: dict = {}  # per block, so only one block's Cholesky factors are held at a time
+            # Per block, and each one dropped after its last user, so few Cholesky factors are held at a time.
+            whitenings = _Whitenings(self.groups, span)
             for name, groups in self.groups.items():
                 for group_idx, group in enumerate(groups):
                     if group[0] not in span:
                         continue
                     if needs_spectra:
                         spec = self._spectrum(name, group, grams_by_layer, whitenings)
+                        whitenings.used(name, group)
                         # Only the singular values are needed to choose ranks; drop the factors to save memory.
                         spec.left, spec.right, spec.whitening = spec.left[:, :0], spec.right[:0], None
                     else:
@@ -203,6 +222,8 @@ class BasisSharingCompressor:
         # The dense model's own stream is only needed for the refit's targets.
         dense_hidden = comp_hidden.clone() if opts.refit else None
         spans = block_spans(self.groups, self.num_layers)
+        if self.sink is not None:
+            self.sink.start(self.groups, ranks)
         bar = tqdm(total=self.num_layers, desc="decomposition", unit="layer", disable=not self.progress)
         for span in spans:
             if sequential:
@@ -211,19 +232,25 @@ class BasisSharingCompressor:
                     # The last layer's dense outputs feed nothing: the stream goes on from the compressed layers.
                     grams_by_layer[layer_idx], hidden = layer_grams(self.runner, self._layer(layer_idx), hidden,
                                                                     layer_idx, self.keys, outputs=layer_idx != span[-1])
+                del hidden  # the dense outputs inside the block: the stream goes on from `comp_hidden`
             else:
                 grams_by_layer = {l: dense_grams[l] for l in span} if dense_grams else {}
-            whitenings: dict = {}
+            whitenings = _Whitenings(self.groups, span)
             for name, groups in self.groups.items():
                 for group_idx, group in enumerate(groups):
                     if group[0] in span:
                         spec = self._spectrum(name, group, grams_by_layer, whitenings)
+                        whitenings.used(name, group)
                         if spec.whitening is not None:
                             self.whitening_shifts[name].append(spec.whitening.shift)
                         group_factors = factors_at_rank(spec, ranks[name][group_idx])
-                        if opts.layer_fit and spec.whitening is not None and not opts.refit and len(group) > 1:
+                        whitened = spec.whitening is not None
+                        del spec  # its full-rank factors
+                        if opts.layer_fit and whitened and not opts.refit and len(group) > 1:
                             group_factors = self._fit_layers(group_factors, grams_by_layer)
                         factors[name][group_idx] = _to_cpu(group_factors)
+            if sequential:
+                del grams_by_layer
             if needs_stream:
                 for layer_idx in span:
                     dense_layer = self._layer(layer_idx)
@@ -234,14 +261,26 @@ class BasisSharingCompressor:
                     # The stream is read by the next block's calibration and by the next layer's refit: after the
                     # last block, only a refit of its later layers still needs it.
                     if span is not spans[-1] or (opts.refit and layer_idx != span[-1]):
-                        comp_hidden = _advance(self.runner, compressed, comp_hidden, layer_idx)
+                        _advance(self.runner, compressed, comp_hidden, layer_idx)
+                    del compressed
                     self._offload(layer_idx)
+            if self.sink is not None:
+                self._hand_over(span, factors)
             bar.update(len(span))
         bar.close()
         # Sequential calibration happens inside this loop, block by block, so it is not a phase of its own.
         phase = "calibration_and_decomposition_s" if sequential else "decomposition_s"
         self.timings[phase] = time.perf_counter() - start
         return {name: list(groups) for name, groups in factors.items()}
+
+    def _hand_over(self, span: list[int], factors: dict[str, list[GroupFactors | None]]) -> None:
+        """Gives the block's final groups to the sink and keeps only their shapes."""
+        block = {name: [g for g in groups if g is not None and g.layers[0] in span] for name, groups in factors.items()}
+        self.sink.add_block(span, block)
+        for name, groups in factors.items():
+            for group_idx, group in enumerate(groups):
+                if group is not None and group.layers[0] in span:
+                    groups[group_idx] = _shapes_only(group)
 
     def _fit_layers(self, group: GroupFactors, grams_by_layer: dict[int, dict[str, torch.Tensor]]) -> GroupFactors:
         """Each member's coefficients re-solved by least squares on its own Gram, for the shared basis.
@@ -301,16 +340,50 @@ class BasisSharingCompressor:
         return dense_out
 
 
+class _Whitenings(dict):
+    """The Cholesky factors of one block, keyed by (Gram key, group): q/k/v (and gate/up) share theirs. Each is
+    dropped once the last projection type of the block that reads it has used it (`used`)."""
+
+    def __init__(self, groups: dict[str, list[list[int]]], span: list[int]):
+        super().__init__()
+        self.users: dict[tuple, int] = {}
+        for name, type_groups in groups.items():
+            for group in type_groups:
+                if group[0] in span:
+                    key = (GRAM_KEY[name], tuple(group))
+                    self.users[key] = self.users.get(key, 0) + 1
+
+    def used(self, name: str, group: list[int]) -> None:
+        key = (GRAM_KEY[name], tuple(group))
+        self.users[key] -= 1
+        if self.users[key] == 0:
+            self.pop(key, None)
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the CPU, in memory of its own: a slice of a larger factor (the rows of `V^T` kept at the rank)
+    would otherwise hold all of it."""
+    tensor = tensor.cpu()
+    return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size() else tensor
+
+
 def _to_cpu(factors: GroupFactors) -> GroupFactors:
-    return GroupFactors(factors.name, factors.layers, factors.basis.cpu(), [c.cpu() for c in factors.coefficients])
+    return GroupFactors(factors.name, factors.layers, _compact(factors.basis), [_compact(c) for c in factors.coefficients])
+
+
+def _shapes_only(factors: GroupFactors) -> GroupFactors:
+    """The group with meta tensors of the same shapes and dtypes (ranks and parameter counts, no values)."""
+    return GroupFactors(factors.name, factors.layers, factors.basis.to("meta"),
+                        [c.to("meta") for c in factors.coefficients])
 
 
 @torch.no_grad()
 def _advance(runner: LayerRunner, layer, hidden: torch.Tensor, layer_idx: int) -> torch.Tensor:
-    out = torch.empty_like(hidden)
+    """Runs `layer` over the stream and writes its outputs over it, batch by batch (each batch's rows are read
+    before they are overwritten, and a layer mixes no samples), so no second stream is allocated."""
     for rows, output in runner.run(layer, hidden, layer_idx):
-        out[rows] = output.to(out.dtype)
-    return out
+        hidden[rows] = output.to(hidden.dtype)
+    return hidden
 
 
 def count_compressed_params(factors: dict[str, list[GroupFactors]]) -> int:

@@ -89,13 +89,19 @@ def rank_for_ratio(n: int, d_in: int, d_out: int, ratio: float) -> int:
 
 
 def whiten(gram: torch.Tensor) -> Whitening:
-    """Cholesky whitening in float64; a Gram that is not positive definite gets the smallest diagonal shift that fixes it."""
+    """Cholesky whitening in float64; a Gram that is not positive definite gets the smallest diagonal shift that fixes it.
+
+    `gram` is not modified. Each intermediate is dropped as soon as the next exists, so a caller that hands its Gram
+    over (`whiten(make_gram())`, keeping no reference) holds a wide Gram at most twice at once (the Gram and its
+    symmetrised copy, then that and the factor, then the factor and its transpose).
+    """
     gram = gram.to(torch.float64)
-    gram = 0.5 * (gram + gram.T)
+    gram = (gram + gram.T).mul_(0.5)  # 0.5 * (G + G^T) with one temporary
     if not torch.isfinite(gram).all():
         raise HFCompressError("the calibration Gram matrix contains NaN or inf.")
     factor, info = torch.linalg.cholesky_ex(gram)
     if info.item() == 0:
+        del gram
         return Whitening(factor=factor.T.contiguous(), shift=0.0)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     lowest = torch.linalg.eigvalsh(gram)[0].item()

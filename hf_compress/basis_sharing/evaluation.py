@@ -43,15 +43,25 @@ def check_context(flag: str, seq_len: int, limit: int | None, model: str) -> Non
                               f"(max_position_embeddings {limit}); use at most {limit}.")
 
 
-def measure_perplexity(source: PreTrainedModel, compressed: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       dataset: str, texts: list[str], *, seq_len: int = EVAL_SEQ_LEN, max_windows: int | None = None,
-                       progress: bool = True) -> PerplexityResult:
-    """Perplexity of both models on the same windows of `texts`, the rows of `dataset` (as the user named it)."""
+def measure_perplexity(source: PreTrainedModel | None, compressed: PreTrainedModel,
+                       tokenizer: PreTrainedTokenizerBase, dataset: str, texts: list[str], *,
+                       seq_len: int = EVAL_SEQ_LEN, max_windows: int | None = None, progress: bool = True,
+                       before: float | None = None) -> PerplexityResult:
+    """Perplexity of both models on the same windows of `texts`, the rows of `dataset` (as the user named it).
+
+    `before`: the source's perplexity, measured earlier on the same windows (`convert` measures it before the
+    source's layers are released); `source` is then not run and may be `None`.
+    """
     from ..evaluation.perplexity import perplexity
 
-    before, after = (perplexity(model, tokenizer, texts, seq_len=seq_len, max_windows=max_windows, progress=progress)
-                     for model in (source, compressed))
-    return PerplexityResult(dataset, seq_len, max_windows, before, after)
+    def measure(model: PreTrainedModel) -> float:
+        return perplexity(model, tokenizer, texts, seq_len=seq_len, max_windows=max_windows, progress=progress)
+
+    if before is None:
+        if source is None:
+            raise ValueError("measure_perplexity needs the source model or its perplexity `before`.")
+        before = measure(source)
+    return PerplexityResult(dataset, seq_len, max_windows, before, measure(compressed))
 
 
 def model_perplexity(model: str, dataset: str, *, config: str | None = None, split: str | None = None,

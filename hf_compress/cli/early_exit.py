@@ -33,7 +33,11 @@ def early_exit_command(
     pool_size: Optional[int] = typer.Option(_DEFAULTS.exit_pool_size, "--exit-pool-size",
                                             help="Pooled side of each exit head (default: the source's, "
                                                  f"{DEFAULT_EXIT_POOL_SIZE} for a network without exits)."),
-    epochs: int = typer.Option(_DEFAULTS.epochs, "--epochs", help="Joint training epochs (backbone and heads)."),
+    epochs: int = typer.Option(_DEFAULTS.epochs, "--epochs",
+                               help="Training epochs (backbone and heads, or the heads alone with --frozen-backbone)."),
+    train_backbone: bool = typer.Option(_DEFAULTS.train_backbone, "--train-backbone/--frozen-backbone",
+                                        help="Train the backbone jointly with the exit heads, or train the heads "
+                                             "alone and keep the backbone's weights unchanged."),
     lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Peak SGD learning rate (cosine schedule)."),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size"),
     n_val: int = typer.Option(_DEFAULTS.n_val, "--n-val", help="Training images held out for the threshold search."),
@@ -47,12 +51,13 @@ def early_exit_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Attach class-exclusion exits to a ResNet, train them jointly, search thresholds, save a ClassExitResNet."""
+    """Attach class-exclusion exits to a ResNet, train them (jointly by default), search thresholds, save a
+    ClassExitResNet."""
     from ..early_exit import add_early_exits
 
     config = EarlyExitConfig(
         dataset=dataset, tolerance=tolerance, exit_rule=rule, exit_positions=_positions(exits), exit_pool_size=pool_size,
-        epochs=epochs, lr=lr, batch_size=batch_size, n_val=n_val, train_limit=train_limit,
+        epochs=epochs, train_backbone=train_backbone, lr=lr, batch_size=batch_size, n_val=n_val, train_limit=train_limit,
         test_split=test_split or None, test_limit=test_limit, step=step, seed=seed,
     )
     result = add_early_exits(model, output, config, overwrite=overwrite, progress=progress)

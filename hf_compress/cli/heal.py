@@ -6,10 +6,21 @@ fast.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import typer
 
 from ..basis_sharing.config import EVAL_SEQ_LEN
-from ..healing.config import DTYPES, LOSSES, SCHEDULES, TRAINABLE, HealConfig
+from ..healing.config import (
+    AUTO_CHAT_FRACTION,
+    DTYPES,
+    LOSSES,
+    SCHEDULES,
+    TRAINABLE,
+    HealConfig,
+    parse_chat_fraction,
+)
 
 _H = HealConfig()
 
@@ -50,9 +61,11 @@ def heal_command(
                                             help="Also report the perplexity before and after healing on this text."),
     eval_seq_len: int = typer.Option(EVAL_SEQ_LEN, "--eval-seq-len", help="Tokens per window (at most the context)."),
     eval_max_windows: int | None = typer.Option(None, "--eval-max-windows", help="At most this many windows."),
-    chat_fraction: float = typer.Option(_H.chat_fraction, "--chat-fraction",
-                                        help="Share of the training sequences that are chat text the teacher writes "
-                                             "through its chat template (for an instruct teacher); in [0, 1)."),
+    chat_fraction: str = typer.Option(str(_H.chat_fraction), "--chat-fraction",
+                                      help="Share of the training sequences that are chat text the teacher writes "
+                                           "through its chat template: a number in [0, 1), or auto "
+                                           f"({AUTO_CHAT_FRACTION} for a teacher whose tokenizer has a chat "
+                                           "template, else 0)."),
     chat_source: str = typer.Option(_H.chat_source, "--chat-source",
                                     help="'free' (the teacher writes the user's message and the answer) or a JSON "
                                          "file of prompts the teacher answers."),
@@ -67,19 +80,25 @@ def heal_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Heal a compressed checkpoint by distillation from its source model; an interrupted run resumes when rerun."""
+    config = _config(locals())  # first: locals() holds the options alone
     from ..healing import heal
 
-    config = HealConfig(
-        tokens=tokens, seq_len=seq_len, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio, schedule=schedule, loss=loss, temperature=temperature, lm_weight=lm_weight,
-        trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha, kl_chunk=kl_chunk, dataset=dataset,
-        dataset_column=dataset_column, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-        save_steps=save_steps, chat_fraction=chat_fraction, chat_source=chat_source,
-        chat_max_new_tokens=chat_max_new_tokens, chat_temperature=chat_temperature, chat_batch_size=chat_batch_size,
-    )
     result = heal(checkpoint, output, teacher=teacher, config=config, device=device, overwrite=overwrite,
                   progress=progress, gguf_file=gguf_file, revision=revision, eval_dataset=eval_dataset,
                   eval_seq_len=eval_seq_len, eval_max_windows=eval_max_windows)
+    _report(result, loss, eval_dataset)
+
+
+def _config(options: dict[str, Any]) -> HealConfig:
+    """The `HealConfig` of the command's options: every field has an option of its own name (`--chat-fraction`
+    read as "auto" or a number)."""
+    values = {field.name: options[field.name] for field in dataclasses.fields(HealConfig)}
+    values["chat_fraction"] = parse_chat_fraction(values["chat_fraction"])
+    return HealConfig(**values)
+
+
+def _report(result, loss: str, eval_dataset: str | None) -> None:
+    """What the run did, in a few lines."""
     if result.resumed_from:
         typer.echo(f"resumed from step {result.resumed_from}")
     typer.echo(f"{loss} loss: {result.initial_loss:.4g} (first steps) -> {result.final_loss:.4g} (last steps) over "

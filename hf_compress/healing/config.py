@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,8 @@ LOSSES = ("kl", "lm", "kl+lm")
 TRAINABLE = ("factors", "lora")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
+# What `chat_fraction` "auto" means for a teacher whose tokenizer has a chat template (0.0 for one without).
+AUTO_CHAT_FRACTION = 0.25
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -54,9 +57,10 @@ class HealConfig(MethodConfig):
         gradient_checkpointing: recompute each decoder layer in the backward pass (less memory, more time).
         save_steps: the resumable training state is saved every this many steps.
         chat_fraction: share of the training sequences that are chat text written by the teacher (its chat
-            template's conversations packed into `seq_len` chunks), the rest plain text of `dataset`; in [0, 1).
-            For an instruct teacher: plain text alone does not show the student its chat format, and a healed
-            student can still end its turn at once.
+            template's conversations packed into `seq_len` chunks), the rest plain text of `dataset`: a number in
+            [0, 1), or `"auto"`: `AUTO_CHAT_FRACTION` (0.25) where the tokenizer of the run has a chat template (an
+            instruct teacher), else 0 (`resolve(..., chat_template=...)`). Plain text alone does not show the student
+            its chat format, and a student healed on it can still end its turn at once.
         chat_source: `"free"` (the teacher writes the user's message from its template's opening, then the answer)
             or a JSON file holding a list of prompts the teacher answers (never the chat benchmark's prompts).
         chat_max_new_tokens: the most tokens the teacher writes per turn (the user message, the answer).
@@ -84,7 +88,7 @@ class HealConfig(MethodConfig):
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     save_steps: int = 25
-    chat_fraction: float = 0.0
+    chat_fraction: float | str = "auto"
     chat_source: str = "free"
     chat_max_new_tokens: int = 128
     chat_temperature: float = 0.7
@@ -108,14 +112,22 @@ class HealConfig(MethodConfig):
                 raise HFCompressError(f"{flag} must be >= 0; got {value}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise HFCompressError(f"--warmup-ratio must be in [0, 1); got {self.warmup_ratio}.")
-        if not 0.0 <= self.chat_fraction < 1.0:
-            raise HFCompressError(f"--chat-fraction must be in [0, 1); got {self.chat_fraction}.")
-        if self.chat_fraction > 0:
+        self._validate_chat_fraction()
+        if self.chat_fraction == "auto" or self.chat_fraction > 0:  # "auto" may mean chat: its options are checked
             self._validate_chat_source()
         _choice("--loss", self.loss, LOSSES)
         _choice("--trainable", self.trainable, TRAINABLE)
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--dtype", self.dtype, DTYPES)
+
+    def _validate_chat_fraction(self) -> None:
+        value = self.chat_fraction
+        if value == "auto":
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HFCompressError(f"--chat-fraction must be 'auto' or a number in [0, 1); got {value!r}.")
+        if not 0.0 <= value < 1.0:
+            raise HFCompressError(f"--chat-fraction must be in [0, 1); got {value}.")
 
     def _validate_chat_source(self) -> None:
         if self.chat_source == "free":
@@ -130,10 +142,38 @@ class HealConfig(MethodConfig):
 
             load_chat_prompts(self.chat_source)  # a bad file is refused before any model loads
 
-    def resolve(self, device: str | torch.device | None = None) -> HealConfig:
-        """A copy with `dtype` "auto" replaced by "bfloat16" or "float32" for `device`."""
+    def resolve(self, device: str | torch.device | None = None, *, chat_template: bool | None = None) -> HealConfig:
+        """A copy with `dtype` "auto" replaced by "bfloat16" or "float32" for `device`, and `chat_fraction` "auto"
+        by `AUTO_CHAT_FRACTION` where `chat_template` is true (the tokenizer the chat text would be written with
+        has a chat template: `data.has_chat_template`), else by 0.0. An explicit fraction stays as given.
+
+        With `chat_template` None (no tokenizer known: a config checked or read back before any model loads),
+        `chat_fraction` "auto" stays "auto" rather than being guessed, and whatever needs the number
+        (`chat_share`: the healing data) refuses it; `heal` resolves once, with the tokenizer of the run.
+        """
         device = device if isinstance(device, torch.device) else pick_device(device)
-        return dataclasses.replace(self, dtype=dtype_name(calibration_dtype(self.dtype, device)))
+        chat_fraction = self.chat_fraction
+        if chat_fraction == "auto" and chat_template is not None:
+            chat_fraction = AUTO_CHAT_FRACTION if chat_template else 0.0
+        return dataclasses.replace(self, dtype=dtype_name(calibration_dtype(self.dtype, device)),
+                                   chat_fraction=chat_fraction)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HealConfig:
+        """`MethodConfig.from_dict`; a record written before the chat options existed (no `chat_fraction`) was
+        healed on plain text alone, and reads back with 0.0 rather than today's "auto"."""
+        if "chat_fraction" not in data:
+            data = {**data, "chat_fraction": 0.0}
+        return super().from_dict(data)
+
+    @property
+    def chat_share(self) -> float:
+        """`chat_fraction` as a number; a ValueError while it is still "auto" (`resolve` was not given
+        `chat_template`): what the run trains on is never left to a guess."""
+        if self.chat_fraction == "auto":
+            raise ValueError('HealConfig.chat_fraction "auto" is unresolved: call resolve(device, '
+                             'chat_template=...) with whether the tokenizer has a chat template first.')
+        return float(self.chat_fraction)
 
     @property
     def uses_kl(self) -> bool:
@@ -142,3 +182,14 @@ class HealConfig(MethodConfig):
     @property
     def uses_lm(self) -> bool:
         return self.loss in ("lm", "kl+lm")
+
+
+def parse_chat_fraction(text: str) -> float | str:
+    """`--chat-fraction` as typed: "auto" or a number (its range is `HealConfig.validate`'s to check)."""
+    value = text.strip().lower()
+    if value == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise HFCompressError(f"--chat-fraction must be 'auto' or a number in [0, 1); got {text!r}.") from None

@@ -54,11 +54,17 @@ def training_steps(config: HealConfig) -> int:
     return math.ceil(config.tokens / (config.batch_size * config.seq_len))
 
 
+def has_chat_template(tokenizer: PreTrainedTokenizerBase | None) -> bool:
+    """Whether `tokenizer` has a chat template (a non-empty string): what `chat_fraction` "auto" is resolved by."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(template.strip())
+
+
 def chat_sequences(config: HealConfig) -> int:
     """How many of the run's training sequences are chat: `chat_fraction` of them, rounded, at least one."""
-    if config.chat_fraction <= 0:
+    if config.chat_share <= 0:
         return 0
-    return max(1, round(config.chat_fraction * training_steps(config) * config.batch_size))
+    return max(1, round(config.chat_share * training_steps(config) * config.batch_size))
 
 
 def text_chunks(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: HealConfig) -> torch.Tensor:
@@ -122,11 +128,13 @@ def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig, te
     """The healing tokens of `config.dataset` and how the provenance names that dataset (never by a local path).
 
     With `config.chat_fraction > 0`, the `teacher` (moved to `device` meanwhile) first writes the chat text of
-    `chat_sequences(config)` chunks (`chat_data.chat_chunks`), mixed in by `mixed_healing_data`.
+    `chat_sequences(config)` chunks (`chat_data.chat_chunks`), mixed in by `mixed_healing_data`. A fraction still
+    "auto" is refused (`HealConfig.chat_share`): `config` must be resolved with the tokenizer's chat template.
     """
+    with_chat = config.chat_share > 0  # an unresolved "auto" is refused before the text loads
     source = resolve_text_source(config.dataset, column=config.dataset_column)
     texts = load_texts(source)
-    if config.chat_fraction > 0:
+    if with_chat:
         if teacher is None:
             raise HFCompressError("--chat-fraction > 0 needs the teacher, which writes the chat text.")
         from .chat_data import chat_chunks
@@ -147,8 +155,9 @@ def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig, te
 
 def recorded_options(config: HealConfig, data_ref: DataRef) -> dict[str, Any]:
     """The options as the provenance keeps them: the dataset and a chat prompts file by name, never by a local
-    path of the machine that healed (the record goes to the Hub with the model)."""
-    options = {**config.to_dict(), "dataset": data_ref.name}
+    path of the machine that healed (the record goes to the Hub with the model). The chat fraction is the number
+    the run trained with, never "auto" (`chat_share` refuses an unresolved one)."""
+    options = {**config.to_dict(), "chat_fraction": config.chat_share, "dataset": data_ref.name}
     if config.chat_source != "free":
         options["chat_source"] = Path(config.chat_source).resolve().name
     return options

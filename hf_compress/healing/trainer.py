@@ -45,7 +45,7 @@ from ..device import PeakMemory, pick_device
 from ..errors import HFCompressError
 from ..provenance import DataRef, SourceRef
 from .config import HealConfig
-from .data import HealingData, load_healing_data, recorded_options
+from .data import HealingData, has_chat_template, load_healing_data, recorded_options
 from .losses import chunked_kl_loss, chunked_lm_loss
 
 logger = logging.getLogger(__name__)
@@ -514,7 +514,8 @@ def heal(
             state); the student in memory is healed in place and carries the record (for `convert`, which saves).
         teacher: the source model: Hub id, folder, `.gguf` file, `"smollm2"`, or a causal LM in memory (moved to the
             training device).
-        config: `HealConfig` (its defaults when None).
+        config: `HealConfig` (its defaults when None), resolved here once: its "auto" dtype for the device, its
+            "auto" chat fraction by whether the tokenizer of the run has a chat template.
         tokenizer: the student's tokenizer (default: the student checkpoint's, else the teacher's).
         device: where training runs (default: cuda if present).
         gguf_file, revision: of a teacher given by name (as `hf-compress convert` takes them).
@@ -528,13 +529,37 @@ def heal(
     sources = [str(model) for model in (student, teacher) if not _is_module(model)]
     output = prepare_output(output_dir, overwrite=overwrite, sources=sources) if output_dir is not None else None
     compute_device = pick_device(device)
-    config = config.resolve(compute_device)
-    evaluation = None
-    if eval_dataset is not None:
-        check_window_options(eval_seq_len, eval_max_windows, seq_flag="--eval-seq-len",
-                             windows_flag="--eval-max-windows")
-        evaluation = HealingEvaluation(eval_dataset, load_text_option("--eval-dataset", eval_dataset), eval_seq_len,
-                                       eval_max_windows, progress)
+    evaluation = _healing_evaluation(eval_dataset, eval_seq_len, eval_max_windows, progress)
+    student_model, teacher_model, tokenizer, teacher_ref = _load_models(
+        student, teacher, tokenizer, gguf_file=gguf_file, revision=revision, teacher_ref=teacher_ref)
+    # The one resolution of the run: the tokenizer that would write the chat text decides "auto" (the record then
+    # holds the number the run trained with).
+    config = config.resolve(compute_device, chat_template=has_chat_template(tokenizer))
+    data, data_ref = load_healing_data(tokenizer, config, teacher_model, device=compute_device, progress=progress)
+    with PeakMemory() as peak:
+        result = _train(student_model, teacher_model, tokenizer, data, data_ref, teacher_ref, config, compute_device,
+                        output, overwrite, progress, on_step, evaluation)
+    result.peak_memory_mb = peak.cuda_peak_mb if compute_device.type == "cuda" else peak.peak_mb
+    return result
+
+
+def _healing_evaluation(eval_dataset: str | None, eval_seq_len: int, eval_max_windows: int | None,
+                        progress: bool) -> HealingEvaluation | None:
+    """The perplexity measure `heal(eval_dataset=...)` asks for, its options and text checked before any model
+    loads; None without `eval_dataset`."""
+    if eval_dataset is None:
+        return None
+    check_window_options(eval_seq_len, eval_max_windows, seq_flag="--eval-seq-len", windows_flag="--eval-max-windows")
+    return HealingEvaluation(eval_dataset, load_text_option("--eval-dataset", eval_dataset), eval_seq_len,
+                             eval_max_windows, progress)
+
+
+def _load_models(student: str | os.PathLike | PreTrainedModel, teacher: str | os.PathLike | PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase | None, *, gguf_file: str | None, revision: str | None,
+                 teacher_ref: SourceRef | None,
+                 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase, SourceRef]:
+    """The student and the teacher, checked to share a vocabulary, the tokenizer of the run (the student's, else
+    the teacher's) and the teacher's record."""
     student_model, tokenizer = load_student(student, tokenizer)
     teacher_model, teacher_tokenizer, teacher_ref = load_teacher(teacher, gguf_file=gguf_file, revision=revision,
                                                                  teacher_ref=teacher_ref)
@@ -542,12 +567,7 @@ def heal(
     tokenizer = tokenizer if tokenizer is not None else teacher_tokenizer
     if tokenizer is None:
         raise HFCompressError("no tokenizer for the healing text: pass tokenizer= with a student and teacher in memory.")
-    data, data_ref = load_healing_data(tokenizer, config, teacher_model, device=compute_device, progress=progress)
-    with PeakMemory() as peak:
-        result = _train(student_model, teacher_model, tokenizer, data, data_ref, teacher_ref, config, compute_device,
-                        output, overwrite, progress, on_step, evaluation)
-    result.peak_memory_mb = peak.cuda_peak_mb if compute_device.type == "cuda" else peak.peak_mb
-    return result
+    return student_model, teacher_model, tokenizer, teacher_ref
 
 
 def _train(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: HealingData,
@@ -573,10 +593,50 @@ def _train(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTra
         raise
 
 
+@dataclass
+class _Run:
+    """What the loop trains with (`_prepare_run`) and where a resumed run stands (`_resume`)."""
+
+    objective: nn.Module  # accelerate's wrapper of the `HealingObjective`
+    named_params: list[tuple[str, nn.Parameter]]  # the trainable parameters, by name (what the state saves)
+    optimizer: torch.optim.Optimizer  # the plain optimizer: its state is what is saved
+    prepared_optimizer: Any  # accelerate's wrapper of it: what steps
+    scheduler: Any
+    start_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    earlier_time: float = 0.0  # seconds of training of the sessions before this one
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for _, p in self.named_params)
+
+
 def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, teacher_ref, config, accelerator,
                     state_dir, fingerprint, output, overwrite, progress, on_step, evaluation) -> HealResult:
-    from tqdm.auto import tqdm
+    run = _prepare_run(student, peft_model, teacher, config, accelerator, data.steps)
+    _resume(run, state_dir, fingerprint, data.steps)
+    train_time = _run_steps(run, teacher, data, config, accelerator, state_dir, fingerprint, progress, on_step)
+    student = _finish_student(student, peft_model, config, tokenizer, accelerator.device, evaluation)
+    wall_time = run.earlier_time + train_time
+    figures = _healing_figures(config, data, data_ref, teacher_ref, run, wall_time, evaluation)
+    record = _attach_record(student, figures)
+    if output is not None and accelerator.is_main_process:
+        _save(student, tokenizer, output, overwrite)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    session_tokens = (data.steps - run.start_step) * data.tokens_per_step
+    return HealResult(
+        output_dir=output, steps=data.steps, tokens=figures["tokens"], trainable_params=run.trainable_params,
+        final_loss=_mean(run.losses[-LOSS_WINDOW:]), losses=run.losses, wall_time_s=wall_time,
+        tokens_per_s=session_tokens / train_time if train_time > 0 else 0.0, peak_memory_mb=0.0,
+        initial_loss=_mean(run.losses[:LOSS_WINDOW]), resumed_from=run.start_step, provenance=record,
+    )
 
+
+def _prepare_run(student: PreTrainedModel, peft_model, teacher: PreTrainedModel, config: HealConfig, accelerator,
+                 steps: int) -> _Run:
+    """The student in training mode with what trains marked, the teacher on the device (for a KL), the objective
+    and the optimizer prepared by accelerate, and the learning-rate schedule of `steps` steps."""
     if peft_model is None:
         mark_trainable(student)
     if config.gradient_checkpointing:
@@ -587,93 +647,116 @@ def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, tea
         teacher.to(accelerator.device)
     objective = accelerator.prepare(HealingObjective(student, teacher.get_output_embeddings(), config))
     named_params = [(name, p) for name, p in accelerator.unwrap_model(objective).named_parameters() if p.requires_grad]
-    trainable_params = sum(p.numel() for _, p in named_params)
     optimizer = _make_optimizer(named_params, config)
-    scheduler = _make_scheduler(optimizer, config, data.steps)
-    prepared_optimizer = accelerator.prepare(optimizer)
+    scheduler = _make_scheduler(optimizer, config, steps)
+    return _Run(objective, named_params, optimizer, accelerator.prepare(optimizer), scheduler)
 
-    meta = None
-    if state_dir is not None:
-        meta = load_state(state_dir, fingerprint=fingerprint, named_params=named_params, optimizer=optimizer,
-                          scheduler=scheduler)
-    start_step = meta["step"] if meta else 0
-    losses: list[float] = list(meta["losses"]) if meta else []
-    earlier_time = float(meta.get("wall_time_s", 0.0)) if meta else 0.0
-    if meta:
-        logger.info("resuming from step %d of %d (%s)", start_step, data.steps, state_dir)
 
-    bar = tqdm(total=data.steps, initial=start_step, desc="healing", unit="step",
+def _resume(run: _Run, state_dir: Path | None, fingerprint: str, steps: int) -> None:
+    """Restores the saved state of the same run into `run` (weights, optimizer, scheduler, RNG, losses so far),
+    where there is one."""
+    if state_dir is None:
+        return
+    meta = load_state(state_dir, fingerprint=fingerprint, named_params=run.named_params, optimizer=run.optimizer,
+                      scheduler=run.scheduler)
+    if not meta:
+        return
+    run.start_step, run.losses = meta["step"], list(meta["losses"])
+    run.earlier_time = float(meta.get("wall_time_s", 0.0))
+    logger.info("resuming from step %d of %d (%s)", run.start_step, steps, state_dir)
+
+
+def _run_steps(run: _Run, teacher: PreTrainedModel, data: HealingData, config: HealConfig, accelerator,
+               state_dir: Path | None, fingerprint: str, progress: bool,
+               on_step: Callable[[int, float], None] | None) -> float:
+    """The optimizer steps from `run.start_step` to the last (each loss appended to `run.losses`, the state saved
+    every `save_steps` steps); returns the seconds of training of this session."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=data.steps, initial=run.start_step, desc="healing", unit="step",
                disable=not progress or not accelerator.is_main_process)
     started = time.perf_counter()
-    for step in range(start_step, data.steps):
+    for step in range(run.start_step, data.steps):
         ids = data.batch(step, accelerator.process_index, accelerator.num_processes).to(accelerator.device)
-        with accelerator.autocast():
-            teacher_hidden = teacher_hidden_states(teacher, ids) if config.uses_kl else None
-            loss = objective(ids, teacher_hidden)
-        accelerator.backward(loss)
-        prepared_optimizer.step()
-        scheduler.step()
-        prepared_optimizer.zero_grad(set_to_none=True)
-        value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        losses.append(value)
+        value = _step(run, teacher, ids, config.uses_kl, accelerator)
+        run.losses.append(value)
         done = step + 1
         elapsed = time.perf_counter() - started
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{(done - start_step) * data.tokens_per_step / elapsed:,.0f}")
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{(done - run.start_step) * data.tokens_per_step / elapsed:,.0f}")
         if state_dir is not None and done % config.save_steps == 0 and done < data.steps and accelerator.is_main_process:
-            save_state(state_dir, step=done, named_params=named_params, optimizer=optimizer, scheduler=scheduler,
-                       losses=losses, fingerprint=fingerprint, wall_time_s=earlier_time + elapsed)
+            save_state(state_dir, step=done, named_params=run.named_params, optimizer=run.optimizer,
+                       scheduler=run.scheduler, losses=run.losses, fingerprint=fingerprint,
+                       wall_time_s=run.earlier_time + elapsed)
         if on_step is not None:
             on_step(done, value)
     bar.close()
-    train_time = time.perf_counter() - started
-    session_tokens = (data.steps - start_step) * data.tokens_per_step
+    return time.perf_counter() - started
 
+
+def _step(run: _Run, teacher: PreTrainedModel, ids: torch.Tensor, uses_kl: bool, accelerator) -> float:
+    """One optimizer step on the sequences `ids`; returns its loss (the mean over the processes)."""
+    with accelerator.autocast():
+        teacher_hidden = teacher_hidden_states(teacher, ids) if uses_kl else None
+        loss = run.objective(ids, teacher_hidden)
+    accelerator.backward(loss)
+    run.prepared_optimizer.step()
+    run.scheduler.step()
+    run.prepared_optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(loss.detach(), reduction="mean").item()
+
+
+def _finish_student(student: PreTrainedModel, peft_model, config: HealConfig, tokenizer: PreTrainedTokenizerBase,
+                    device: torch.device, evaluation: HealingEvaluation | None) -> PreTrainedModel:
+    """The trained student as it will be saved: checkpointing off, in eval mode, adapters merged, frozen, its
+    weights rounded to the dtype of the conversion's output (so that the perplexity after healing, measured here,
+    is the checkpoint's)."""
     if config.gradient_checkpointing:
         _set_checkpointing(student, False)
     student.eval()
     if peft_model is not None:
         student = merge_lora(peft_model)
     student.requires_grad_(False)
-    # The healed weights as they will be saved (the dtype of the conversion's output), so that the perplexity
-    # measured below is the checkpoint's.
     round_weights(student, _save_dtype(student))
     if evaluation is not None:
-        evaluation.after = evaluation.measure(student, tokenizer, accelerator.device)
-    history, every = loss_history(losses)
+        evaluation.after = evaluation.measure(student, tokenizer, device)
+    return student
+
+
+def _healing_figures(config: HealConfig, data: HealingData, data_ref: DataRef, teacher_ref: SourceRef, run: _Run,
+                     wall_time_s: float, evaluation: HealingEvaluation | None) -> dict[str, Any]:
+    """The `healing` entry of the record: options (resolved), teacher, data, budget, losses, time, perplexity."""
+    from .. import __version__
+
+    history, every = loss_history(run.losses)
     figures = {
         "options": recorded_options(config, data_ref),
         "teacher": asdict(teacher_ref),
         "data": [asdict(data_ref)],
         "tokens": data.steps * data.tokens_per_step,
         "steps": data.steps,
-        "initial_loss": round(_mean(losses[:LOSS_WINDOW]), 6),
-        "final_loss": round(_mean(losses[-LOSS_WINDOW:]), 6),
+        "initial_loss": round(_mean(run.losses[:LOSS_WINDOW]), 6),
+        "final_loss": round(_mean(run.losses[-LOSS_WINDOW:]), 6),
         "loss_history": history,
         "loss_history_every": every,
-        "trainable_params": trainable_params,
-        "wall_time_s": round(earlier_time + train_time, 3),
+        "trainable_params": run.trainable_params,
+        "wall_time_s": round(wall_time_s, 3),
     }
     if evaluation is not None:
         figures["perplexity"] = evaluation.record()
-    from .. import __version__
-
     figures["hf_compress_version"] = __version__
+    return figures
+
+
+def _attach_record(student: PreTrainedModel, figures: dict[str, Any]) -> dict[str, Any]:
+    """The student's compression record with `figures` as its `healing` entry (an earlier healing kept under
+    `previous`), set on the student's config and returned."""
     record = dict(student.config.compression or {})
     if "healing" in record:  # healed again: the earlier healing stays on record
         figures["previous"] = record["healing"]
     record["healing"] = figures
     student.config.compression = record
-    if output is not None and accelerator.is_main_process:
-        _save(student, tokenizer, output, overwrite)
-        shutil.rmtree(state_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return HealResult(
-        output_dir=output, steps=data.steps, tokens=figures["tokens"], trainable_params=trainable_params,
-        final_loss=_mean(losses[-LOSS_WINDOW:]), losses=losses, wall_time_s=earlier_time + train_time,
-        tokens_per_s=session_tokens / train_time if train_time > 0 else 0.0, peak_memory_mb=0.0,
-        initial_loss=_mean(losses[:LOSS_WINDOW]), resumed_from=start_step, provenance=record,
-    )
+    return record
 
 
 def _save(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, overwrite: bool) -> None:
