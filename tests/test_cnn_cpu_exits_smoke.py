@@ -173,3 +173,48 @@ def test_reduced_run_refuses_the_protocol_results(tmp_path):
     args = parser.parse_args(["--train-limit", "100", "--work-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="must not write the protocol's results"):
         stage.run(args)
+
+
+def test_report_summary_rows_are_the_means_over_seeds():
+    """benchmarks/report.py's README row for stage "exits": means over the seeds, from the rows as stored."""
+    spec = importlib.util.spec_from_file_location("report", REPO / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    rows = []
+    for seed, (ce, cf) in {2023: ((0.10, 0.86, 1.02), (0.20, 0.85, 1.10)),
+                           2024: ((0.14, 0.84, 1.04), (0.24, 0.87, 1.12))}.items():
+        for rule, (saved, acc, speedup) in (("class_exclusion", ce), ("confidence", cf)):
+            rows.append({"seed": seed, "rule": rule, "tolerance": 0.005, "macs_reduction": saved, "test_acc": acc,
+                         "test_acc_full": 0.87, "speedup": speedup})
+        rows.append({**rows[-1], "tolerance": 0.01, "macs_reduction": 0.9})  # another tolerance: not in the row
+    exits = {"reduced": False, "rows": rows, "budget": {"training": "joint", "throughput_batch": 256}}
+    [row] = report.cnn_cpu_exit_rows(exits)
+    assert row[2] == "12.0% fewer MACs, 1.03x at batch 256, acc 87.0% -> 85.0%"
+    assert row[3] == "max-softmax exits: 22.0% fewer MACs, 1.11x, acc 86.0%"
+    assert row[4] == 'protocol "cifar-cpu", 2 seeds'
+    assert report.cnn_cpu_exit_rows({**exits, "reduced": True}) == []
+
+
+def test_report_stops_analysis_from_the_histograms():
+    spec = importlib.util.spec_from_file_location("report", REPO / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    positions = ["stage1.2", "stage1", "stage2.2", "stage2", "stage3.2"]
+
+    def row(seed, rule, hist, lost):
+        return {"seed": seed, "rule": rule, "tolerance": 0.005, "test_errors": {"lost_to_excluded_classes": lost},
+                "exit_histogram": dict(zip([*positions, "final"], hist))}
+
+    exits = {"exit_positions": positions, "rows": [
+        row(2023, "class_exclusion", [0, 0, 0.1, 0.1, 0.6, 0.2], 30), row(2024, "class_exclusion", [0, 0, 0, 0.2, 0.7, 0.1], 50),
+        row(2023, "confidence", [0.1, 0.1, 0.1, 0.1, 0.4, 0.2], 0), row(2024, "confidence", [0, 0.2, 0.2, 0.2, 0.3, 0.1], 0)],
+        "head_val_accuracy": {"2023": {"class_exclusion": [0.4, 0.5, 0.6, 0.7, 0.8], "confidence": [0.4] * 5},
+                              "2024": {"class_exclusion": [0.6, 0.5, 0.6, 0.7, 0.9], "confidence": [0.6] * 5}}}
+    text = report.exit_stops_analysis(exits)
+    # class exclusion: (0.2 + 0.2) / 2 = 20% before stage3, (0.6 + 0.7) / 2 = 65% at stage3.2, 40 images lost
+    assert "class exclusion stops 20.0% of the test images at the exits before stage3" in text
+    assert "65.0% at stage3.2, and loses 40 test images" in text and "reach 50%, 50%, 60%, 70%, 85%" in text
+    assert "confidence stops 50.0% of the test images" in text and "Class exclusion stops fewer images early" in text
+    swapped = {**exits, "rows": [{**r, "rule": {"confidence": "class_exclusion", "class_exclusion": "confidence"}[r["rule"]]}
+                                 for r in exits["rows"]]}
+    assert "stops fewer images early" not in report.exit_stops_analysis(swapped)

@@ -111,6 +111,72 @@ def convert(
         heal: if given, the compressed model is healed by distillation from the source already in memory
             (`hf_compress.healing.heal`) before it is evaluated and saved.
     """
+    output, compute_device = _check_options(source, output_dir, gguf_file, overwrite, device, eval_seq_len,
+                                            eval_max_windows, heal)
+    start = time.perf_counter()
+    phases = MemoryPhases()
+    inputs = _load_inputs(source, gguf_file, revision, config, calibration, compute_device, eval_dataset,
+                          eval_seq_len, heal, phases, start)
+    evaluation = None
+    if inputs.eval_texts is not None:
+        evaluation = _Evaluation(eval_dataset, inputs.eval_texts, eval_seq_len, eval_max_windows, progress)
+    # Without healing the source is needed for nothing but its own perplexity, measured first: its layers are then
+    # freed as soon as their compressed versions exist, so the two models never sit in memory side by side. Healing
+    # distils from the source, which is then kept whole.
+    release_source = heal is None
+    before, before_s = None, 0.0
+    if evaluation is not None and release_source:
+        before, before_s = _source_perplexity(inputs, evaluation, phases)
+    compressed, compressor, factors, save_dtype = _compress(inputs, compute_device, progress, phases, release_source,
+                                                            source, gguf_file, revision)
+    result = _result(output, compressed, compressor, factors, time.perf_counter() - start - before_s,
+                     inputs.load_s, phases)
+    healing_eval = None
+    if heal is not None:
+        healing_eval = _heal_in_convert(result, inputs, compressed, heal, compute_device, progress, evaluation, phases)
+    # The perplexity is that of the weights as saved (rounded to the save dtype), run in float32 as `ppl` does.
+    round_weights(compressed, save_dtype)
+    perplexity = None
+    if evaluation is not None:
+        perplexity = _evaluate(result, None if release_source else inputs.model, compressed, inputs.tokenizer,
+                               evaluation, before, healing_eval, phases)
+    _save_and_push(result, compressed, inputs.tokenizer, output, save_dtype, perplexity, phases, overwrite=overwrite,
+                   push_to_hub=push_to_hub, private=private, hub_revision=hub_revision)
+    return result
+
+
+@dataclass
+class _Inputs:
+    """What `convert` reads before compressing: the resolved configs, the source, the texts and the calibration
+    batch (`load_s`: seconds from the start to the loaded source)."""
+
+    architecture: PretrainedConfig
+    config: BasisSharingConfig
+    calibration: CalibrationConfig
+    texts: list[str]
+    eval_texts: list[str] | None
+    model: torch.nn.Module
+    tokenizer: Any
+    info: Any
+    ids: torch.Tensor | None = None
+    load_s: float = 0.0
+
+
+@dataclass
+class _Evaluation:
+    """The evaluation text and its windows (`convert`'s `eval_*` options)."""
+
+    dataset: str
+    texts: list[str]
+    seq_len: int
+    max_windows: int | None
+    progress: bool
+
+
+def _check_options(source: str, output_dir: str | Path | None, gguf_file: str | None, overwrite: bool,
+                   device: str | None, eval_seq_len: int, eval_max_windows: int | None,
+                   heal: HealConfig | None) -> tuple[Path | None, torch.device]:
+    """Checks the output folder, the device and the options, in this order; returns the output folder and device."""
     output = None
     if output_dir is not None:
         output = prepare_output(output_dir, overwrite=overwrite, sources=[source, *([gguf_file] if gguf_file else [])])
@@ -118,79 +184,128 @@ def convert(
     check_window_options(eval_seq_len, eval_max_windows, seq_flag="--eval-seq-len", windows_flag="--eval-max-windows")
     if heal is not None:
         heal.validate()
-    start = time.perf_counter()
-    phases = MemoryPhases()
-    with phases("load"):
-        architecture = source_config(source, gguf_file=gguf_file, revision=revision)
-        config, calibration = resolve_configs(config, calibration, architecture, compute_device, source)
-        texts = load_text_option("--calib-dataset", calibration.dataset, calibration.config, calibration.split,
-                                 calibration.column)
-        eval_texts = None
-        if eval_dataset:
-            check_context("--eval-seq-len", eval_seq_len, _context(architecture), source)
-            eval_texts = load_text_option("--eval-dataset", eval_dataset)
-        heal_texts = None
-        if heal is not None:  # the healing text is read before the weights load, so that a bad one fails first
-            heal_texts = load_text_option("--heal-dataset", heal.dataset, column=heal.dataset_column)
-        model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision, config=architecture)
-        if heal_texts is not None:  # and it must hold one batch, checked before the calibration starts
-            from ..healing.data import healing_ids
+    return output, compute_device
 
-            healing_ids(tokenizer, heal_texts, heal)
-        load_time = time.perf_counter() - start
-        ids = calibration_batch(tokenizer, texts, samples=calibration.samples, seq_len=calibration.seq_len,
-                                seed=calibration.seed)
-    # Without healing the source is needed for nothing but its own perplexity, measured first: its layers are then
-    # freed as soon as their compressed versions exist, so the two models never sit in memory side by side. Healing
-    # distils from the source, which is then kept whole.
-    release_source = heal is None
-    before, before_s = None, 0.0
-    if eval_texts is not None and release_source:
-        started = time.perf_counter()
-        with phases("evaluation"):
-            before = _perplexity(model, tokenizer, eval_texts, eval_seq_len, eval_max_windows, progress)
-        before_s = time.perf_counter() - started
+
+def _load_inputs(source: str, gguf_file: str | None, revision: str | None, config: BasisSharingConfig | None,
+                 calibration: CalibrationConfig | None, device: torch.device, eval_dataset: str | None,
+                 eval_seq_len: int, heal: HealConfig | None, phases: MemoryPhases, start: float) -> _Inputs:
+    """The `load` phase: checks the source's config and reads the texts, then loads the source (the weights last,
+    so that all that can fail without them fails first) and draws the calibration batch."""
+    with phases("load"):
+        inputs = _read_inputs(source, gguf_file, revision, config, calibration, device, eval_dataset, eval_seq_len,
+                              heal)
+        inputs.load_s = time.perf_counter() - start
+        calib = inputs.calibration
+        inputs.ids = calibration_batch(inputs.tokenizer, inputs.texts, samples=calib.samples, seq_len=calib.seq_len,
+                                       seed=calib.seed)
+    return inputs
+
+
+def _read_inputs(source: str, gguf_file: str | None, revision: str | None, config: BasisSharingConfig | None,
+                 calibration: CalibrationConfig | None, device: torch.device, eval_dataset: str | None,
+                 eval_seq_len: int, heal: HealConfig | None) -> _Inputs:
+    """Checks the source's config, reads the texts and loads the source, in this order."""
+    architecture = source_config(source, gguf_file=gguf_file, revision=revision)
+    config, calibration = resolve_configs(config, calibration, architecture, device, source)
+    texts = load_text_option("--calib-dataset", calibration.dataset, calibration.config, calibration.split,
+                             calibration.column)
+    eval_texts = None
+    if eval_dataset:
+        check_context("--eval-seq-len", eval_seq_len, _context(architecture), source)
+        eval_texts = load_text_option("--eval-dataset", eval_dataset)
+    heal_texts = None
+    if heal is not None:  # the healing text is read before the weights load, so that a bad one fails first
+        heal_texts = load_text_option("--heal-dataset", heal.dataset, column=heal.dataset_column)
+    model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision, config=architecture)
+    if heal_texts is not None:  # and it must hold one batch, checked before the calibration starts
+        from ..healing.data import healing_ids
+
+        healing_ids(tokenizer, heal_texts, heal)
+    return _Inputs(architecture, config, calibration, texts, eval_texts, model, tokenizer, info)
+
+
+def _source_perplexity(inputs: _Inputs, evaluation: _Evaluation, phases: MemoryPhases) -> tuple[float, float]:
+    """The source's perplexity, measured before it is compressed, and the seconds it took."""
+    started = time.perf_counter()
+    with phases("evaluation"):
+        before = _perplexity(inputs.model, inputs.tokenizer, evaluation.texts, evaluation.seq_len,
+                             evaluation.max_windows, evaluation.progress)
+    return before, time.perf_counter() - started
+
+
+def _compress(inputs: _Inputs, device: torch.device, progress: bool, phases: MemoryPhases, release_source: bool,
+              source: str, gguf_file: str | None,
+              revision: str | None) -> tuple[Any, BasisSharingCompressor, dict[str, list[Any]], torch.dtype]:
+    """Calibrates, decomposes and assembles the compressed model, with its provenance record.
+
+    Returns the compressed model, the compressor (timings, whitening shifts), the factors (shapes and ranks only)
+    and the dtype the checkpoint is saved in.
+    """
+    config, model = inputs.config, inputs.model
     assembly = LayerwiseAssembly(model, release_source=release_source)
-    compressor = BasisSharingCompressor(model, config, ids, compute_device, calibration.batch_size, progress,
-                                        dtype=getattr(torch, calibration.dtype), phases=phases, sink=assembly)
+    compressor = BasisSharingCompressor(model, config, inputs.ids, device, inputs.calibration.batch_size, progress,
+                                        dtype=getattr(torch, inputs.calibration.dtype), phases=phases, sink=assembly)
     factors = compressor.run()  # their tensors went into `assembly`: shapes and ranks only
     with phases("assembly"):
         compressed = assembly.finish()
         figures = {**conversion_figures(config, model, compressed, factors),
-                   **source_footprint(source, gguf_file, revision, architecture)}
+                   **source_footprint(source, gguf_file, revision, inputs.architecture)}
         save_dtype = config.output_dtype(figures["source_dtype"])
         figures["output_dtype"] = dtype_name(save_dtype)
-        compressed.config.compression = compression_record(config, calibration, info.to_ref(), figures)
-    result = ConversionResult(
+        compressed.config.compression = compression_record(config, inputs.calibration, inputs.info.to_ref(), figures)
+    return compressed, compressor, factors, save_dtype
+
+
+def _result(output: Path | None, compressed: torch.nn.Module, compressor: BasisSharingCompressor,
+            factors: dict[str, list[Any]], wall_time_s: float, load_s: float, phases: MemoryPhases) -> ConversionResult:
+    """The `ConversionResult` of the assembled model (perplexities, healing and peak memory are filled in later)."""
+    return ConversionResult(
         output_dir=output,
         provenance=compressed.config.compression,
         ranks={name: [f.rank for f in groups] for name, groups in factors.items()},
-        wall_time_s=time.perf_counter() - start - before_s,
+        wall_time_s=wall_time_s,
         whitening_shifts={k: v for k, v in compressor.whitening_shifts.items() if any(v)},
-        timings={"load_s": load_time, **compressor.timings},
+        timings={"load_s": load_s, **compressor.timings},
         memory_mb=phases.peaks_mb,
     )
-    healing_eval = None
-    if heal is not None:
-        from ..healing.trainer import HealingEvaluation
 
-        if eval_texts is not None:
-            healing_eval = HealingEvaluation(eval_dataset, eval_texts, eval_seq_len, eval_max_windows, progress)
-        with phases("healing"):
-            _heal(result, model, compressed, tokenizer, info.to_ref(), heal, compute_device, progress, healing_eval)
-    # The perplexity is that of the weights as saved (rounded to the save dtype), run in float32 as `ppl` does.
-    round_weights(compressed, save_dtype)
-    perplexity = None
-    if eval_texts is not None:
-        with phases("evaluation"):
-            perplexity = measure_perplexity(None if release_source else model, compressed, tokenizer, eval_dataset,
-                                            eval_texts, seq_len=eval_seq_len, max_windows=eval_max_windows,
-                                            progress=progress, before=before)
-        result.perplexity_before, result.perplexity_after = perplexity.before, perplexity.after
-        if healing_eval is not None:
-            healing_eval.after = perplexity.after
-            perplexity.unhealed = healing_eval.before
-            compressed.config.compression["healing"]["perplexity"] = healing_eval.record()
+
+def _heal_in_convert(result: ConversionResult, inputs: _Inputs, compressed: torch.nn.Module, heal: HealConfig,
+                     device: torch.device, progress: bool, evaluation: _Evaluation | None, phases: MemoryPhases):
+    """Heals `compressed` from the source in memory (`_heal`); returns the `HealingEvaluation`, if any."""
+    from ..healing.trainer import HealingEvaluation
+
+    healing_eval = None
+    if evaluation is not None:
+        healing_eval = HealingEvaluation(evaluation.dataset, evaluation.texts, evaluation.seq_len,
+                                         evaluation.max_windows, evaluation.progress)
+    with phases("healing"):
+        _heal(result, inputs.model, compressed, inputs.tokenizer, inputs.info.to_ref(), heal, device, progress,
+              healing_eval)
+    return healing_eval
+
+
+def _evaluate(result: ConversionResult, source: torch.nn.Module | None, compressed: torch.nn.Module, tokenizer,
+              evaluation: _Evaluation, before: float | None, healing_eval, phases: MemoryPhases):
+    """The perplexities before and after (`measure_perplexity`), recorded in `result` and, with healing, in the
+    provenance."""
+    with phases("evaluation"):
+        perplexity = measure_perplexity(source, compressed, tokenizer, evaluation.dataset, evaluation.texts,
+                                        seq_len=evaluation.seq_len, max_windows=evaluation.max_windows,
+                                        progress=evaluation.progress, before=before)
+    result.perplexity_before, result.perplexity_after = perplexity.before, perplexity.after
+    if healing_eval is not None:
+        healing_eval.after = perplexity.after
+        perplexity.unhealed = healing_eval.before
+        compressed.config.compression["healing"]["perplexity"] = healing_eval.record()
+    return perplexity
+
+
+def _save_and_push(result: ConversionResult, compressed: torch.nn.Module, tokenizer, output: Path | None,
+                   save_dtype: torch.dtype, perplexity, phases: MemoryPhases, *, overwrite: bool,
+                   push_to_hub: str | None, private: bool, hub_revision: str | None) -> None:
+    """Saves the checkpoint (when there is an output folder), records the peak memory, then pushes it if asked."""
     if output is not None:
         with phases("save"):
             save_checkpoint(compressed, tokenizer, output, dtype=save_dtype, overwrite=overwrite, perplexity=perplexity)
@@ -199,7 +314,6 @@ def convert(
         from ..hub import push_to_hub as push
 
         push(output, push_to_hub, private=private, revision=hub_revision)
-    return result
 
 
 def _perplexity(model, tokenizer, texts: list[str], seq_len: int, max_windows: int | None, progress: bool) -> float:

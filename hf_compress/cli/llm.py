@@ -89,9 +89,7 @@ def convert_command(
     """Compress a Llama/Mistral/Qwen2 checkpoint with Basis Sharing and save a SharedBasisLlama checkpoint."""
     from ..basis_sharing.api import convert
 
-    if heal_tokens < 0:
-        raise HFCompressError(f"--heal-tokens must be >= 0 (0: no healing); got {heal_tokens}.")
-
+    heal = _heal_config(heal_tokens, heal_dataset)
     result = convert(
         source,
         output,
@@ -107,10 +105,17 @@ def convert_command(
         gguf_file=gguf_file, revision=revision, device=device, overwrite=overwrite, eval_dataset=eval_dataset,
         eval_seq_len=eval_seq_len, eval_max_windows=eval_max_windows, push_to_hub=push_to_hub, private=private,
         hub_revision=hub_revision,
-        heal=HealConfig(tokens=heal_tokens, dataset=heal_dataset) if heal_tokens else None,
+        heal=heal,
     )
     typer.echo(f"saved {output}")
     _echo_summary(result, eval_dataset)
+
+
+def _heal_config(heal_tokens: int, heal_dataset: str) -> HealConfig | None:
+    """The healing `convert` runs after compressing (`None`: `--heal-tokens 0`, no healing)."""
+    if heal_tokens < 0:
+        raise HFCompressError(f"--heal-tokens must be >= 0 (0: no healing); got {heal_tokens}.")
+    return HealConfig(tokens=heal_tokens, dataset=heal_dataset) if heal_tokens else None
 
 
 def _echo_summary(result, eval_dataset: str | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -201,35 +202,46 @@ def line_outcomes(
         macs = torch.where(stops, stop_cost, macs_on[None, :])
         correct = torch.where(stops, (choice == labels[rows])[None, :], correct_on[None, :])
     else:
-        probs = torch.sigmoid(logits.float())
-        ranked = probs.masked_fill(~candidates, -1.0)  # excluded classes (-1) never count below
-        order = ranked.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(num_labels).expand(u, num_labels).contiguous())
-        # The survivors of each value, with exclude_classes' own float32 comparison s_k > beta * top (the top always
-        # survives): the number of scores above the limit, read off the sorted scores.
-        limits = (values_t[:, None] * ranked.max(1).values[None, :]).t().contiguous()  # [u, values]
-        ascending = ranked.sort(dim=1).values
-        counts = num_labels - torch.searchsorted(ascending, limits, right=True).t()  # [values, u]
-        # variant m (0-based): the top m + 1 candidates survive; variant 0 stops at this exit
-        picked = counts.clamp(min=1) - 1
-        everyone = candidates.sum(1) - 1  # a disabled exit: every candidate goes on
-        picked = torch.where(disabled[:, None], everyone[None, :], picked)
-        # the later exits are replayed once per (variant, sample) that some value leads to
-        needed = torch.zeros(num_labels, u, dtype=torch.bool)
-        needed.scatter_(0, picked, True)
-        needed[0] = False
-        variant, sample = needed.nonzero(as_tuple=True)
-        macs_table = torch.full((num_labels, u), stop_cost, dtype=torch.long)
-        correct_table = (order[:, 0] == labels[rows])[None, :].repeat(num_labels, 1)
-        on_macs, on_correct = downstream(sample, candidates[sample] & (rank[sample] <= variant[:, None]))
-        macs_table[variant, sample] = on_macs
-        correct_table[variant, sample] = on_correct
-        macs = macs_table.gather(0, picked)
-        correct = correct_table.gather(0, picked)
+        macs, correct = _exclusion_outcomes(logits, candidates, labels[rows], values_t, disabled, stop_cost, downstream)
     # a disabled exit evaluates no head: those going on did not pay it
     macs = macs - torch.where(disabled, head, 0)[:, None]
     return fixed_macs + macs.sum(1), fixed_correct + correct.long().sum(1)
+
+
+def _exclusion_outcomes(
+    logits: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, values_t: torch.Tensor,
+    disabled: torch.Tensor, stop_cost: int,
+    downstream: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`line_outcomes` under class exclusion: MACs and correctness `[values, u]` of the `u` open samples (their exit
+    `logits`, `candidates` and `labels`), the later exits replayed by `downstream` once per nested candidate set
+    that some value leads to."""
+    u, num_labels = candidates.shape
+    probs = torch.sigmoid(logits.float())
+    ranked = probs.masked_fill(~candidates, -1.0)  # excluded classes (-1) never count below
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_labels).expand(u, num_labels).contiguous())
+    # The survivors of each value, with exclude_classes' own float32 comparison s_k > beta * top (the top always
+    # survives): the number of scores above the limit, read off the sorted scores.
+    limits = (values_t[:, None] * ranked.max(1).values[None, :]).t().contiguous()  # [u, values]
+    ascending = ranked.sort(dim=1).values
+    counts = num_labels - torch.searchsorted(ascending, limits, right=True).t()  # [values, u]
+    # variant m (0-based): the top m + 1 candidates survive; variant 0 stops at this exit
+    picked = counts.clamp(min=1) - 1
+    everyone = candidates.sum(1) - 1  # a disabled exit: every candidate goes on
+    picked = torch.where(disabled[:, None], everyone[None, :], picked)
+    # the later exits are replayed once per (variant, sample) that some value leads to
+    needed = torch.zeros(num_labels, u, dtype=torch.bool)
+    needed.scatter_(0, picked, True)
+    needed[0] = False
+    variant, sample = needed.nonzero(as_tuple=True)
+    macs_table = torch.full((num_labels, u), stop_cost, dtype=torch.long)
+    correct_table = (order[:, 0] == labels)[None, :].repeat(num_labels, 1)
+    on_macs, on_correct = downstream(sample, candidates[sample] & (rank[sample] <= variant[:, None]))
+    macs_table[variant, sample] = on_macs
+    correct_table[variant, sample] = on_correct
+    return macs_table.gather(0, picked), correct_table.gather(0, picked)
 
 
 def _separating_values(stat: torch.Tensor, step: float, past_end: float) -> set[float]:

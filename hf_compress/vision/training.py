@@ -169,10 +169,7 @@ def train_classifier(
     """
     from accelerate import Accelerator
 
-    if epochs < 0 or batch_size <= 0 or lr < 0:
-        raise HFCompressError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
-    if len(train_data) == 0:
-        raise HFCompressError("the training dataset is empty")
+    _check_settings(epochs, batch_size, lr, train_data)
     accelerator = accelerator or Accelerator()
     device = accelerator.device
     bf16 = device.type == "cuda" if bf16 is None else bf16
@@ -181,39 +178,64 @@ def train_classifier(
     model.to(device=device, memory_format=memory_format)
     per_process = max(1, batch_size // accelerator.num_processes)
     steps_per_epoch = math.ceil(len(train_data) / accelerator.num_processes / per_process)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                                weight_decay=weight_decay)
-    scheduler = _make_scheduler(optimizer, schedule, max(1, epochs * steps_per_epoch), milestones, gamma,
-                                int(warmup_epochs * steps_per_epoch))
+    optimizer, scheduler = _sgd(model, epochs * steps_per_epoch, lr=lr, momentum=momentum, nesterov=nesterov,
+                                weight_decay=weight_decay, schedule=schedule, milestones=milestones, gamma=gamma,
+                                warmup_steps=int(warmup_epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(seed)
     history = TrainingHistory()
-    state = None
-    if resume_dir is not None:
-        state = TrainingState(Path(resume_dir), {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                                                 "schedule": schedule, "weight_decay": weight_decay,
-                                                 "train_size": len(train_data)})
+    state = None if resume_dir is None else TrainingState(Path(resume_dir), {
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "schedule": schedule,
+        "weight_decay": weight_decay, "train_size": len(train_data)})
     start_epoch = state.restore(model, optimizer, scheduler, generator, history) if state is not None else 0
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     run = _EpochRunner(accelerator, wrapped, optimizer, scheduler, generator, train_data.to(device),
                        loss_fn or cross_entropy_loss, per_process, steps_per_epoch, memory_format, bf16, augment)
-    show = progress and accelerator.is_local_main_process
+    _run_epochs(run, history, state, start_epoch, epochs, eval_data, channels_last=channels_last,
+                show=progress and accelerator.is_local_main_process, desc=desc)
+    return history
+
+
+def _check_settings(epochs: int, batch_size: int, lr: float, train_data: ImageClassificationData) -> None:
+    """Refuses negative epochs or learning rate, a batch size below one and an empty training set."""
+    if epochs < 0 or batch_size <= 0 or lr < 0:
+        raise HFCompressError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+    if len(train_data) == 0:
+        raise HFCompressError("the training dataset is empty")
+
+
+def _sgd(model: nn.Module, total_steps: int, *, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+         schedule: str, milestones: list[float] | None, gamma: float,
+         warmup_steps: int) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """The SGD optimizer over every parameter of `model` and its per-step learning-rate schedule."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                                weight_decay=weight_decay)
+    scheduler = _make_scheduler(optimizer, schedule, max(1, total_steps), milestones, gamma, warmup_steps)
+    return optimizer, scheduler
+
+
+def _run_epochs(run: _EpochRunner, history: TrainingHistory, state: TrainingState | None, start_epoch: int,
+                epochs: int, eval_data: ImageClassificationData | None, *, channels_last: bool, show: bool,
+                desc: str) -> None:
+    """Trains epochs `start_epoch` to `epochs` (those a resumed state left), recording each in `history` and saving
+    the state after each; then leaves the unwrapped model contiguous and in eval mode."""
+    accelerator, wrapped = run.accelerator, run.model
     for epoch in range(start_epoch, epochs):
-        history.learning_rate.append(optimizer.param_groups[0]["lr"])
+        history.learning_rate.append(run.optimizer.param_groups[0]["lr"])
         history.train_loss.append(run.epoch(f"{desc} epoch {epoch + 1}/{epochs}", show))
         if eval_data is not None:
-            history.eval_accuracy.append(evaluate_accuracy(accelerator.unwrap_model(wrapped), eval_data, bf16=bf16,
-                                                           channels_last=channels_last))
+            history.eval_accuracy.append(evaluate_accuracy(accelerator.unwrap_model(wrapped), eval_data,
+                                                           bf16=run.bf16, channels_last=channels_last))
         if show:
             note = f" eval acc {history.eval_accuracy[-1]:.4f}" if eval_data is not None else ""
             tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f} "
                        f"lr {history.learning_rate[-1]:.4g}{note}")
         if state is not None and accelerator.is_main_process:
-            state.save(accelerator.unwrap_model(wrapped), optimizer, scheduler, generator, history, epoch + 1)
+            state.save(accelerator.unwrap_model(wrapped), run.optimizer, run.scheduler, run.generator, history,
+                       epoch + 1)
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(wrapped)
     model.to(memory_format=torch.contiguous_format)
     model.eval()
-    return history
 
 
 @dataclass
