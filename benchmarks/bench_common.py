@@ -49,6 +49,21 @@ def add_cifar_cpu_arguments(parser: argparse.ArgumentParser, group_title: str, w
     return group
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def seed_summary(rows: list[dict], prefix: str, figures: tuple[str, ...]) -> dict:
+    """`<prefix>_<figure>` (mean over `rows`, one per seed) and `<prefix>_<figure>_per_seed`, as the cifar-cpu
+    summary file stores every figure."""
+    mine = sorted(rows, key=lambda r: r["seed"])
+    entries: dict = {}
+    for figure in figures:
+        entries[f"{prefix}_{figure}"] = mean([r[figure] for r in mine])
+        entries[f"{prefix}_{figure}_per_seed"] = {str(r["seed"]): r[figure] for r in mine}
+    return entries
+
+
 def load_data(args) -> tuple[ImageClassificationData, ImageClassificationData, ImageClassificationData]:
     """`(train, validation, test)` as the protocol fixes them (validation held out of train with seed 2023)."""
     return load_splits(args.dataset, val_size=args.val_size, eval_split="test", seed=args.seed,

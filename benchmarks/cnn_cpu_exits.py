@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common / bench_cnn_cpu when imported from elsewhere
 
-from bench_common import RESULTS, add_cifar_cpu_arguments, device_note  # noqa: E402
+from bench_common import RESULTS, add_cifar_cpu_arguments, device_note, mean, seed_summary  # noqa: E402
 
 from hf_compress import __version__  # noqa: E402
 from hf_compress.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
@@ -401,23 +401,15 @@ def _seed_result(args, seed: int, rules: list[str], tolerances: list[float], spl
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _summary_entries(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """`exits_<rule>_tol<tolerance>_<figure>` (mean over seeds) and `..._per_seed` for the summary file."""
     entries: dict[str, Any] = {}
     for rule in RULES:
         for tolerance in sorted({r["tolerance"] for r in rows}):
-            mine = sorted((r for r in rows if r["rule"] == rule and r["tolerance"] == tolerance),
-                          key=lambda r: r["seed"])
-            if not mine:
-                continue
-            for figure in ("macs_reduction", "test_acc", "speedup"):
-                key = f"exits_{rule}_tol{tolerance}_{figure}"
-                entries[key] = _mean([r[figure] for r in mine])
-                entries[f"{key}_per_seed"] = {str(r["seed"]): r[figure] for r in mine}
+            mine = [r for r in rows if r["rule"] == rule and r["tolerance"] == tolerance]
+            if mine:
+                figures = ("macs_reduction", "test_acc", "speedup")
+                entries.update(seed_summary(mine, f"exits_{rule}_tol{tolerance}", figures))
     return entries
 
 
@@ -428,8 +420,8 @@ def _pct(value: float | None, digits: int = 1) -> str:
 def _target_met(rows: list[dict[str, Any]]) -> bool:
     """The target on the mean over seeds: >= 30% fewer mean MACs within 0.5 points of the full network, and a
     measured speedup >= 1.2x."""
-    saved, speedup = _mean([r["macs_reduction"] for r in rows]), _mean([r["speedup"] for r in rows])
-    drop = _mean([r["test_acc_full"] - r["test_acc"] for r in rows])
+    saved, speedup = mean([r["macs_reduction"] for r in rows]), mean([r["speedup"] for r in rows])
+    drop = mean([r["test_acc_full"] - r["test_acc"] for r in rows])
     return saved >= TARGET["macs_reduction"] and drop <= TARGET["max_accuracy_drop"] and speedup >= TARGET["speedup"]
 
 
@@ -456,9 +448,9 @@ def _markdown(report: dict[str, Any]) -> str:
             mine = [r for r in rows if r["rule"] == rule and r["tolerance"] == tolerance]
             if not mine:
                 continue
-            base, full = _mean([r["baseline_test_acc"] for r in mine]), _mean([r["test_acc_full"] for r in mine])
-            acc = _mean([r["test_acc"] for r in mine])
-            saved, speedup = _mean([r["macs_reduction"] for r in mine]), _mean([r["speedup"] for r in mine])
+            base, full = mean([r["baseline_test_acc"] for r in mine]), mean([r["test_acc_full"] for r in mine])
+            acc = mean([r["test_acc"] for r in mine])
+            saved, speedup = mean([r["macs_reduction"] for r in mine]), mean([r["speedup"] for r in mine])
             met = "yes" if _target_met(mine) else "no"
             lines.append(f"| {LABELS[rule]} | {tolerance} | {_pct(base, 2)} / {_pct(full, 2)} / {_pct(acc, 2)} | "
                          f"{100 * (acc - full):+.2f} | {_pct(saved)} | {speedup:.2f}x | "

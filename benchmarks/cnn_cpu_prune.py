@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common / bench_cnn_cpu when imported from elsewhere
 
-from bench_common import RESULTS, add_cifar_cpu_arguments, device_note  # noqa: E402
+from bench_common import RESULTS, add_cifar_cpu_arguments, device_note, mean, seed_summary  # noqa: E402
 
 from hf_compress import __version__  # noqa: E402
 from hf_compress.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
@@ -437,20 +437,13 @@ def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]
 
 
 # --------------------------------------------------------------------------------------------------- outputs
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _summary_entries(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """`<method>_<figure>` (mean over seeds) and `<method>_<figure>_per_seed` for the summary file."""
     entries: dict[str, Any] = {}
     for method in METHODS:
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        for figure in ("macs_reduction", "params_reduction", "test_acc"):
-            entries[f"{method}_{figure}"] = _mean([r[figure] for r in mine])
-            entries[f"{method}_{figure}_per_seed"] = {str(r["seed"]): r[figure] for r in mine}
+        mine = [r for r in rows if r["method"] == method]
+        if mine:
+            entries.update(seed_summary(mine, method, ("macs_reduction", "params_reduction", "test_acc")))
     return entries
 
 
@@ -490,15 +483,15 @@ def _markdown(report: dict[str, Any]) -> str:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
-        acc = _mean([r["test_acc"] for r in mine])
+        acc = mean([r["test_acc"] for r in mine])
         means[method] = {"acc": acc, "seeds": sorted(r["seed"] for r in mine)}
         if method == "baseline":
             lines.append(f"| baseline | {', '.join(map(str, means[method]['seeds']))} | - | - | {_pct(acc)} | - |")
             continue
-        means[method].update(macs=_mean([r["macs_reduction"] for r in mine]),
-                             change=_mean([r["test_acc_change"] for r in mine]))
+        means[method].update(macs=mean([r["macs_reduction"] for r in mine]),
+                             change=mean([r["test_acc_change"] for r in mine]))
         lines.append(f"| {LABELS[method]} | {', '.join(map(str, means[method]['seeds']))} | "
-                     f"{_pct(means[method]['macs'], 1)} | {_pct(_mean([r['params_reduction'] for r in mine]), 1)} | "
+                     f"{_pct(means[method]['macs'], 1)} | {_pct(mean([r['params_reduction'] for r in mine]), 1)} | "
                      f"{_pct(acc)} | {100 * means[method]['change']:+.2f} |")
     lines.append("")
     ca = means.get("class_aware")
@@ -547,7 +540,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bases = [r["test_acc"] for r in rows if r["method"] == "baseline"]
     if bases:
-        ax.axhline(100 * (_mean(bases) - TARGET["max_accuracy_drop"]), color="gray", linestyle=":",
+        ax.axhline(100 * (mean(bases) - TARGET["max_accuracy_drop"]), color="gray", linestyle=":",
                    label="baseline (mean) - 1 point")
     for r in rows:
         if r["method"] == "baseline":

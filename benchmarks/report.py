@@ -692,6 +692,9 @@ def cnn_cpu_section(files: dict) -> str:
             out.append("")
             if name == "cnn_cpu_exits.json":
                 out += [exit_stops_analysis(files[name]), ""]
+                ablation = {p.parent.name: json.loads(p.read_text())
+                            for p in sorted(RESULTS.glob("cnn_cpu_exits_pool*/cnn_cpu_exits.json"))}
+                out += [exit_head_ablation(ablation, files[name]), ""]
         else:
             out.append(f"`{name}` is stored but not summarised here.")
     return "\n".join(out)
@@ -726,6 +729,60 @@ def exit_stops_analysis(exits: dict, tolerance: float = 0.005) -> str:
         text += (" Class exclusion stops fewer images early: its stop needs every class but one ruled out by an "
                  "early head, while one confident softmax is enough for the confidence rule.")
     return text
+
+
+def exit_head_ablation(reports: dict[str, dict], protocol: dict | None = None, tolerance: float = 0.005) -> str:
+    """Exit-head capacity: the exits stage rerun with heads of several pool sizes (`--exit-pool-size`, each run in
+    its own `cnn_cpu_exits_pool<N>[_joint]/` folder) and, for reference, the protocol's own run on the same seeds.
+    One row per run and rule: each head's validation accuracy (mean over the seeds) and the MACs saved at
+    `tolerance`; then, per training mode, how the saving moves from the smallest to the largest heads."""
+    runs = sorted(reports.items(), key=lambda kv: (kv[1]["budget"]["training"], kv[1]["budget"]["exit_pool_size"]))
+    if not runs:
+        return ""
+    seeds = {r["seed"] for _, rep in runs for r in rep["rows"]}
+    if protocol:
+        runs.append(("the protocol's run", protocol))
+    positions = runs[0][1]["exit_positions"]
+    rows, saved = [], {}
+    for folder, rep in runs:
+        budget = rep["budget"]
+        pool, training = budget["exit_pool_size"], budget["training"]
+        for rule in rep["rules"]:
+            mine = [r for r in rep["rows"] if r["rule"] == rule and r["tolerance"] == tolerance and r["seed"] in seeds]
+            if not mine:
+                continue
+            accuracies = [rep["head_val_accuracy"][str(seed)][rule] for seed in sorted({r["seed"] for r in mine})]
+            heads = [sum(a[i] for a in accuracies) / len(accuracies) for i in range(len(positions))]
+            n = len(mine)
+            saved[(training, pool, rule)] = sum(r["macs_reduction"] for r in mine) / n
+            where = f"[{folder}/]({folder}/cnn_cpu_exits.md)" if folder in reports else folder
+            rows.append([f"{pool}x{pool}", f"{training}, {budget['epochs']} epochs",
+                         ", ".join(sorted({str(r["seed"]) for r in mine})), rule.replace("_", " "),
+                         *[pct(a, 1) for a in heads], pct(saved[(training, pool, rule)], 1),
+                         f"{100 * sum(r['test_acc'] - r['test_acc_full'] for r in mine) / n:+.2f}", where])
+    largest = max(rep["budget"]["exit_pool_size"] for _, rep in runs)
+    out = ["### Exit-head ablation: pooled size of the exit heads", "",
+           (f"The exits stage rerun with exit heads of different pooled sizes (adaptive average pooling to NxN, then "
+            f"one linear layer): each head's validation accuracy alone, and the mean test MACs saved at tolerance "
+            f"{tolerance} with the test accuracy change against the full network (\"frozen\": the heads trained "
+            f"alone on the baseline; \"joint\": with the backbone, as the protocol). Heads are cheap at every size "
+            f"here (at most {largest ** 2} x 64 x 10 multiply-adds per head, the network has 40.6M), so what a larger "
+            f"head buys is accuracy."), "",
+           table(["pool", "training", "seeds", "rule", *positions, "MACs saved", "Δ test acc vs full (points)",
+                  "tables"], rows)]
+    for training in sorted({key[0] for key in saved}):
+        pools = sorted({key[1] for key in saved if key[0] == training})
+        low, high = pools[0], pools[-1]
+        if len(pools) < 2 or not all((training, p, "class_exclusion") in saved for p in (low, high)):
+            continue
+        text = (f"Trained {training}, class exclusion saves {pct(saved[(training, low, 'class_exclusion')], 1)} of "
+                f"the MACs with {low}x{low} heads and {pct(saved[(training, high, 'class_exclusion')], 1)} with "
+                f"{high}x{high} heads")
+        if all((training, p, "confidence") in saved for p in (low, high)):
+            text += (f"; the confidence rule {pct(saved[(training, low, 'confidence')], 1)} and "
+                     f"{pct(saved[(training, high, 'confidence')], 1)}")
+        out += ["", text + "."]
+    return "\n".join(out)
 
 
 def cnn_cpu_exit_rows(exits: dict | None, tolerance: float = 0.005) -> list[list[str]]:
@@ -1083,7 +1140,8 @@ def build() -> tuple[str, str]:
         "",
         ("**Machines.** Every number here comes from 2-core CPU machines; no GPU protocol has been run. Where other "
          "work shared the two cores during a measurement, the row or the run says so; its times are then not speed "
-         "figures. The CNN runs are **reduced scale** (narrow networks, a few thousand images, a few epochs): they "
+         "figures. The CNN runs outside protocol \"cifar-cpu\" are **reduced scale** (narrow networks, a few "
+         "thousand images, a few epochs): they "
          "check the pipeline end to end and are not comparable with the papers' numbers."),
         "",
         "Contents: " + ", ".join(f"[{t}](#{a})" for t, a in [
@@ -1093,7 +1151,8 @@ def build() -> tuple[str, str]:
             ("lm-eval", "lm-evaluation-harness-cpu"),
             ("LLM speed", "llm-speed-gpu"),
             ("class-aware pruning", "class-aware-pruning-reduced-scale-cpu"),
-            ("early exit", "early-exit-with-class-exclusion-reduced-scale-cpu")]) + ".",
+            ("early exit", "early-exit-with-class-exclusion-reduced-scale-cpu"),
+            ("CNN cifar-cpu", "cnn-protocol-cifar-cpu-cpu")]) + ".",
         "",
         logs_section(logs),
         "",

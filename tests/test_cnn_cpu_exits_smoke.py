@@ -218,3 +218,41 @@ def test_report_stops_analysis_from_the_histograms():
     swapped = {**exits, "rows": [{**r, "rule": {"confidence": "class_exclusion", "class_exclusion": "confidence"}[r["rule"]]}
                                  for r in exits["rows"]]}
     assert "stops fewer images early" not in report.exit_stops_analysis(swapped)
+
+
+def test_report_exit_head_ablation_table_and_sentence():
+    """One row per run and rule, sorted by training mode and pool size, the protocol's run last on the ablation's
+    seeds: each head's accuracy and the MACs saved at 0.005; one sentence per training mode with two pool sizes."""
+    spec = importlib.util.spec_from_file_location("report", REPO / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    positions = ["stage1", "stage2"]
+
+    def run(pool, training, saved_ce, saved_cf, heads, seeds=(2023,)):
+        rows = [{"seed": seed, "rule": rule, "tolerance": tol, "macs_reduction": saved if tol == 0.005 else 0.99,
+                 "test_acc": 0.85, "test_acc_full": 0.86}
+                for seed in seeds for rule, saved in (("class_exclusion", saved_ce), ("confidence", saved_cf))
+                for tol in (0.005, 0.01)]
+        return {"budget": {"exit_pool_size": pool, "training": training, "epochs": 5}, "exit_positions": positions,
+                "rules": ["class_exclusion", "confidence"], "rows": rows,
+                "head_val_accuracy": {str(s): {"class_exclusion": heads, "confidence": heads} for s in seeds}}
+
+    protocol = run(2, "joint", 0.12, 0.20, [0.4, 0.7], seeds=(2023, 2024))
+    protocol["rows"] = [r if r["seed"] == 2023 else {**r, "macs_reduction": 0.5} for r in protocol["rows"]]
+    text = report.exit_head_ablation({"cnn_cpu_exits_pool8_joint": run(8, "joint", 0.2, 0.3, [0.6, 0.8]),
+                                      "cnn_cpu_exits_pool4": run(4, "frozen", 0.30, 0.35, [0.6, 0.8]),
+                                      "cnn_cpu_exits_pool1": run(1, "frozen", 0.05, 0.15, [0.3, 0.7])}, protocol)
+    lines = [line for line in text.splitlines() if line.startswith("| 1x1") or line.startswith("| ")
+             and line.split(" | ")[0] in ("| 2x2", "| 4x4", "| 8x8")]
+    assert [line.split(" | ")[:4] for line in lines][::2] == [
+        ["| 1x1", "frozen, 5 epochs", "2023", "class exclusion"], ["| 4x4", "frozen, 5 epochs", "2023", "class exclusion"],
+        ["| 8x8", "joint, 5 epochs", "2023", "class exclusion"], ["| 2x2", "joint, 5 epochs", "2023", "class exclusion"]]
+    assert lines[0].split(" | ")[4:8] == ["30.0%", "70.0%", "5.0%", "-1.00"]
+    # the protocol's run on seed 2023 only (its seed 2024 would read 50%), without a link
+    assert lines[-2].split(" | ")[6] == "12.0%" and lines[-2].endswith("the protocol's run |")
+    assert "at most 64 x 64 x 10 multiply-adds" in text
+    assert ("Trained frozen, class exclusion saves 5.0% of the MACs with 1x1 heads and 30.0% with 4x4 heads; "
+            "the confidence rule 15.0% and 35.0%.") in text
+    assert text.endswith("Trained joint, class exclusion saves 12.0% of the MACs with 2x2 heads and 20.0% with 8x8 "
+                         "heads; the confidence rule 20.0% and 30.0%.")
+    assert report.exit_head_ablation({}) == ""

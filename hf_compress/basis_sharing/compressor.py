@@ -213,11 +213,10 @@ class BasisSharingCompressor:
     def _decompose(self, dense_grams: list[dict[str, torch.Tensor]] | None) -> dict[str, list[GroupFactors]]:
         """The block loop of `run`: ranks, then each block's Grams (sequential) and its groups' factors."""
         opts = self.options
-        sequential = self.sequential
         start = time.perf_counter()
         ranks = self._ranks(dense_grams or [])
         factors: dict[str, list[GroupFactors | None]] = {n: [None] * len(g) for n, g in self.groups.items()}
-        needs_stream = sequential or opts.refit
+        needs_stream = self.sequential or opts.refit
         comp_hidden = self._embeddings() if needs_stream else None
         # The dense model's own stream is only needed for the refit's targets.
         dense_hidden = comp_hidden.clone() if opts.refit else None
@@ -226,52 +225,69 @@ class BasisSharingCompressor:
             self.sink.start(self.groups, ranks)
         bar = tqdm(total=self.num_layers, desc="decomposition", unit="layer", disable=not self.progress)
         for span in spans:
-            if sequential:
-                grams_by_layer, hidden = {}, comp_hidden
-                for layer_idx in span:
-                    # The last layer's dense outputs feed nothing: the stream goes on from the compressed layers.
-                    grams_by_layer[layer_idx], hidden = layer_grams(self.runner, self._layer(layer_idx), hidden,
-                                                                    layer_idx, self.keys, outputs=layer_idx != span[-1])
-                del hidden  # the dense outputs inside the block: the stream goes on from `comp_hidden`
-            else:
-                grams_by_layer = {l: dense_grams[l] for l in span} if dense_grams else {}
-            whitenings = _Whitenings(self.groups, span)
-            for name, groups in self.groups.items():
-                for group_idx, group in enumerate(groups):
-                    if group[0] in span:
-                        spec = self._spectrum(name, group, grams_by_layer, whitenings)
-                        whitenings.used(name, group)
-                        if spec.whitening is not None:
-                            self.whitening_shifts[name].append(spec.whitening.shift)
-                        group_factors = factors_at_rank(spec, ranks[name][group_idx])
-                        whitened = spec.whitening is not None
-                        del spec  # its full-rank factors
-                        if opts.layer_fit and whitened and not opts.refit and len(group) > 1:
-                            group_factors = self._fit_layers(group_factors, grams_by_layer)
-                        factors[name][group_idx] = _to_cpu(group_factors)
-            if sequential:
-                del grams_by_layer
+            # The block's Grams live only inside this call: freed before the stream moves on.
+            self._factor_block(span, self._block_grams(span, comp_hidden, dense_grams), ranks, factors)
             if needs_stream:
-                for layer_idx in span:
-                    dense_layer = self._layer(layer_idx)
-                    compressed = self._compressed_layer(layer_idx, factors)
-                    if opts.refit:
-                        dense_hidden = self._refit_layer(layer_idx, dense_layer, compressed, dense_hidden,
-                                                         comp_hidden, factors)
-                    # The stream is read by the next block's calibration and by the next layer's refit: after the
-                    # last block, only a refit of its later layers still needs it.
-                    if span is not spans[-1] or (opts.refit and layer_idx != span[-1]):
-                        _advance(self.runner, compressed, comp_hidden, layer_idx)
-                    del compressed
-                    self._offload(layer_idx)
+                dense_hidden = self._advance_block(span, span is spans[-1], factors, comp_hidden, dense_hidden)
             if self.sink is not None:
                 self._hand_over(span, factors)
             bar.update(len(span))
         bar.close()
         # Sequential calibration happens inside this loop, block by block, so it is not a phase of its own.
-        phase = "calibration_and_decomposition_s" if sequential else "decomposition_s"
+        phase = "calibration_and_decomposition_s" if self.sequential else "decomposition_s"
         self.timings[phase] = time.perf_counter() - start
         return {name: list(groups) for name, groups in factors.items()}
+
+    def _block_grams(self, span: list[int], comp_hidden: torch.Tensor | None,
+                     dense_grams: list[dict[str, torch.Tensor]] | None) -> dict[int, dict[str, torch.Tensor]]:
+        """The Grams of the block's layers: computed on the compressed stream (sequential) or taken from
+        `dense_grams`."""
+        if not self.sequential:
+            return {layer: dense_grams[layer] for layer in span} if dense_grams else {}
+        grams_by_layer, hidden = {}, comp_hidden
+        for layer_idx in span:
+            # The last layer's dense outputs feed nothing: the stream goes on from the compressed layers.
+            grams_by_layer[layer_idx], hidden = layer_grams(self.runner, self._layer(layer_idx), hidden,
+                                                            layer_idx, self.keys, outputs=layer_idx != span[-1])
+        return grams_by_layer  # the dense outputs inside the block are dropped: the stream goes on from `comp_hidden`
+
+    def _factor_block(self, span: list[int], grams_by_layer: dict[int, dict[str, torch.Tensor]],
+                      ranks: dict[str, list[int]], factors: dict[str, list[GroupFactors | None]]) -> None:
+        """Factors every group that starts in `span` at its rank, into `factors` (on the CPU)."""
+        opts = self.options
+        whitenings = _Whitenings(self.groups, span)
+        for name, groups in self.groups.items():
+            for group_idx, group in enumerate(groups):
+                if group[0] not in span:
+                    continue
+                spec = self._spectrum(name, group, grams_by_layer, whitenings)
+                whitenings.used(name, group)
+                if spec.whitening is not None:
+                    self.whitening_shifts[name].append(spec.whitening.shift)
+                group_factors = factors_at_rank(spec, ranks[name][group_idx])
+                whitened = spec.whitening is not None
+                del spec  # its full-rank factors
+                if opts.layer_fit and whitened and not opts.refit and len(group) > 1:
+                    group_factors = self._fit_layers(group_factors, grams_by_layer)
+                factors[name][group_idx] = _to_cpu(group_factors)
+
+    def _advance_block(self, span: list[int], last_block: bool, factors: dict[str, list[GroupFactors | None]],
+                       comp_hidden: torch.Tensor, dense_hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """Runs the calibration stream through the block's compressed layers (in place), refitting them first when
+        asked, and releases the dense layers; returns the dense stream (refit only)."""
+        for layer_idx in span:
+            dense_layer = self._layer(layer_idx)
+            compressed = self._compressed_layer(layer_idx, factors)
+            if self.options.refit:
+                dense_hidden = self._refit_layer(layer_idx, dense_layer, compressed, dense_hidden, comp_hidden,
+                                                 factors)
+            # The stream is read by the next block's calibration and by the next layer's refit: after the last
+            # block, only a refit of its later layers still needs it.
+            if not last_block or (self.options.refit and layer_idx != span[-1]):
+                _advance(self.runner, compressed, comp_hidden, layer_idx)
+            del compressed
+            self._offload(layer_idx)
+        return dense_hidden
 
     def _hand_over(self, span: list[int], factors: dict[str, list[GroupFactors | None]]) -> None:
         """Gives the block's final groups to the sink and keeps only their shapes."""
