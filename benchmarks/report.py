@@ -700,6 +700,12 @@ def cnn_cpu_section(files: dict) -> str:
     return "\n".join(out)
 
 
+def head_accuracies(exits: dict, rule: str, seeds=None) -> list[float]:
+    """Each exit head's validation accuracy alone under `rule`, the mean over `seeds` (default: every seed)."""
+    per_seed = [acc[rule] for seed, acc in exits["head_val_accuracy"].items() if seeds is None or int(seed) in seeds]
+    return [sum(values) / len(per_seed) for values in zip(*per_seed)]
+
+
 def exit_stops_analysis(exits: dict, tolerance: float = 0.005) -> str:
     """Where the test images stop under each rule at `tolerance` (mean over seeds), and how accurate each exit head
     is alone: the figures that explain how many MACs a rule can save on this network."""
@@ -717,8 +723,7 @@ def exit_stops_analysis(exits: dict, tolerance: float = 0.005) -> str:
         share = shares[rule] = sum(sum(r["exit_histogram"].get(p, 0.0) for p in early) for r in mine) / len(mine)
         last = sum(r["exit_histogram"].get(positions[-1], 0.0) for r in mine) / len(mine)
         excluded = sum(r["test_errors"]["lost_to_excluded_classes"] for r in mine) / len(mine)
-        heads = [sum(h[rule][i] for h in exits["head_val_accuracy"].values()) / len(exits["head_val_accuracy"])
-                 for i in range(len(positions))]
+        heads = head_accuracies(exits, rule)
         parts.append(f"{rule.replace('_', ' ')} stops {pct(share, 1)} of the test images at the exits before "
                      f"{positions[-1].split('.')[0]} ({', '.join(early)}) and {pct(last, 1)} at {positions[-1]}"
                      + (f", and loses {excluded:.0f} test images a run to classes excluded too early"
@@ -751,8 +756,7 @@ def exit_head_ablation(reports: dict[str, dict], protocol: dict | None = None, t
             mine = [r for r in rep["rows"] if r["rule"] == rule and r["tolerance"] == tolerance and r["seed"] in seeds]
             if not mine:
                 continue
-            accuracies = [rep["head_val_accuracy"][str(seed)][rule] for seed in sorted({r["seed"] for r in mine})]
-            heads = [sum(a[i] for a in accuracies) / len(accuracies) for i in range(len(positions))]
+            heads = head_accuracies(rep, rule, {r["seed"] for r in mine})
             n = len(mine)
             saved[(training, pool, rule)] = sum(r["macs_reduction"] for r in mine) / n
             where = f"[{folder}/]({folder}/cnn_cpu_exits.md)" if folder in reports else folder
