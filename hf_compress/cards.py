@@ -63,8 +63,8 @@ def format_bytes(value) -> str:
 
 
 def _weights_cell(record: dict, side: str) -> str:
-    """`269.1 MB (bfloat16)`: the size and dtype of the source's or output's weight files (`side`)."""
-    dtype = record.get(f"{side}_dtype")
+    """`269.1 MB (bfloat16)`: the size and dtype (or GGUF type) of the source's or output's weight files (`side`)."""
+    dtype = record.get(f"{side}_format") or record.get(f"{side}_dtype")
     return format_bytes(record.get(f"{side}_file_bytes")) + (f" ({dtype})" if dtype else "")
 
 
@@ -142,7 +142,7 @@ _LOCAL_PATH_RE = re.compile(r"^(/|~|\.{1,2}/|[A-Za-z]:[\\/])")
 # Keys of the record that the table shows in their own rows (or not at all: the version goes to the card's footer).
 _OWN_ROWS = {"method", "target_ratio", "achieved_ratio", "params_before", "params_after", "total_params_before",
              "total_params_after", "calibration", "source", "data", "hf_compress_version", "source_file_bytes",
-             "output_file_bytes", "source_dtype", "output_dtype", "healing"}
+             "output_file_bytes", "source_dtype", "source_format", "output_dtype", "healing"}
 
 
 def _public(value):

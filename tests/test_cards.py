@@ -29,6 +29,8 @@ SB_CONFIG = {
         "source": {"model_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": None,
                    "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
         "options": {"whiten": True, "group_size": 2}, "hf_compress_version": "0.1.0",
+        "source_file_bytes": 98_400_000, "source_dtype": "bfloat16", "source_format": "GGUF Q4_1",
+        "output_file_bytes": 215_000_000, "output_dtype": "bfloat16",
     },
 }
 PPL = {"task_type": "text-generation", "dataset_type": "wikitext", "dataset_name": "WikiText-2 (raw, test)",
@@ -73,6 +75,9 @@ def test_metadata_and_tables_of_a_basis_sharing_checkpoint(folder, hub):
     assert "| Target / achieved ratio | 20.00% / 20.04% |" in body
     assert "| Parameters of the compressed layers, before / after | 123,456 / 98,700 |" in body
     assert "| All parameters, before / after | 500,000 / 475,244 |" in body
+    # A quantized GGUF source is named by its type, not by the dtype it is dequantized to.
+    assert "| Weights on disk, source / output | 98.4 MB (GGUF Q4_1) / 215.0 MB (bfloat16) |" in body
+    assert "source_format" not in body
     assert "128 samples x 512 tokens, seed 2023; forwards in bfloat16 |" in body
     assert "| q_proj | [0,1] [2,3] | 8, 6 |" in body and "| up_proj | [0,1] [2,3] | 12, 10 |" in body
     assert "model_name" not in meta

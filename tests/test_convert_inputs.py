@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import TINY_TEXT, tiny_llama
 from test_loading_safety import assert_one_line_error
 from hf_compress.basis_sharing import BasisSharingConfig, CalibrationConfig, convert
-from hf_compress.basis_sharing.footprint import gguf_file_type, source_dtype
+from hf_compress.basis_sharing.footprint import gguf_file_type, source_dtype, source_format
 from hf_compress.cards import format_bytes
 from hf_compress.data.text import load_texts, resolve_text_source
 from hf_compress.evaluation.perplexity import perplexity
@@ -265,9 +265,11 @@ def test_save_dtype_float32_is_kept_and_recorded(bf16_source, calib_file, tmp_pa
 
 def test_gguf_file_type_is_read_from_the_header(tmp_path):
     gguf = pytest.importorskip("gguf")
-    for file_type, expected in ((gguf.LlamaFileType.ALL_F32, "float32"), (gguf.LlamaFileType.MOSTLY_F16, "float16"),
-                                (gguf.LlamaFileType.MOSTLY_BF16, "bfloat16"),
-                                (gguf.LlamaFileType.MOSTLY_Q4_1, "bfloat16")):
+    for file_type, expected, stored_as in ((gguf.LlamaFileType.ALL_F32, "float32", None),
+                                           (gguf.LlamaFileType.MOSTLY_F16, "float16", None),
+                                           (gguf.LlamaFileType.MOSTLY_BF16, "bfloat16", None),
+                                           (gguf.LlamaFileType.MOSTLY_Q4_1, "bfloat16", "GGUF Q4_1"),
+                                           (gguf.LlamaFileType.MOSTLY_Q4_K_M, "bfloat16", "GGUF Q4_K_M")):
         path = tmp_path / f"{int(file_type)}.gguf"
         writer = gguf.GGUFWriter(str(path), "llama")
         # Keys of every kind before the file type: the reader has to skip strings, arrays and scalars.
@@ -282,6 +284,9 @@ def test_gguf_file_type_is_read_from_the_header(tmp_path):
         writer.close()
         assert gguf_file_type(path) == int(file_type)
         assert source_dtype(None, path) == expected
+        # A quantized file is named by its GGUF type (the summary and card would otherwise call it bfloat16).
+        assert source_format(path) == stored_as
     (tmp_path / "no-type.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))
     assert gguf_file_type(tmp_path / "no-type.gguf") is None
     assert source_dtype(None, tmp_path / "no-type.gguf") == "float32"
+    assert source_format(tmp_path / "no-type.gguf") is None and source_format(None) is None

@@ -71,7 +71,9 @@ class ConversionResult:
     params_after = _recorded("params_after", "Parameters of the compressed projections' bases and coefficients.")
     source_file_bytes = _recorded("source_file_bytes", "Bytes of the source's weight files (None: not found).")
     output_file_bytes = _recorded("output_file_bytes", "Bytes of the saved model*.safetensors (None: not saved).")
-    source_dtype = _recorded("source_dtype", "The dtype the source's weights are stored in.")
+    source_dtype = _recorded("source_dtype", "The dtype the source's weights are stored in (dequantized to, for a "
+                                             "quantized GGUF file).")
+    source_format = _recorded("source_format", "How a quantized GGUF source is stored (`GGUF Q4_1`), else None.")
     output_dtype = _recorded("output_dtype", "The dtype the checkpoint's weights are saved in.")
 
 

@@ -74,6 +74,26 @@ def source_dtype(config: PretrainedConfig, gguf_path: Path | None = None) -> str
     return dtype_name(dtype)
 
 
+def gguf_type_name(file_type: int) -> str:
+    """`Q4_1` for `general.file_type` 3: llama.cpp's name of a GGUF file type (`type 3` without the gguf package)."""
+    try:
+        from gguf import LlamaFileType
+
+        name = LlamaFileType(file_type).name
+    except (ImportError, ValueError):
+        return f"type {file_type}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def source_format(gguf_path: Path | None) -> str | None:
+    """`GGUF Q4_1`: how a quantized GGUF source is stored, which its `source_dtype` (the dtype its weights are
+    dequantized to) does not say; None for any other source."""
+    file_type = gguf_file_type(gguf_path) if gguf_path is not None else None
+    if file_type is None or file_type in _GGUF_FLOAT_TYPES:
+        return None
+    return f"GGUF {gguf_type_name(file_type)}"
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The weight files transformers loads from a model folder: its safetensors files, else its `.bin` files."""
     return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
@@ -106,7 +126,8 @@ def output_file_bytes(folder: Path) -> int:
 
 def source_footprint(source: str, gguf_file: str | None, revision: str | None,
                      config: PretrainedConfig) -> dict[str, str | int | None]:
-    """`source_dtype` and `source_file_bytes` of a source (as `convert` takes it), for the provenance record."""
+    """`source_dtype`, `source_file_bytes` and, for a quantized GGUF file, `source_format` of a source (as `convert`
+    takes it), for the provenance record."""
     from ..sources import resolve_source
 
     name_or_path, gguf_name = resolve_source(source, gguf_file)
@@ -114,4 +135,6 @@ def source_footprint(source: str, gguf_file: str | None, revision: str | None,
     gguf_path = folder / gguf_name if gguf_name and folder is not None else None
     # A GGUF config carries no dtype: without the file, `source_dtype` falls back to float32.
     gguf_path = gguf_path if gguf_path is not None and gguf_path.is_file() else None
-    return {"source_dtype": source_dtype(config, gguf_path), "source_file_bytes": source_file_bytes(folder, gguf_name)}
+    footprint = {"source_dtype": source_dtype(config, gguf_path), "source_file_bytes": source_file_bytes(folder, gguf_name)}
+    stored_as = source_format(gguf_path)
+    return {**footprint, "source_format": stored_as} if stored_as else footprint

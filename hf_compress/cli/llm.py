@@ -134,7 +134,8 @@ def _echo_summary(result, eval_dataset: str | None) -> None:
         typer.echo("peak memory by phase: " + ", ".join(f"{name.replace('_', ' ')} {mb:,.0f} MB"
                                                         for name, mb in result.memory_mb.items()))
     if result.output_file_bytes is not None:
-        typer.echo(f"weights on disk: {format_bytes(result.source_file_bytes)} {result.source_dtype} (source) -> "
+        stored_as = result.source_format or result.source_dtype
+        typer.echo(f"weights on disk: {format_bytes(result.source_file_bytes)} {stored_as} (source) -> "
                    f"{format_bytes(result.output_file_bytes)} {result.output_dtype} (output)")
     if result.healing is not None:
         healing = result.healing
