@@ -648,6 +648,23 @@ def exit_analysis(files: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- CNN cifar-cpu
+def cnn_summary_table(network: str, entries: dict) -> str:
+    """`cnn_cpu_summary.json`'s entries of one network as a table: one row per figure, its mean and each seed's value
+    (`<key>` holds the mean, `<key>_per_seed` the seeds)."""
+    seeds = sorted({seed for key, value in entries.items() if key.endswith("_per_seed") for seed in value})
+
+    def cell(value) -> str:
+        if not isinstance(value, (int, float)):
+            return "-" if value is None else str(value)
+        # Fractions (accuracies, reductions) as percentages; speedups as factors.
+        return pct(value, 2) if 0 <= value <= 1 else f"{value:.2f}x"
+
+    rows = [[f"`{key}`", cell(value), *(cell(entries.get(f"{key}_per_seed", {}).get(seed)) for seed in seeds)]
+            for key, value in entries.items() if not key.endswith("_per_seed")]
+    return f"Summary (`cnn_cpu_summary.json`), {network}:\n\n" + table(
+        ["figure", "mean", *(f"seed {seed}" for seed in seeds)], rows)
+
+
 def cnn_cpu_section(files: dict) -> str:
     if not files:
         return ""
@@ -678,9 +695,7 @@ def cnn_cpu_section(files: dict) -> str:
     summary = files.get("cnn_cpu_summary.json")
     if summary:
         for network, entries in summary.get("networks", {}).items():
-            out.append(f"Summary, {network}: " + ", ".join(
-                f"{k} {pct(v, 2) if isinstance(v, float) and 0 <= v <= 1 else v}" for k, v in entries.items()) + ".")
-        out.append("")
+            out += [cnn_summary_table(network, entries), ""]
     for name in files:
         if name in ("cnn_cpu_baseline.json", "cnn_cpu_summary.json", "cnn_cpu_reference.json"):
             continue
