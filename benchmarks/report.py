@@ -648,6 +648,11 @@ def exit_analysis(files: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- CNN cifar-cpu
+def demoted(markdown: str) -> str:
+    """A stage script's own tables, with their headings moved two levels down (under this README's sections)."""
+    return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", markdown.strip(), flags=re.M)
+
+
 def cnn_summary_table(network: str, entries: dict) -> str:
     """`cnn_cpu_summary.json`'s entries of one network as a table: one row per figure, its mean and each seed's value
     (`<key>` holds the mean, `<key>_per_seed` the seeds)."""
@@ -697,19 +702,22 @@ def cnn_cpu_section(files: dict) -> str:
         for network, entries in summary.get("networks", {}).items():
             out += [cnn_summary_table(network, entries), ""]
     for name in files:
-        if name in ("cnn_cpu_baseline.json", "cnn_cpu_summary.json", "cnn_cpu_reference.json"):
+        if name in ("cnn_cpu_baseline.json", "cnn_cpu_summary.json", "cnn_cpu_reference.json",
+                    "cnn_cpu_exit_profile.json"):  # the profile goes after the exits stage it explains
             continue
         # A stage script writes its own tables beside its JSON: they go here with their headings moved down.
         tables = RESULTS / name.replace(".json", ".md")
         if tables.is_file():
-            out.append(re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", tables.read_text().strip(),
-                              flags=re.M))
+            out.append(demoted(tables.read_text()))
             out.append("")
             if name == "cnn_cpu_exits.json":
                 out += [exit_stops_analysis(files[name]), ""]
                 ablation = {p.parent.name: json.loads(p.read_text())
                             for p in sorted(RESULTS.glob("cnn_cpu_exits_pool*/cnn_cpu_exits.json"))}
                 out += [exit_head_ablation(ablation, files[name]), ""]
+                profile = RESULTS / "cnn_cpu_exit_profile.md"
+                if profile.is_file():
+                    out += [demoted(profile.read_text()), ""]
         else:
             out.append(f"`{name}` is stored but not summarised here.")
     return "\n".join(out)
