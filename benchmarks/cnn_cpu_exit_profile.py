@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from bench_common import RESULTS, add_cifar_cpu_arguments, device_note  # noqa: 
 from hf_compress import __version__  # noqa: E402
 from hf_compress.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from hf_compress.data.images import ImageClassificationData, load_image_dataset  # noqa: E402
+from hf_compress.early_exit.latency import ModuleTimer, timed_modules  # noqa: E402
 from hf_compress.early_exit.search import disabled_threshold  # noqa: E402
 from hf_compress.errors import HFCompressError  # noqa: E402
 from hf_compress.modeling.class_exit_resnet import ClassExitResNetForImageClassification  # noqa: E402
@@ -42,49 +42,6 @@ from hf_compress.modeling.class_exit_resnet import ClassExitResNetForImageClassi
 STEM = "cnn_cpu_exit_profile"
 RULES = ("class_exclusion", "confidence")
 LABELS = {"class_exclusion": "class exclusion", "confidence": "confidence"}
-
-
-class ModuleTimer:
-    """Forward hooks that add up, per named module, the seconds its forwards take and the images they process,
-    under the label `current` (one timer per model; several configurations share a model)."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module]):
-        self.current = ""
-        self.seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.images: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self._start: dict[str, float] = {}
-        self._handles = []
-        for name, module in modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
-            self._handles.append(module.register_forward_hook(self._post(name)))
-
-    def _pre(self, name: str):
-        def hook(module, inputs):
-            self._start[name] = time.perf_counter()
-        return hook
-
-    def _post(self, name: str):
-        def hook(module, inputs, output):
-            self.seconds[self.current][name] += time.perf_counter() - self._start.pop(name)
-            self.images[self.current][name] += int(inputs[0].shape[0])
-        return hook
-
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.images.clear()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def timed_modules(model: ClassExitResNetForImageClassification) -> dict[str, torch.nn.Module]:
-    """The modules timed: `unit<i>` (stem and residual units, in order), `head<e>` (exit heads), `final` (pooler
-    and classifier are timed as `final_pool` and `final_linear`)."""
-    modules = {f"unit{index}": unit for index, unit in enumerate(model.resnet.units())}
-    modules.update({f"head{index}": head for index, head in enumerate(model.exit_heads)})
-    modules.update({"final_pool": model.resnet.pooler, "final_linear": model.classifier})
-    return modules
 
 
 @torch.no_grad()

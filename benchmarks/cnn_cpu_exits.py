@@ -34,6 +34,13 @@ machine), so 10 epochs x 2 rules x 2 seeds is 2 to 2.5 hours; scores, searches a
 seed. `--training frozen` needs about a third of an epoch's time per head epoch (both rules at once): about an hour
 in all.
 
+`--cost latency` searches the thresholds for the least time per image measured on this machine (each unit, head
+and the final classifier timed on validation images) instead of the fewest MACs; it reuses the trained models and
+keeps its finished seeds in `result-latency.json` beside the MAC search's. Pass `--results-dir` to keep its tables
+apart from the protocol's:
+
+    python benchmarks/bench_cnn_cpu.py exits --cost latency --results-dir benchmarks/results/cnn_cpu_exits_latency
+
 Writes `results/cnn_cpu_exits.json` (one row per seed, rule and tolerance, with the curves), `.md`,
 `results/cnn_cpu_exits_class_exclusion.png`, `results/cnn_cpu_exits_confidence.png`, and the
 `exits_<rule>_tol<tolerance>_{macs_reduction,test_acc,speedup}` entries (mean over seeds, and `_per_seed`) of
@@ -43,6 +50,7 @@ Writes `results/cnn_cpu_exits.json` (one row per seed, rule and tolerance, with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -61,7 +69,9 @@ from hf_compress.data.images import ImageClassificationData, load_image_dataset,
 from hf_compress.device import native_bfloat16  # noqa: E402
 from hf_compress.early_exit.config import EarlyExitConfig  # noqa: E402
 from hf_compress.early_exit.heads import load_exit_model  # noqa: E402
+from hf_compress.early_exit.latency import measure_exit_costs  # noqa: E402
 from hf_compress.early_exit.search import (  # noqa: E402
+    ExitCosts,
     ExitScores,
     ThresholdSearch,
     collect_exit_scores,
@@ -111,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exit-pool-size", type=int, default=2, help="pooled side of each exit head")
     group.add_argument("--step", type=float, default=0.01,
                        help="threshold search resolution (share of validation images between candidates)")
+    group.add_argument("--cost", choices=["macs", "latency"], default="macs",
+                       help="what the threshold search minimises: MACs, or the time per image of each unit and head "
+                            "measured on this machine (on validation images) before the search")
     group.add_argument("--max-grid", type=int, default=1024,
                        help="threshold settings evaluated exhaustively before the coordinate search")
     group.add_argument("--throughput-batch", type=int, default=256)
@@ -288,12 +301,14 @@ def _front_curve(search: ThresholdSearch, val: ExitScores, test: ExitScores, rul
     return points
 
 
-def _search_chain(val: ExitScores, rule: str, tolerances: list[float], args) -> dict[float, ThresholdSearch]:
+def _search_chain(val: ExitScores, rule: str, tolerances: list[float], args,
+                  costs: ExitCosts | None = None) -> dict[float, ThresholdSearch]:
     """The searches at every tolerance in increasing order, sharing one grid evaluation, each also continuing from
     the previous result (feasible at a larger tolerance), so a larger tolerance is never dearer."""
     searches, previous, grid = {}, None, None
     for tolerance in sorted(tolerances):
-        search = search_thresholds(val, rule, tolerance, args.step, start=previous, max_grid=args.max_grid, grid=grid)
+        search = search_thresholds(val, rule, tolerance, args.step, start=previous, max_grid=args.max_grid, grid=grid,
+                                   costs=costs)
         grid, previous = search.grid, search.thresholds
         searches[tolerance] = search
     return searches
@@ -318,7 +333,9 @@ def _seed_result(args, seed: int, rules: list[str], tolerances: list[float], spl
                 "throughput_batch": args.throughput_batch, "speed_rounds": args.speed_rounds,
                 "throughput_batches": args.throughput_batches, "test_size": len(test), "val_size": len(val),
                 "training": _training_settings(args, seed, len(train))}
-    done = folder / "result.json"
+    if args.cost != "macs":  # stamps and results of the MAC search stay valid
+        settings["cost"] = args.cost
+    done = folder / ("result.json" if args.cost == "macs" else f"result-{args.cost}.json")
     if done.is_file():
         stored = json.loads(done.read_text())
         if stored["settings"] == settings:
@@ -333,12 +350,15 @@ def _seed_result(args, seed: int, rules: list[str], tolerances: list[float], spl
     models, train_seconds = _trained_models(args, seed, rules, baseline, train, bf16, folder)
     print(f"seed {seed}: exits trained ({train_seconds / 60:.1f} min this call)", flush=True)
     names = [*models[rules[0]].config.exit_positions, "final"]
-    val_scores, test_scores, searches = {}, {}, {}
+    val_scores, test_scores, searches, costs = {}, {}, {}, {}
     for rule in rules:
         val_scores[rule] = collect_exit_scores(models[rule], val)
         test_scores[rule] = collect_exit_scores(models[rule], test)
+        # Timed on validation images, float32, at the batch the test inference is timed at.
+        costs[rule] = (measure_exit_costs(models[rule], val, batch_size=args.throughput_batch)
+                       if args.cost == "latency" else None)
         start = time.time()
-        searches[rule] = _search_chain(val_scores[rule], rule, tolerances, args)
+        searches[rule] = _search_chain(val_scores[rule], rule, tolerances, args, costs[rule])
         if baseline_acc is None:  # frozen: the full network is the baseline
             baseline_acc = test_scores[rule].full_accuracy
         print(f"seed {seed} {rule}: exit heads' validation accuracy " + ", ".join(
@@ -383,7 +403,9 @@ def _seed_result(args, seed: int, rules: list[str], tolerances: list[float], spl
     curves = {}
     for rule in rules:
         largest = searches[rule][max(tolerances)]
-        front = _front_curve(largest, val_scores[rule], test_scores[rule], rule)
+        # With measured costs the grid's totals are nanoseconds: its validation reductions are taken in them.
+        grid_val = costs[rule].applied_to(val_scores[rule]) if costs[rule] is not None else val_scores[rule]
+        front = _front_curve(largest, grid_val, test_scores[rule], rule)
         chosen = [{"tolerance": r["tolerance"], "accuracy": r["test_acc"], "macs_reduction": r["macs_reduction"]}
                   for r in rows if r["rule"] == rule]
         curves[rule] = {"front": front, "uniform": _uniform_curve(test_scores[rule], rule),
@@ -393,6 +415,8 @@ def _seed_result(args, seed: int, rules: list[str], tolerances: list[float], spl
         "head_val_accuracy": {rule: [float((logits.argmax(1) == val.labels).float().mean())
                                      for logits in val_scores[rule].exit_logits] for rule in rules},
         "exit_positions": names[:-1], "train_seconds_last_call": train_seconds, "baseline_test_acc": baseline_acc,
+        "search_cost": args.cost,
+        "costs_ns": {rule: dataclasses.asdict(c) for rule, c in costs.items() if c is not None},
         "device": device_note(), "note": args.note,
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -435,7 +459,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"images{' (REDUCED)' if report['reduced'] else ''}. Exits at {', '.join(report['exit_positions'])} "
         f"(pool {budget['exit_pool_size']}x{budget['exit_pool_size']}, one linear layer); training: {training}, "
         f"{budget['epochs']} epochs, lr {budget['lr']} cosine, the same for both rules "
-        f"({budget['training_precision']}). Thresholds searched on validation; figures on test by real batched "
+        f"({budget['training_precision']}). Thresholds searched on validation"
+        f"{' for the least measured time per image (search cost: latency)' if budget.get('search_cost') == 'latency' else ''}"
+        f"; figures on test by real batched "
         f"inference (batch {budget['throughput_batch']}, float32), timed against the full network (every exit off) "
         f"in the same run. MACs per image include the exit heads evaluated. Device: {report['device']}.", "",
         "## Mean over seeds", "",
@@ -576,6 +602,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "budget": {"training": args.training, "epochs": args.epochs, "lr": args.lr,
                    "exit_pool_size": args.exit_pool_size, "training_precision": "bfloat16" if bf16 else "float32",
                    "inference_precision": "float32", "step": args.step, "max_grid": args.max_grid,
+                   "search_cost": args.cost,
                    "throughput_batch": args.throughput_batch, "speed_rounds": args.speed_rounds,
                    "estimate": "joint: one epoch per rule costs about one baseline epoch (3-4 min on 2 loaded "
                                "cores), 2-2.5 h for 10 epochs x 2 rules x 2 seeds, plus about 15 min per seed for "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -311,7 +312,13 @@ def test_pipeline_resumes_after_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline_module, "search_thresholds", real_search)
     monkeypatch.setattr(training_module, "train_classifier", no_training)
-    record = add_early_exits(source, tmp_path / "out", options, progress=False).provenance
+    # The search's cost is a post-training setting: the trained stage is reused with the latency search.
+    latency = dataclasses.replace(options, cost="latency")
+    record = add_early_exits(source, tmp_path / "out", latency, progress=False).provenance
+    assert record["options"]["cost"] == "latency"
+    validation = record["validation"]
+    assert 0 < validation["mean_latency_ns"] <= validation["latency_full_ns"]  # never dearer than no exit
+    assert validation["mean_macs"] == record["mean_macs"] and record["mean_macs"] <= record["macs_full"] * 1.01
     saved = ClassExitResNetForImageClassification.from_pretrained(tmp_path / "out")
     assert torch.equal(saved.exit_heads[0].classifier.weight, trained.exit_heads[0].classifier.weight)
     assert record["dataset"] == "cifar10:validation" and record["exit_histogram"] is None

@@ -165,6 +165,18 @@ def test_trained_models_are_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "train_exits", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
     report = stage.run(_args(tmp_path, "--epochs", "1", "--rule", "confidence", "--speed-rounds", "1"))
     assert {r["rule"] for r in report["rows"]} == {"confidence"}
+    # The latency search reuses them too, and keeps its result beside the MAC search's.
+    latency = stage.run(_args(tmp_path, "--epochs", "1", "--rule", "confidence", "--speed-rounds", "1",
+                              "--cost", "latency", "--results-dir", str(tmp_path / "latency")))
+    folder = tmp_path / "work" / "exits-resnet20-seed2023" / "joint"
+    assert (folder / "result.json").is_file() and (folder / "result-latency.json").is_file()
+    stored = json.loads((folder / "result-latency.json").read_text())
+    assert stored["search_cost"] == "latency" and stored["settings"]["cost"] == "latency"
+    measured = stored["costs_ns"]["confidence"]
+    assert len(measured["heads"]) == len(report["rows"][0]["thresholds"]) and len(measured["units"]) > 1
+    assert all(value >= 1 for value in measured["units"] + measured["heads"] + [measured["classifier"]])
+    assert latency["budget"]["search_cost"] == "latency" and "least measured time" in (
+        tmp_path / "latency" / "cnn_cpu_exits.md").read_text()
 
 
 def test_reduced_run_refuses_the_protocol_results(tmp_path):

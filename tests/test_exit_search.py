@@ -14,7 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hf_compress.data.images import ImageClassificationData
 from hf_compress.early_exit.config import EarlyExitConfig
+from hf_compress.early_exit.latency import measure_exit_costs
 from hf_compress.early_exit.search import (
+    ExitCosts,
     ExitScores,
     candidate_thresholds,
     coarse_options,
@@ -233,6 +235,61 @@ def test_free_exclusion_is_found(rule):
     assert search.thresholds[0] == DISABLED[rule] and search.thresholds[2] == DISABLED[rule]
     sim = simulate_exits(scores, search.thresholds, rule)
     assert sim.exit_indices.tolist() == [1] * n
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_latency_costs_change_what_is_cheapest(rule):
+    """Exit 0 settles a quarter of the samples with certainty. In MACs its head (7) is cheap next to the 600 MACs a
+    stop there saves, so the search turns it on; with a head that takes 5,000 ns per image against 10 ns per unit,
+    evaluating it on every sample costs more than the stops save, so the latency search leaves it off. Either
+    result reports its MACs, and the latency one its mean time."""
+    n, k = 80, 4
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, k, (n,), generator=g)
+    certain = (F.one_hot(labels, k).float() * 2 - 1) * 9
+    noise = torch.randn(n, k, generator=g) * 0.1
+    first = torch.where((torch.arange(n) % 4 == 0)[:, None], certain, noise)
+    final = F.one_hot(labels, k).float() * 4
+    scores = _scores([first, noise.clone(), noise.clone()], final, labels)
+    by_macs = search_thresholds(scores, rule, tolerance=0.0, step=0.05)
+    assert by_macs.thresholds[0] != DISABLED[rule] and by_macs.mean_cost is None
+    assert by_macs.mean_macs == pytest.approx((n // 4 * _cost(0, [0]) + 3 * n // 4 * (sum(UNITS) + CLASSIFIER + 7)) / n)
+
+    costs = ExitCosts(units=[10] * len(UNITS), heads=[5000, 1, 1], classifier=2)
+    by_time = search_thresholds(scores, rule, tolerance=0.0, step=0.05, costs=costs)
+    assert by_time.thresholds == [DISABLED[rule]] * 3
+    assert by_time.mean_cost == by_time.cost_full == 10 * len(UNITS) + 2
+    assert by_time.mean_macs == by_time.macs_full == sum(UNITS) + CLASSIFIER  # MACs of the thresholds found
+    assert by_time.accuracy == 1.0
+    # A head that costs no more than a unit is worth it again: its samples skip 5 units.
+    cheap = ExitCosts(units=[10] * len(UNITS), heads=[1, 1, 1], classifier=2)
+    assert search_thresholds(scores, rule, tolerance=0.0, step=0.05, costs=cheap).thresholds[0] != DISABLED[rule]
+    with pytest.raises(Exception, match="the costs cover 2 units"):
+        search_thresholds(scores, rule, 0.0, 0.05, costs=ExitCosts(units=[1, 1], heads=[1, 1, 1], classifier=1))
+
+
+def test_measured_latency_is_charged_to_the_module_that_spends_it(monkeypatch):
+    """A unit made 20 ms slower per batch is charged about 20 ms / batch per image; the others are not."""
+    import time
+
+    torch.manual_seed(0)
+    model = ClassExitResNetForImageClassification(ClassExitResNetConfig(
+        num_labels=4, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], exit_positions=["stage1"],
+        exit_pool_size=2, exit_thresholds=[0.0])).eval()
+    slow = list(model.resnet.units())[1]
+    forward = slow.forward
+
+    def slowed(hidden):
+        time.sleep(0.02)
+        return forward(hidden)
+
+    monkeypatch.setattr(slow, "forward", slowed)
+    data = ImageClassificationData(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32) % 4,
+                                   ["a", "b", "c", "d"])
+    costs = measure_exit_costs(model, data, batch_size=16, max_batches=2, rounds=1)
+    assert len(costs.units) == 3 and len(costs.heads) == 1 and costs.unit == "ns"
+    assert costs.units[1] >= 0.02e9 / 16  # at least the sleep, per image
+    assert costs.units[1] > 10 * max(costs.units[0], costs.units[2], costs.heads[0], costs.classifier)
 
 
 def test_exclusion_at_one_exit_is_credited_with_the_savings_at_the_next():

@@ -122,6 +122,7 @@ BAD_OPTIONS = [
     ("early-exit --n-val 0", lambda p: _missing_model(_early_exit(p, "--n-val", "0"), p), ["--n-val", "got 0"]),
     ("early-exit --n-val = train split", lambda p: _early_exit(p, "--n-val", str(TRAIN_IMAGES)), ["--n-val", f"{TRAIN_IMAGES} images"]),
     ("early-exit --step 1.5", lambda p: _missing_model(_early_exit(p, "--step", "1.5"), p), ["--step"]),
+    ("early-exit --cost flops", lambda p: _missing_model(_early_exit(p, "--cost", "flops"), p), ["--cost", "'flops'"]),
     ("early-exit --exit-pool-size 0", lambda p: _missing_model(_early_exit(p, "--exit-pool-size", "0"), p), ["--exit-pool-size"]),
     ("early-exit --epochs -1", lambda p: _missing_model(_early_exit(p, "--epochs", "-1"), p), ["--epochs", "got -1"]),
     ("early-exit --batch-size 0", lambda p: _missing_model(_early_exit(p, "--batch-size", "0"), p), ["--batch-size", "got 0"]),

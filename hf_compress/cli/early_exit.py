@@ -47,6 +47,9 @@ def early_exit_command(
                                    help="Split reported at the end ('' to skip)."),
     test_limit: Optional[int] = typer.Option(_DEFAULTS.test_limit, "--test-limit"),
     step: float = typer.Option(_DEFAULTS.step, "--step", help="Threshold search step, in (0, 1)."),
+    cost: str = typer.Option(_DEFAULTS.cost, "--cost",
+                             help="What the threshold search minimises: macs, or latency (time per image of each "
+                                  "unit and head, measured on this device)."),
     seed: int = typer.Option(_DEFAULTS.seed, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -58,7 +61,7 @@ def early_exit_command(
     config = EarlyExitConfig(
         dataset=dataset, tolerance=tolerance, exit_rule=rule, exit_positions=_positions(exits), exit_pool_size=pool_size,
         epochs=epochs, train_backbone=train_backbone, lr=lr, batch_size=batch_size, n_val=n_val, train_limit=train_limit,
-        test_split=test_split or None, test_limit=test_limit, step=step, seed=seed,
+        test_split=test_split or None, test_limit=test_limit, step=step, seed=seed, cost=cost,
     )
     result = add_early_exits(model, output, config, overwrite=overwrite, progress=progress)
     typer.echo(f"saved {output}")

@@ -23,6 +23,7 @@ from ..provenance import DataRef, SourceRef, provenance
 from .config import EarlyExitConfig
 from .heads import check_exit_source, load_exit_model
 from .report import exit_report
+from .latency import measure_exit_costs
 from .search import ThresholdSearch, collect_exit_scores, search_thresholds
 from .training import partial_dir, stage_settings, train_jointly
 
@@ -129,7 +130,9 @@ def search_and_report(
 ) -> tuple[ThresholdSearch, dict[str, Any] | None]:
     """Searches the thresholds on `val` and sets them on `model`; then reports its real inference on `test`."""
     scores = collect_exit_scores(model, val, progress=progress)
-    search = search_thresholds(scores, config.exit_rule, config.tolerance, config.step)
+    # Timed before the search, on the validation images (never the test split), on the device inference runs on.
+    costs = measure_exit_costs(model, val) if config.cost == "latency" else None
+    search = search_thresholds(scores, config.exit_rule, config.tolerance, config.step, costs=costs)
     model.config.exit_thresholds = list(search.thresholds)
     report = exit_report(model, test, progress=progress) if test is not None else None
     return search, report
@@ -165,7 +168,9 @@ def measured_result(
         "exit_positions": list(config.exit_positions),
         "validation": {"samples": len(val), "accuracy_full": search.accuracy_full,
                        "accuracy_early_exit": search.accuracy, "mean_macs": search.mean_macs,
-                       "grid_settings": search.grid_settings, "search_moves": len(search.steps)},
+                       "grid_settings": search.grid_settings, "search_moves": len(search.steps),
+                       **({"mean_latency_ns": search.mean_cost, "latency_full_ns": search.cost_full}
+                          if search.mean_cost is not None else {})},
         "training": {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size,
                      "train_backbone": config.train_backbone, "train_samples": len(train),
                      "final_loss": history["train_loss"][-1] if history["train_loss"] else None},

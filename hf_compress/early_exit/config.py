@@ -12,6 +12,8 @@ from ..errors import HFCompressError
 # exit rule -> the method name recorded in `config.compression` (the confidence rule is the max-softmax baseline).
 EXIT_RULE_METHODS = {"class_exclusion": "class_exclusion_early_exit", "confidence": "confidence_early_exit"}
 DEFAULT_EXIT_POOL_SIZE = 2
+# What the threshold search may minimise.
+SEARCH_COSTS = ("macs", "latency")
 # Batch size of the exit report (inference only, so larger than training's).
 REPORT_BATCH_SIZE = 256
 
@@ -41,6 +43,9 @@ class EarlyExitConfig(MethodConfig):
         test_limit: random subset of the test split.
         step: threshold search step, in (0, 1).
         seed: seed of the subsets and of training.
+        cost: what the threshold search minimises: `"macs"` (mean multiply-adds, device-independent), or
+            `"latency"` (mean time, from each unit's, head's and the classifier's time per image measured on the
+            validation images on this device before the search; the result still reports MACs).
     """
 
     dataset: str = "cifar10"
@@ -58,6 +63,7 @@ class EarlyExitConfig(MethodConfig):
     test_limit: int | None = None
     step: float = 0.01
     seed: int = 0
+    cost: str = "macs"
 
     @property
     def method(self) -> str:
@@ -74,6 +80,8 @@ class EarlyExitConfig(MethodConfig):
             )
         if not 0 < self.step < 1:
             raise HFCompressError(f"step (--step), the threshold search step, must be in (0, 1), got {self.step}")
+        if self.cost not in SEARCH_COSTS:
+            raise HFCompressError(f"cost (--cost) must be one of {list(SEARCH_COSTS)}, got {self.cost!r}")
         if self.exit_rule not in EXIT_RULE_METHODS:
             raise HFCompressError(
                 f"exit_rule (--rule) must be one of {sorted(EXIT_RULE_METHODS)}, got {self.exit_rule!r}"

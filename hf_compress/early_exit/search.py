@@ -10,6 +10,7 @@ moves that each lower the MACs (`search_thresholds`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -50,6 +51,25 @@ class ExitScores:
     def exit_cost(self, index: int, heads_spent: int) -> int:
         """MACs of a sample that stops at exit `index` after `heads_spent` MACs of evaluated heads (its own included)."""
         return sum(self.unit_macs[: self.exit_units[index] + 1]) + heads_spent
+
+
+@dataclass
+class ExitCosts:
+    """What the threshold search minimises in place of MACs: the cost per image of each backbone unit, each exit head
+    and the final classifier, as integers in `unit` (e.g. nanoseconds measured by `latency.measure_exit_costs`)."""
+
+    units: list[int]
+    heads: list[int]
+    classifier: int
+    unit: str = "ns"
+
+    def applied_to(self, scores: ExitScores) -> ExitScores:
+        """`scores` with this cost table in place of its MAC table (the rule's replay then adds up these costs)."""
+        if len(self.units) != len(scores.unit_macs) or len(self.heads) != len(scores.head_macs):
+            raise HFCompressError(f"the costs cover {len(self.units)} units and {len(self.heads)} heads; the scores "
+                                  f"{len(scores.unit_macs)} units and {len(scores.head_macs)} heads")
+        return dataclasses.replace(scores, unit_macs=list(self.units), head_macs=list(self.heads),
+                                   classifier_macs=self.classifier)
 
 
 @torch.no_grad()
@@ -394,6 +414,8 @@ class ThresholdSearch:
     `grid_thresholds` is the cheapest feasible setting of the exhaustive sub-grid (`grid_settings` settings
     evaluated) and `steps` the coordinate moves accepted after it, in order (exit, thresholds after the move,
     accuracy, mean MACs): every one lowers the mean MACs. `grid` is the full grid evaluation (not serialised).
+    With `costs`, the search minimised them instead: `mean_cost` and `cost_full` are in their unit, `steps` and
+    `grid` too, while `mean_macs` and `macs_full` stay MACs.
     """
 
     thresholds: list[float]
@@ -406,6 +428,8 @@ class ThresholdSearch:
     grid_thresholds: list[float] = field(default_factory=list)
     grid_settings: int = 0
     grid: GridEvaluation | None = field(default=None, repr=False, compare=False)
+    mean_cost: float | None = None
+    cost_full: int | None = None
 
 
 def correct_floor(scores: ExitScores, tolerance: float) -> int:
@@ -423,6 +447,7 @@ def search_thresholds(
     *,
     max_grid: int = DEFAULT_GRID_SETTINGS,
     grid: GridEvaluation | None = None,
+    costs: ExitCosts | None = None,
 ) -> ThresholdSearch:
     """The thresholds with the fewest mean MACs whose validation accuracy stays within `tolerance` of the full
     network's (counted in samples: at most floor(tolerance * n) fewer correct predictions).
@@ -440,7 +465,9 @@ def search_thresholds(
        sample). The descent ends when no move is admissible, so it always terminates and never returns a setting
        dearer than the grid's.
 
-    `grid` reuses an evaluation of the same scores and rule (from another tolerance's search).
+    `grid` reuses an evaluation of the same scores, rule and costs (from another tolerance's search). `costs`
+    (e.g. measured latency, `latency.measure_exit_costs`) replace the MACs as what is minimised; the result still
+    reports the MACs of the thresholds found.
     """
     if not 0 <= tolerance < 1:
         raise HFCompressError(f"tolerance must be in [0, 1) (a fraction of accuracy, 0.005 = half a point), got {tolerance}")
@@ -448,6 +475,9 @@ def search_thresholds(
         raise HFCompressError(f"the search step must be in (0, 1), got {step}")
     if max_grid < 1:
         raise HFCompressError(f"max_grid must be >= 1, got {max_grid}")
+    macs_scores = scores
+    if costs is not None:
+        scores = costs.applied_to(scores)
     floor = correct_floor(scores, tolerance)
     options = search_options(scores, rule, step)
     if start is not None and len(start) != len(options):
@@ -469,10 +499,13 @@ def search_thresholds(
     final = simulate_exits(scores, thresholds, rule)
     if int(final.macs.sum()) != total or int((final.predictions == scores.labels).sum()) != correct:
         raise AssertionError("threshold search: the line evaluation disagrees with the replay")  # a bug, not bad input
+    in_macs = simulate_exits(macs_scores, thresholds, rule) if costs is not None else final
     return ThresholdSearch(
         thresholds=list(thresholds), accuracy_full=scores.full_accuracy, accuracy=final.accuracy,
-        mean_macs=final.mean_macs, macs_full=scores.full_macs, tolerance=tolerance, steps=steps,
+        mean_macs=in_macs.mean_macs, macs_full=macs_scores.full_macs, tolerance=tolerance, steps=steps,
         grid_thresholds=grid.thresholds(row), grid_settings=len(grid.totals), grid=grid,
+        mean_cost=final.mean_macs if costs is not None else None,
+        cost_full=scores.full_macs if costs is not None else None,
     )
 
 

@@ -22,7 +22,7 @@ from .config import EarlyExitConfig
 STAGE_FILE = "hf_compress_stage.json"
 HISTORY_FILE = "train_history.json"
 # Settings that only matter after training: changing them must not invalidate the trained stage.
-POST_TRAINING_FIELDS = ("tolerance", "step", "test_split", "test_limit")
+POST_TRAINING_FIELDS = ("tolerance", "step", "test_split", "test_limit", "cost")
 
 
 def exit_head_loss(
