@@ -718,6 +718,9 @@ def cnn_cpu_section(files: dict) -> str:
                 profile = RESULTS / "cnn_cpu_exit_profile.md"
                 if profile.is_file():
                     out += [demoted(profile.read_text()), ""]
+                latency = RESULTS / "cnn_cpu_exits_latency" / "cnn_cpu_exits.json"
+                if latency.is_file():
+                    out += [exit_cost_comparison(json.loads(latency.read_text()), files[name]), ""]
         else:
             out.append(f"`{name}` is stored but not summarised here.")
     return "\n".join(out)
@@ -757,6 +760,48 @@ def exit_stops_analysis(exits: dict, tolerance: float = 0.005) -> str:
         text += (" Class exclusion stops fewer images early: its stop needs every class but one ruled out by an "
                  "early head, while one confident softmax is enough for the confidence rule.")
     return text
+
+
+def exit_cost_comparison(latency: dict, protocol: dict) -> str:
+    """The thresholds searched for the least measured time (`--cost latency`, folder `cnn_cpu_exits_latency/`)
+    against the protocol's MAC search, on the same trained models: per rule and tolerance, the means over the seeds
+    both ran of the test MACs saved, the accuracy change against the full network and the speedup each run measured
+    against its own full network."""
+    seeds = {r["seed"] for r in latency["rows"]} & {r["seed"] for r in protocol["rows"]}
+    rows, gains = [], []
+    for rule in latency["rules"]:
+        for tolerance in latency["tolerances"]:
+            pair = []
+            for rep in (protocol, latency):
+                mine = [r for r in rep["rows"] if r["rule"] == rule and r["tolerance"] == tolerance and r["seed"] in seeds]
+                if not mine:
+                    break
+                n = len(mine)
+                pair.append((sum(r["macs_reduction"] for r in mine) / n,
+                             100 * sum(r["test_acc"] - r["test_acc_full"] for r in mine) / n,
+                             sum(r["speedup"] for r in mine) / n))
+            if len(pair) < 2:
+                continue
+            (m_macs, m_acc, m_speed), (l_macs, l_acc, l_speed) = pair
+            gains.append(l_speed - m_speed)
+            rows.append([rule.replace("_", " "), tolerance, f"{pct(m_macs, 1)} / {m_acc:+.2f} / {m_speed:.2f}x",
+                         f"{pct(l_macs, 1)} / {l_acc:+.2f} / {l_speed:.2f}x"])
+    if not rows:
+        return ""
+    note = f" Note: {latency['note']}" if latency.get("note") else ""
+    return "\n".join([
+        "### Threshold search for time instead of MACs", "",
+        (f"The same trained models (seeds {', '.join(map(str, sorted(seeds)))}), thresholds searched for the fewest "
+         "MACs (the protocol's run) and for the least time per image measured on this machine before the search "
+         "(`--cost latency`: every unit, head and the final classifier timed on validation images). Each cell: test "
+         "MACs saved / test accuracy change against the full network (points) / speedup at batch 256, measured by "
+         "each run against its own full network in that run (the two runs were timed separately; mean over seeds). "
+         "Tables: "
+         f"[cnn_cpu_exits_latency/](cnn_cpu_exits_latency/cnn_cpu_exits.md).{note}"), "",
+        table(["rule", "tolerance", "search for MACs", "search for time"], rows), "",
+        (f"Searching for time changes the speedup by {min(gains):+.2f}x to {max(gains):+.2f}x (mean "
+         f"{sum(gains) / len(gains):+.2f}x)."),
+    ])
 
 
 def exit_head_ablation(reports: dict[str, dict], protocol: dict | None = None, tolerance: float = 0.005) -> str:

@@ -268,3 +268,26 @@ def test_report_exit_head_ablation_table_and_sentence():
     assert text.endswith("Trained joint, class exclusion saves 12.0% of the MACs with 2x2 heads and 20.0% with 8x8 "
                          "heads; the confidence rule 20.0% and 30.0%.")
     assert report.exit_head_ablation({}) == ""
+
+
+def test_report_compares_the_latency_search_with_the_mac_search():
+    """Per rule and tolerance, the means over the seeds both runs have of MACs saved, accuracy change and speedup."""
+    spec = importlib.util.spec_from_file_location("report", REPO / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def run(speedups: dict, seeds, note=""):
+        rows = [{"seed": seed, "rule": rule, "tolerance": 0.005, "macs_reduction": 0.10 + 0.01 * i,
+                 "test_acc": 0.850 + 0.001 * i, "test_acc_full": 0.86, "speedup": speedups[rule] + 0.02 * i}
+                for i, seed in enumerate(seeds) for rule in ("class_exclusion", "confidence")]
+        return {"rules": ["class_exclusion", "confidence"], "tolerances": [0.005], "rows": rows, "note": note}
+
+    protocol = run({"class_exclusion": 1.02, "confidence": 1.08}, (2023, 2024, 2025))
+    latency = run({"class_exclusion": 1.07, "confidence": 1.10}, (2023, 2024), note="paused")
+    text = report.exit_cost_comparison(latency, protocol)
+    # Seeds 2023 and 2024 only: MACs (0.10 + 0.11) / 2, accuracy change (-1.0 - 0.9) / 2, speedups 1.03 and 1.08.
+    assert "| class exclusion | 0.005 | 10.5% / -0.95 / 1.03x | 10.5% / -0.95 / 1.08x |" in text
+    assert "| confidence | 0.005 | 10.5% / -0.95 / 1.09x | 10.5% / -0.95 / 1.11x |" in text
+    assert "(seeds 2023, 2024)" in text and "Note: paused" in text
+    assert "changes the speedup by +0.02x to +0.05x (mean +0.04x)" in text
+    assert report.exit_cost_comparison(latency, {**protocol, "rows": []}) == ""
