@@ -22,8 +22,8 @@ from ..modeling.class_exit_resnet import ClassExitResNetForImageClassification
 from ..provenance import DataRef, SourceRef, provenance
 from .config import EarlyExitConfig
 from .heads import check_exit_source, load_exit_model
-from .report import exit_report
 from .latency import measure_exit_costs
+from .report import exit_report
 from .search import ThresholdSearch, collect_exit_scores, search_thresholds
 from .training import partial_dir, stage_settings, train_jointly
 
