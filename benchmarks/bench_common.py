@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 from pathlib import Path
 
@@ -37,7 +36,8 @@ def add_cifar_cpu_arguments(parser: argparse.ArgumentParser, group_title: str, w
             target.add_argument(*flags, **kwargs)
 
     add(parser, "--seed", type=int, action="append", help="repeatable (default 2023 and 2024)")
-    add(parser, "--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/cnn_cpu"), help=work_dir_help)
+    # In the repository: a stage longer than one sitting continues on another machine from a clone.
+    add(parser, "--work-dir", default=str(Path(__file__).resolve().parent / "work" / "cnn_cpu"), help=work_dir_help)
     add(parser, "--note", default="", help="recorded with each row (e.g. other jobs on the machine)")
     group = parser.add_argument_group(group_title)
     add(group, "--baseline-dir", type=Path, default=None,

@@ -27,7 +27,11 @@ scipy's BCa interval holds about 6 GB for a moment on 10,000 images); the per-it
 (the same numbers up to the pipeline's float32 preprocessing).
 
 Resumable: every pruned network, its training state (after every epoch) and every finished iteration is kept under
-`--work-dir/prune-resnet20-seed<seed>/<method>/`, so the stage may be stopped at any time and run again.
+`--work-dir/prune-resnet20-seed<seed>/<method>/` (default `benchmarks/work/cnn_cpu/`), so the stage may be stopped at
+any time and run again. A finished step keeps only what resuming and the results read: its row in `state.json` and
+the retrained networks of the last and of the best iteration (about 1 MB each); its training state and the network
+saved before retraining are removed, so that the work folder stays small enough to carry to another machine with
+the repository.
 
     python benchmarks/bench_cnn_cpu.py prune --seed 2023 --seed 2024
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -301,9 +306,21 @@ def _class_aware(run: _Run, seed: int, config: ClassAwareConfig, base: dict[str,
         model, row = outcome
         rows.append(row)
         state.update(rows=rows)
+        _tidy_class_aware(folder, rows)
     best = best_row(rows)
     state.update(rows=rows, stop_reason=stop_reason, best_iteration=best["iteration"])
     return state
+
+
+def _tidy_class_aware(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """Removes what no later step reads from the finished iterations in `folder`: every training state and network
+    saved before retraining, and the retrained networks of iterations that are neither the last (the next iteration
+    starts from it) nor the best so far (the stage's result)."""
+    keep = {rows[-1]["iteration"], best_row(rows)["iteration"]}
+    for row in rows[1:]:
+        step = folder / f"iter_{row['iteration']:03d}"
+        for name in ("train", "pruned") if row["iteration"] in keep else ("train", "pruned", "model"):
+            shutil.rmtree(step / name, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------- one-shot
@@ -338,6 +355,9 @@ def _one_shot(run: _Run, seed: int, method: str, target_macs: int, epochs: int) 
     print(f"{LABELS[method]}: MACs {row['macs'] / 1e6:.2f}M (target {target_macs / 1e6:.2f}M), val {100 * val:.2f}%, "
           f"test {100 * test:.2f}%", flush=True)
     state.update(row=row)
+    # The retrained network is the result; the state and the network before retraining only served resuming.
+    for name in ("train", "pruned"):
+        shutil.rmtree(folder / name, ignore_errors=True)
     return state
 
 

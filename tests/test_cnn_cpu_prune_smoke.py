@@ -105,6 +105,13 @@ def test_prune_stage_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         assert summary[f"{method}_test_acc_per_seed"] == {"2023": rows[method]["test_acc"]}
         assert 0 <= summary[f"{method}_params_reduction"] <= 1
 
+    # The work folder keeps only what resuming and the results read: states and the retrained networks.
+    work = tmp_path / "work" / "prune-resnet20-seed2023"
+    assert sorted(str(p.relative_to(work)) for p in work.glob("*/**/model.safetensors")) == [
+        "class_aware/iter_001/model/model.safetensors", "l1/model/model.safetensors",
+        "taylor/model/model.safetensors"]
+    assert not list(work.rglob("training_state*")) and not list(work.rglob("pruned"))
+
     # A rerun finds every step finished in the work folder: no training, the same rows.
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run trained again")
@@ -162,6 +169,9 @@ def test_class_aware_loop_prunes_past_a_floor_miss_as_the_paper_does(tmp_path, m
     assert calls == [1, 2, 3, 4]
     assert [r["meets_floor"] for r in state.get("rows")] == [True, False, True, False]
     assert state.get("stop_reason") == "no filter can be removed" and state.get("best_iteration") == 2
+    # Only the networks of the best (2) and the last (3) iteration stay: the rest is removed as the loop goes.
+    assert sorted(p.parent.name for p in (tmp_path / "work" / "class_aware").glob("iter_*/model")) == [
+        "iter_002", "iter_003"]
     # The iteration budget stops it too; a finished run is read back, not run again.
     config.max_iterations = 2
     calls.clear()
