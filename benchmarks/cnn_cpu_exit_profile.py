@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import RESULTS, add_cifar_cpu_arguments, device_note  # noqa: E402
+from cnn_cpu_exits import timed_inference  # noqa: E402
 
 from hf_compress import __version__  # noqa: E402
 from hf_compress.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from hf_compress.data.images import ImageClassificationData, load_image_dataset  # noqa: E402
-from hf_compress.early_exit.latency import ModuleTimer, timed_modules  # noqa: E402
 from hf_compress.early_exit.search import disabled_threshold  # noqa: E402
 from hf_compress.errors import HFCompressError  # noqa: E402
 from hf_compress.modeling.class_exit_resnet import ClassExitResNetForImageClassification  # noqa: E402
@@ -44,44 +44,14 @@ RULES = ("class_exclusion", "confidence")
 LABELS = {"class_exclusion": "class exclusion", "confidence": "confidence"}
 
 
-@torch.no_grad()
-def profile_configs(configs: list[tuple[str, ClassExitResNetForImageClassification, list[float]]],
-                    test: ImageClassificationData, batch_size: int, rounds: int) -> dict[str, dict[str, Any]]:
-    """Wall seconds, per-module seconds and images, and mean MACs of every configuration `(name, model,
-    thresholds)` over `rounds` passes of the test batches, the configurations rotating from batch to batch."""
-    batches = [images for images, _ in test.batches(batch_size)]
-    timers = {id(model): ModuleTimer(timed_modules(model)) for _, model, _ in configs}
-    wall = {name: 0.0 for name, *_ in configs}
-    macs = {name: 0 for name, *_ in configs}
-    try:
-        for name, model, thresholds in configs:  # warm-up, untimed
-            model.eval().config.exit_thresholds = list(thresholds)
-            model(pixel_values=batches[0])
-        for timer in timers.values():
-            timer.reset()
-        for round_ in range(rounds):
-            for index, images in enumerate(batches):
-                shift = (index + round_) % len(configs)
-                for name, model, thresholds in configs[shift:] + configs[:shift]:
-                    model.config.exit_thresholds = list(thresholds)
-                    timers[id(model)].current = name
-                    start = time.perf_counter()
-                    out = model(pixel_values=images)
-                    wall[name] += time.perf_counter() - start
-                    if round_ == 0:
-                        macs[name] += int(out.macs.sum())
-    finally:
-        for timer in timers.values():
-            timer.remove()
-    images = rounds * len(test)
-    return {name: {"wall_s": wall[name], "images": images, "mean_macs": macs[name] / len(test),
-                   "seconds": dict(timers[id(model)].seconds[name]),
-                   "module_images": dict(timers[id(model)].images[name])}
-            for name, model, _ in configs}
+def _unit_keys(record: dict[str, Any]) -> list[str]:
+    """The residual units' names in a `timed_inference` record with module times (`unit<i>`, in order)."""
+    return [key for key in record["seconds"] if key.startswith("unit")]
 
 
-def analyse(full: dict[str, Any], row: dict[str, Any], unit_macs: list[int]) -> dict[str, Any]:
-    """Splits the time a configuration saves against the full network (both from `profile_configs`).
+def analyse(full: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """Splits the time a configuration saves against the full network (both records of `timed_inference` with
+    module times).
 
     units_predicted: the share of the full network's time its units would save if each unit cost the same per image
     as in the full network (full per-image unit time x images that skip it). units_measured: the share the units
@@ -93,7 +63,7 @@ def analyse(full: dict[str, Any], row: dict[str, Any], unit_macs: list[int]) -> 
     def part(record: dict[str, Any], prefix: str) -> float:
         return sum(seconds for key, seconds in record["seconds"].items() if key.startswith(prefix))
 
-    units = [key for key in full["seconds"] if key.startswith("unit")]
+    units = _unit_keys(full)
     per_image = {key: full["seconds"][key] / full["module_images"][key] for key in units}
     skipped = {key: full["module_images"][key] - row["module_images"].get(key, 0) for key in units}
     predicted = sum(per_image[key] * skipped[key] for key in units) / total
@@ -107,20 +77,19 @@ def analyse(full: dict[str, Any], row: dict[str, Any], unit_macs: list[int]) -> 
     return {"macs_saved": 1 - row["mean_macs"] / full["mean_macs"], "units_predicted": predicted,
             "units_measured": units_measured, "heads": heads, "rest": rest,
             "measured": 1 - row["wall_s"] / total, "speedup": total / row["wall_s"],
-            "unit_images_share": [row["module_images"].get(key, 0) / full["module_images"][key] for key in units],
-            "unit_macs": unit_macs}
+            "unit_images_share": [row["module_images"].get(key, 0) / full["module_images"][key] for key in units]}
 
 
 def unit_table(full: dict[str, Any], unit_macs: list[int]) -> list[dict[str, float]]:
     """Per unit of the full network: its share of the MACs and of the time, and their ratio."""
-    units = [key for key in full["seconds"] if key.startswith("unit")]
+    units = _unit_keys(full)
     total_time = sum(full["seconds"][key] for key in units)
     total_macs = sum(unit_macs)
     rows = []
     for key, unit_mac in zip(units, unit_macs):
         time_share, macs_share = full["seconds"][key] / total_time, unit_mac / total_macs
         rows.append({"unit": key, "macs_share": macs_share, "time_share": time_share,
-                     "time_per_mac": time_share / macs_share})
+                     "time_per_mac": time_share / macs_share, "macs": unit_mac})
     return rows
 
 
@@ -137,14 +106,16 @@ def _seed_profile(args, seed: int, test: ImageClassificationData) -> dict[str, A
     configs += [(f"{row['rule']}@{row['tolerance']}", models[row["rule"]], row["thresholds"])
                 for row in result["rows"]]
     start = time.perf_counter()
-    measured = profile_configs(configs, test, args.batch_size, args.rounds)
+    measured = timed_inference(configs, test, batch_size=args.batch_size, rounds=args.rounds, module_times=True)
+    for record in measured.values():
+        del record["exit_indices"]  # a tensor; the stage's results keep the exits
     unit_macs = models[RULES[0]].unit_macs(*test.images.shape[-2:])[0]
     rows = []
     for row in result["rows"]:
         name = f"{row['rule']}@{row['tolerance']}"
         rows.append({"seed": seed, "rule": row["rule"], "tolerance": row["tolerance"],
                      "stage_speedup": row.get("speedup"), "exit_histogram": row.get("exit_histogram"),
-                     **analyse(measured[f"full:{row['rule']}"], measured[name], unit_macs)})
+                     **analyse(measured[f"full:{row['rule']}"], measured[name])})
     full = measured[f"full:{RULES[0]}"]
     return {"seed": seed, "rows": rows, "units": unit_table(full, unit_macs),
             "full_ms_per_batch": 1000 * full["wall_s"] / (args.rounds * len(test) / args.batch_size),

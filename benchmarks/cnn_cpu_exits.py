@@ -69,7 +69,7 @@ from hf_compress.data.images import ImageClassificationData, load_image_dataset,
 from hf_compress.device import native_bfloat16  # noqa: E402
 from hf_compress.early_exit.config import EarlyExitConfig  # noqa: E402
 from hf_compress.early_exit.heads import load_exit_model  # noqa: E402
-from hf_compress.early_exit.latency import measure_exit_costs  # noqa: E402
+from hf_compress.early_exit.latency import ModuleTimer, measure_exit_costs, timed_modules  # noqa: E402
 from hf_compress.early_exit.search import (  # noqa: E402
     ExitCosts,
     ExitScores,
@@ -235,45 +235,60 @@ def _errors(scores: ExitScores, thresholds: list[float], rule: str) -> dict[str,
 
 
 @torch.no_grad()
-def _timed_inference(configs: list[tuple[str, ClassExitResNetForImageClassification, list[float]]],
-                     test: ImageClassificationData, args) -> dict[str, dict[str, Any]]:
+def timed_inference(configs: list[tuple[str, ClassExitResNetForImageClassification, list[float]]],
+                    test: ImageClassificationData, *, batch_size: int, rounds: int, max_batches: int | None = None,
+                    module_times: bool = False) -> dict[str, dict[str, Any]]:
     """Real batched inference of every configuration `(name, model, thresholds)` on the test batches, float32.
 
     Every batch is run by every configuration in turn (the order rotating from batch to batch), so that what other
-    processes do to the machine hits them alike; images/s = timed images / summed seconds over `--speed-rounds`
-    passes. The first pass runs every test batch and records each configuration's predictions, exits and MACs; only
-    the first `--throughput-batches` batches (all by default) are timed.
+    processes do to the machine hits them alike; images/s = timed images / summed seconds over `rounds` passes. The
+    first pass runs every test batch and records each configuration's predictions, exits and MACs; only the first
+    `max_batches` batches (all by default) are timed. With `module_times`, forward hooks (`ModuleTimer`) also add up
+    the seconds and images of every unit, exit head and the final classifier in the timed forwards (`seconds`,
+    `module_images`).
     """
-    batches = [images for images, _ in test.batches(args.throughput_batch)]
-    timed = batches[: args.throughput_batches]
-    timed_images = args.speed_rounds * sum(len(images) for images in timed)
+    batches = [images for images, _ in test.batches(batch_size)]
+    timed = batches[:max_batches]
+    timed_images = rounds * sum(len(images) for images in timed)
     labels = test.labels
+    timers = ({id(model): ModuleTimer(timed_modules(model)) for _, model, _ in configs} if module_times else {})
     seconds = {name: 0.0 for name, *_ in configs}
     outputs: dict[str, list] = {name: [] for name, *_ in configs}
-    for name, model, thresholds in configs:  # warm-up
-        model.eval().config.exit_thresholds = list(thresholds)
-        model(pixel_values=batches[0])
-    for round_ in range(args.speed_rounds):
-        for index, images in enumerate(batches if round_ == 0 else timed):
-            shift = (index + round_) % len(configs)
-            for name, model, thresholds in configs[shift:] + configs[:shift]:
-                model.config.exit_thresholds = list(thresholds)
-                start = time.perf_counter()
-                out = model(pixel_values=images)
-                if index < len(timed):
-                    seconds[name] += time.perf_counter() - start
-                if round_ == 0:
-                    outputs[name].append(out)
+    try:
+        for name, model, thresholds in configs:  # warm-up
+            model.eval().config.exit_thresholds = list(thresholds)
+            model(pixel_values=batches[0])
+        for timer in timers.values():
+            timer.reset()
+        for round_ in range(rounds):
+            for index, images in enumerate(batches if round_ == 0 else timed):
+                shift = (index + round_) % len(configs)
+                for name, model, thresholds in configs[shift:] + configs[:shift]:
+                    model.config.exit_thresholds = list(thresholds)
+                    if timers:  # the untimed batches of the first pass are charged to a label no result reads
+                        timers[id(model)].current = name if index < len(timed) else ""
+                    start = time.perf_counter()
+                    out = model(pixel_values=images)
+                    if index < len(timed):
+                        seconds[name] += time.perf_counter() - start
+                    if round_ == 0:
+                        outputs[name].append(out)
+    finally:
+        for timer in timers.values():
+            timer.remove()
     result = {}
-    for name, *_ in configs:
+    for name, model, _ in configs:
         outs = outputs[name]
         predictions = torch.cat([o.logits.argmax(1) for o in outs])
         macs = torch.cat([o.macs for o in outs])
         result[name] = {
-            "images_per_s": timed_images / seconds[name],
+            "images_per_s": timed_images / seconds[name], "wall_s": seconds[name], "timed_images": timed_images,
             "accuracy": int((predictions == labels).sum()) / len(labels), "mean_macs": int(macs.sum()) / len(labels),
             "exit_indices": torch.cat([o.exit_indices for o in outs]),
         }
+        if timers:
+            timer = timers[id(model)]
+            result[name].update(seconds=dict(timer.seconds[name]), module_images=dict(timer.images[name]))
     return result
 
 
@@ -373,7 +388,8 @@ def _seed_result(args, seed: int, rules: list[str], tolerances: list[float], spl
     for rule in rules:
         for tolerance, search in searches[rule].items():
             configs.append((f"{rule}@{tolerance}", models[rule], search.thresholds))
-    timed = _timed_inference(configs, test, args)
+    timed = timed_inference(configs, test, batch_size=args.throughput_batch, rounds=args.speed_rounds,
+                            max_batches=args.throughput_batches)
     rows = []
     for rule in rules:
         full = timed[full_of[rule]]

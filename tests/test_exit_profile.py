@@ -38,8 +38,8 @@ def _model_and_data() -> tuple[ClassExitResNetForImageClassification, ImageClass
 
 def test_hooks_count_the_images_each_unit_and_head_processes():
     model, data, thresholds = _model_and_data()
-    measured = profile.profile_configs([("full", model, [1.0, 1.0, 1.0]), ("exits", model, thresholds)], data,
-                                       batch_size=16, rounds=2)
+    measured = profile.timed_inference([("full", model, [1.0, 1.0, 1.0]), ("exits", model, thresholds)], data,
+                                       batch_size=16, rounds=2, module_times=True)
     with torch.no_grad():
         model.config.exit_thresholds = thresholds
         out = [model(pixel_values=images) for images, _ in data.batches(16)]
@@ -59,6 +59,18 @@ def test_hooks_count_the_images_each_unit_and_head_processes():
     # Disabled exits (confidence threshold 1.0) evaluate no head.
     assert not any(key.startswith("head") for key in measured["full"]["module_images"])
     assert all(measured[name]["wall_s"] >= sum(measured[name]["seconds"].values()) for name in measured)
+    assert torch.equal(measured["exits"]["exit_indices"], exit_indices)
+    assert measured["exits"]["images_per_s"] == pytest.approx(2 * len(data) / measured["exits"]["wall_s"])
+
+
+def test_only_the_timed_batches_are_charged_to_the_units():
+    """With `max_batches`, the first pass still runs every batch (predictions and MACs of the whole set), but the
+    module times and images count the timed batches only."""
+    model, data, thresholds = _model_and_data()
+    measured = profile.timed_inference([("exits", model, thresholds)], data, batch_size=16, rounds=3, max_batches=1,
+                                       module_times=True)["exits"]
+    assert measured["timed_images"] == 3 * 16 and measured["module_images"]["unit0"] == 3 * 16
+    assert len(measured["exit_indices"]) == len(data)
 
 
 def test_analyse_splits_the_time_saved():
@@ -66,7 +78,7 @@ def test_analyse_splits_the_time_saved():
             "module_images": {"unit0": 10, "unit1": 10, "final_linear": 10}}
     row = {"wall_s": 2.5, "mean_macs": 70.0, "seconds": {"unit0": 1.0, "unit1": 0.8, "head0": 0.2, "final_linear": 0.3},
            "module_images": {"unit0": 10, "unit1": 5, "head0": 10, "final_linear": 5}}
-    split = profile.analyse(full, row, [40, 60])
+    split = profile.analyse(full, row)
     assert split["macs_saved"] == pytest.approx(0.3)
     assert split["units_predicted"] == pytest.approx(2.0 / 10 * 5 / 4.0)  # unit1's per-image time x 5 skipped
     assert split["units_measured"] == pytest.approx((3.0 - 1.8) / 4.0)

@@ -92,7 +92,8 @@ def measure_exit_costs(
     was_training = model.training
     model.eval()
     batches = [images.to(device) for images, _ in data.batches(batch_size)][:max_batches]
-    timer = ModuleTimer(timed_modules(model))
+    modules = timed_modules(model)
+    timer = ModuleTimer(modules)
     try:
         model(pixel_values=batches[0], early_exit=False)
         timer.reset()
@@ -108,6 +109,6 @@ def measure_exit_costs(
         # At least 1: a zero cost would make a part free and the search indifferent to it.
         return max(1, round(1e9 * sum(seconds[n] / images[n] for n in names)))
 
-    return ExitCosts(units=[ns(f"unit{i}") for i in range(len(list(model.resnet.units())))],
-                     heads=[ns(f"head{e}") for e in range(len(model.exit_heads))],
+    return ExitCosts(units=[ns(name) for name in modules if name.startswith("unit")],
+                     heads=[ns(name) for name in modules if name.startswith("head")],
                      classifier=ns("final_pool", "final_linear"), unit="ns")
