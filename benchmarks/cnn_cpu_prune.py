@@ -217,7 +217,8 @@ def _model_row(model, **entries) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- baseline
 def _baseline(run: _Run, seed: int) -> _State:
     """The state of the seed's baseline: its params, MACs, validation and test accuracy under `row`."""
-    settings = {"checkpoint": str(run.baseline_path(seed).resolve()), **run.scale()}
+    # Named as the results name it, not by its absolute path: the work folder moves with the repository.
+    settings = {"checkpoint": run.display_path(run.baseline_path(seed)), **run.scale()}
     state = _State(run.seed_dir(seed) / "baseline", settings)
     if state.get("row") is None:
         model = run.load_baseline(seed)

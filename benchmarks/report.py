@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 RESULTS_README = RESULTS / "README.md"
+# Where the unfinished "cifar-cpu" stages keep their finished steps (bench_common's default --work-dir).
+CNN_CPU_WORK = ROOT / "benchmarks" / "work" / "cnn_cpu"
 MAIN_README = ROOT / "README.md"
 SUMMARY_START = "<!-- results-summary:start -->"
 SUMMARY_END = "<!-- results-summary:end -->"
@@ -670,6 +672,56 @@ def cnn_summary_table(network: str, entries: dict) -> str:
         ["figure", "mean", *(f"seed {seed}" for seed in seeds)], rows)
 
 
+def _state(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def prune_progress(work: Path, finished: dict | None) -> str:
+    """The finished steps of stage "prune" as its work folder holds them, for the seeds whose results the stage has
+    not written yet (it writes `cnn_cpu_prune.json` once every method of every seed has finished): each class-aware
+    iteration, then the L1-norm and plain Taylor baselines pruned to the chosen iteration's MACs."""
+    done = {row["seed"] for row in (finished or {}).get("rows", [])}
+    rows, notes = [], []
+    for folder in sorted(work.glob("prune-resnet20-seed*")):
+        seed = int(folder.name.removeprefix("prune-resnet20-seed"))
+        base = _state(folder / "baseline" / "state.json").get("row")
+        if seed in done or base is None:
+            continue
+
+        def cells(method: str, step, row: dict, floor: str) -> list:
+            return [seed, method, step, pct(1 - row["macs"] / base["macs"], 1),
+                    pct(1 - row["params"] / base["params"], 1), pct(row["val_accuracy"], 2), floor,
+                    pct(row["test_accuracy"], 2), f"{100 * (row['test_accuracy'] - base['test_acc']):+.2f} pt"]
+
+        rows.append([seed, "baseline", "-", "-", "-", pct(base["val_acc"], 2), "-", pct(base["test_acc"], 2), "-"])
+        ca = _state(folder / "class_aware" / "state.json")
+        floor = ca.get("settings", {}).get("config", {}).get("accuracy_floor")
+        for row in ca.get("rows", [])[1:]:
+            rows.append(cells("class-aware", row["iteration"], row,
+                              f"{pct(floor, 2)} ({'met' if row['meets_floor'] else 'missed'})"))
+        if ca.get("stop_reason"):
+            notes.append(f"seed {seed}: class-aware pruning stopped ({ca['stop_reason']}); the result is iteration "
+                         f"{ca['best_iteration']}, the smallest that meets the validation floor.")
+        elif ca.get("rows"):
+            notes.append(f"seed {seed}: class-aware pruning is still running.")
+        for method, label in (("l1", "L1-norm"), ("taylor", "plain Taylor")):
+            state = _state(folder / method / "state.json")
+            if state.get("row"):
+                rows.append(cells(label, f"{state['settings']['epochs']} epochs", state["row"], "-"))
+    if len(rows) == 0:
+        return ""
+    return "\n".join([
+        "### Stage \"prune\" in progress", "",
+        "The stage writes its results (`cnn_cpu_prune.json`, the pipeline accuracies with bootstrap intervals, the "
+        "checkpoints) once every method of every seed has finished. Until then, these are the finished steps its work "
+        "folder (`benchmarks/work/cnn_cpu/`) holds: validation and test accuracy by `evaluate_accuracy`, the test "
+        "accuracy's change in points and the MACs and parameters removed, both against the baseline's.", "",
+        table(["seed", "method", "iteration / retraining", "MACs removed", "params removed", "val acc", "val floor",
+               "test acc", "test change"], rows), "",
+        *[f"- {note}" for note in notes],
+    ]).rstrip()
+
+
 def cnn_cpu_section(files: dict) -> str:
     if not files:
         return ""
@@ -723,6 +775,9 @@ def cnn_cpu_section(files: dict) -> str:
                     out += [exit_cost_comparison(json.loads(latency.read_text()), files[name]), ""]
         else:
             out.append(f"`{name}` is stored but not summarised here.")
+    progress = prune_progress(CNN_CPU_WORK, files.get("cnn_cpu_prune.json"))
+    if progress:
+        out += ["", progress]
     return "\n".join(out)
 
 
