@@ -936,6 +936,30 @@ def cnn_cpu_exit_rows(exits: dict | None, tolerance: float = 0.005) -> list[list
              f"protocol \"cifar-cpu\", {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"]]
 
 
+def cnn_cpu_prune_rows(prune: dict | None) -> list[list[str]]:
+    """The summary row of stage "prune" of protocol "cifar-cpu": class-aware pruning against L1-norm and plain Taylor
+    pruning at its MACs and retraining epochs, means over the seeds whose three methods are all measured."""
+    if not prune or prune.get("reduced"):
+        return []
+    by_seed: dict[int, dict[str, dict]] = {}
+    for row in prune["rows"]:
+        by_seed.setdefault(row["seed"], {})[row["method"]] = row
+    seeds = sorted(seed for seed, rows in by_seed.items()
+                   if {"baseline", "class_aware", "l1", "taylor"} <= set(rows))
+    if not seeds:
+        return []
+
+    def mean(method: str, key: str) -> float:
+        return sum(by_seed[seed][method][key] for seed in seeds) / len(seeds)
+
+    return [["Class-aware pruning (L1 regulariser)", "ResNet-20 (full width), CIFAR-10, CPU",
+             (f"{pct(mean('class_aware', 'macs_reduction'), 1)} fewer MACs, acc {pct(mean('baseline', 'test_acc'), 1)} "
+              f"-> {pct(mean('class_aware', 'test_acc'), 1)}"),
+             (f"at the same MACs and epochs: L1-norm acc {pct(mean('l1', 'test_acc'), 1)}, plain Taylor acc "
+              f"{pct(mean('taylor', 'test_acc'), 1)}"),
+             f"protocol \"cifar-cpu\", {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"]]
+
+
 # Accuracy gap (points) within which the pipeline and the independent reference count as equal at this length.
 REFERENCE_NOISE_POINTS = 1.0
 
@@ -1190,8 +1214,9 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
 
 # ----------------------------------------------------------------------------------------------------- summary
 def summary_table(llm: LLMRows, pruning: dict, exits: dict, heal_rows: list[dict] | None = None,
-                  heal_dense: dict | None = None, cnn_exits: dict | None = None) -> str:
-    """The README's table; full-scale "cifar-cpu" early-exit rows replace the reduced-scale ones once measured."""
+                  heal_dense: dict | None = None, cnn_exits: dict | None = None, cnn_prune: dict | None = None) -> str:
+    """The README's table; full-scale "cifar-cpu" pruning and early-exit rows replace the reduced-scale ones once
+    measured."""
     rows = []
     for r in heal_rows or []:
         if r.get("heal_options", {}).get("trainable", "factors") != "factors" or r["budget_tokens"] != 262144:
@@ -1211,7 +1236,9 @@ def summary_table(llm: LLMRows, pruning: dict, exits: dict, heal_rows: list[dict
             rows.append([f"Basis Sharing, {r:.0%} of the projection parameters removed (defaults)", "SmolLM2-135M-Instruct, CPU",
                          f"WikiText-2 ppl {llm.dense['perplexity']:.2f} -> {row['perplexity']:.2f}",
                          f"SVD-LLM at the same ratio: {base:.2f}" if base else "-", "protocol \"quick\""])
-    l1 = {k: v for k, v in pruning.items() if "_l1_" in k and "double" not in k}
+    full_scale_pruning = cnn_cpu_prune_rows(cnn_prune)
+    rows += full_scale_pruning
+    l1 = {k: v for k, v in pruning.items() if "_l1_" in k and "double" not in k and not full_scale_pruning}
     for name, d in l1.items():
         for net in d["networks"]:
             base = net["rows"][0]
@@ -1307,7 +1334,8 @@ def build() -> tuple[str, str]:
     ]
     text = "\n".join(p for p in parts if p is not None)
     text = re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
-    return text, summary_table(llm, pruning, exits, heal_rows, heal_dense, cnn.get("cnn_cpu_exits.json"))
+    return text, summary_table(llm, pruning, exits, heal_rows, heal_dense, cnn.get("cnn_cpu_exits.json"),
+                               cnn.get("cnn_cpu_prune.json"))
 
 
 def with_block(readme: str, start: str, end: str, text: str) -> str:

@@ -55,3 +55,31 @@ def test_progress_names_the_result_once_the_loop_stopped_and_drops_seeds_with_re
     # Once the stage wrote a seed's rows, its work folder is no longer shown; nothing left means no section.
     assert report.prune_progress(work, {"rows": [{"seed": 7, "method": "baseline"}]}) == ""
     assert report.prune_progress(tmp_path / "absent", None) == ""
+
+
+def _stage_row(seed: int, method: str, macs_reduction: float, test_acc: float) -> dict:
+    return {"seed": seed, "method": method, "macs_reduction": macs_reduction, "test_acc": test_acc}
+
+
+def test_summary_row_of_the_finished_stage_means_complete_seeds_only():
+    rows = [_stage_row(1, "baseline", 0.0, 0.87), _stage_row(1, "class_aware", 0.40, 0.86),
+            _stage_row(1, "l1", 0.39, 0.85), _stage_row(1, "taylor", 0.40, 0.855),
+            _stage_row(2, "baseline", 0.0, 0.88), _stage_row(2, "class_aware", 0.50, 0.87),
+            _stage_row(2, "l1", 0.49, 0.84), _stage_row(2, "taylor", 0.50, 0.86),
+            _stage_row(3, "baseline", 0.0, 0.5), _stage_row(3, "class_aware", 0.9, 0.1)]  # seed 3 lacks L1, Taylor
+    (row,) = report.cnn_cpu_prune_rows({"reduced": False, "rows": rows})
+    assert row[2] == "45.0% fewer MACs, acc 87.5% -> 86.5%"  # (0.40 + 0.50) / 2; (0.87 + 0.88) / 2 -> (0.86 + 0.87) / 2
+    assert row[3] == "at the same MACs and epochs: L1-norm acc 84.5%, plain Taylor acc 85.8%"
+    assert row[4] == 'protocol "cifar-cpu", 2 seeds'
+    # A reduced-scale run, or one with no complete seed, gives no row (the reduced-scale rows stay).
+    assert report.cnn_cpu_prune_rows({"reduced": True, "rows": rows}) == []
+    assert report.cnn_cpu_prune_rows({"rows": rows[-2:]}) == [] and report.cnn_cpu_prune_rows(None) == []
+    # In the README's table, the full-scale row replaces the reduced-scale pruning rows.
+    reduced = {"pruning_cpu_reduced_l1_resnet20.json": {"networks": [{"arch": "resnet20", "width_divisor": 4, "rows": [
+        {"model": "resnet20", "test_accuracy": 0.4, "macs_reduction": 0.0},
+        {"model": "resnet20 class-aware", "test_accuracy": 0.41, "macs_reduction": 0.3},
+        {"model": "resnet20 L1-norm", "test_accuracy": 0.39, "macs_reduction": 0.3}]}]}}
+    readme = report.summary_table(report.LLMRows([]), reduced, {})
+    assert "reduced scale" in readme and "cifar-cpu" not in readme
+    readme = report.summary_table(report.LLMRows([]), reduced, {}, cnn_prune={"rows": rows})
+    assert "reduced scale" not in readme and "| 45.0% fewer MACs, acc 87.5% -> 86.5% |" in readme
