@@ -35,7 +35,8 @@ the repository.
 
     python benchmarks/bench_cnn_cpu.py prune --seed 2023 --seed 2024
 
-Writes `results/cnn_cpu_prune.json` (one row per method and seed, with its accuracy-vs-MACs curve), `.md`,
+Writes, after each seed (merged with the rows stored before), `results/cnn_cpu_prune.json` (one row per method and
+seed, with its accuracy-vs-MACs curve), `.md`,
 `results/cnn_cpu_prune_curve.png`, the final checkpoints `results/cnn_cpu/resnet20-seed<seed>-<method>/`, and the
 `<method>_macs_reduction`, `<method>_params_reduction`, `<method>_test_acc` entries (mean and per seed) of
 `results/cnn_cpu_summary.json`.
@@ -637,10 +638,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train, val, test = _load_splits(args)
     ctx = _Run(args, train, val, test, native_bfloat16(torch.device("cpu")), results,
                Path(args.baseline_dir) if args.baseline_dir else results / "cnn_cpu")
-    rows = []
+    report: dict[str, Any] = {}
     for seed in args.seed:
-        rows += _seed_rows(ctx, seed, methods)
-    return _write_outputs(ctx, rows)
+        # Written as soon as a seed is finished (merged with the rows already stored), so that a stage longer than one
+        # sitting shows what it has.
+        report = _write_outputs(ctx, _seed_rows(ctx, seed, methods))
+    return report
 
 
 def main() -> None:

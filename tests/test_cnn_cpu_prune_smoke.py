@@ -181,3 +181,17 @@ def test_class_aware_loop_prunes_past_a_floor_miss_as_the_paper_does(tmp_path, m
     assert calls == [1, 2] and state.get("stop_reason") == "reached 2 iterations" and state.get("best_iteration") == 2
     calls.clear()
     assert cnn_cpu_prune._class_aware(FakeRun(), 2023, config, base).get("rows") == state.get("rows") and calls == []
+
+
+def test_each_seed_is_written_when_it_finishes(tmp_path, monkeypatch):
+    """The results are written after every seed, so that the first seed's rows are stored while the second runs."""
+    import cnn_cpu_prune
+
+    written = []
+    monkeypatch.setattr(cnn_cpu_prune, "_load_splits", lambda args: (None, None, None))
+    monkeypatch.setattr(cnn_cpu_prune, "_seed_rows", lambda run, seed, methods: [{"seed": seed}])
+    monkeypatch.setattr(cnn_cpu_prune, "_write_outputs", lambda run, rows: written.append(rows) or {"rows": rows})
+    args = _args(tmp_path)
+    args.seed = [2023, 2024]
+    assert cnn_cpu_prune.run(args) == {"rows": [{"seed": 2024}]}
+    assert written == [[{"seed": 2023}], [{"seed": 2024}]]
