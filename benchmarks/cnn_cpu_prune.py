@@ -134,6 +134,12 @@ class _Run:
     def reduced(self) -> bool:
         return any(v is not None for v in (self.args.train_limit, self.args.val_size, self.args.test_limit))
 
+    @property
+    def precision(self) -> str:
+        """What this machine retrains and evaluates in; each step records it, since a stage resumed on another
+        machine may run its later steps in another precision."""
+        return "bfloat16" if self.bf16 else "float32"
+
     def scale(self) -> dict[str, Any]:
         return {"train_images": len(self.train), "val_images": len(self.val), "test_images": len(self.test)}
 
@@ -211,8 +217,14 @@ class _State:
         atomic_write_json(self.folder / "state.json", self.content)
 
 
-def _model_row(model, **entries) -> dict[str, Any]:
-    return {"params": int(model.config.num_parameters), "macs": int(model.config.num_macs), **entries}
+def _model_row(run: _Run, model, **entries) -> dict[str, Any]:
+    return {"params": int(model.config.num_parameters), "macs": int(model.config.num_macs),
+            "precision": run.precision, **entries}
+
+
+def _precisions(*rows: dict[str, Any]) -> str:
+    """The precisions the steps behind a result ran in ("bfloat16", or "bfloat16, float32" when they differ)."""
+    return ", ".join(sorted({row.get("precision", "unrecorded") for row in rows}))
 
 
 # --------------------------------------------------------------------------------------------------- baseline
@@ -224,7 +236,7 @@ def _baseline(run: _Run, seed: int) -> _State:
     if state.get("row") is None:
         model = run.load_baseline(seed)
         val, test = run.evaluate(model)
-        state.update(row=_model_row(model, val_acc=val, test_acc=test))
+        state.update(row=_model_row(run, model, val_acc=val, test_acc=test))
     return state
 
 
@@ -264,7 +276,7 @@ def _class_aware_iteration(run: _Run, config: ClassAwareConfig, model, iteration
                           loss_fn=loss_fn, desc=f"class-aware iteration {iteration}")
     val, test = run.evaluate(pruned)
     run.save(pruned, folder / "model")
-    row = _model_row(pruned, iteration=iteration, filters_removed=selection["filters_removed"], val_accuracy=val,
+    row = _model_row(run, pruned, iteration=iteration, filters_removed=selection["filters_removed"], val_accuracy=val,
                      test_accuracy=test, meets_floor=val >= config.accuracy_floor,
                      val_acc_before_retraining=selection["val_acc_before_retraining"], seconds=seconds)
     print(f"class-aware iteration {iteration}: {selection['filters_removed']} filters removed, MACs "
@@ -352,7 +364,7 @@ def _one_shot(run: _Run, seed: int, method: str, target_macs: int, epochs: int) 
     seconds = run.retrain(pruned, epochs, seed=seed, folder=folder / "train", desc=f"{LABELS[method]} retraining")
     val, test = run.evaluate(pruned)
     run.save(pruned, folder / "model")
-    row = _model_row(pruned, val_accuracy=val, test_accuracy=test,
+    row = _model_row(run, pruned, val_accuracy=val, test_accuracy=test,
                      val_acc_before_retraining=selection["val_acc_before_retraining"], seconds=seconds)
     print(f"{LABELS[method]}: MACs {row['macs'] / 1e6:.2f}M (target {target_macs / 1e6:.2f}M), val {100 * val:.2f}%, "
           f"test {100 * test:.2f}%", flush=True)
@@ -395,9 +407,9 @@ def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]
     base_state = _baseline(run, seed)
     base = base_state.get("row")
     base_ci = _pipeline_accuracy(run, base_state, run.baseline_path(seed))
-    common = {"seed": seed, "precision": "bfloat16" if run.bf16 else "float32", "device": device_note(),
-              "note": run.args.note, "hf_compress_version": __version__}
-    rows = [{"method": "baseline", **common, "params": base["params"], "macs": base["macs"],
+    common = {"seed": seed, "device": device_note(), "note": run.args.note, "hf_compress_version": __version__}
+    rows = [{"method": "baseline", **common, "precision": _precisions(base), "params": base["params"],
+             "macs": base["macs"],
              "test_acc": base_ci["accuracy"], "test_acc_ci": [base_ci["ci_low"], base_ci["ci_high"]],
              "test_acc_se": base_ci["standard_error"], "test_acc_direct": base["test_acc"], "val_acc": base["val_acc"],
              "checkpoint": run.display_path(run.baseline_path(seed))}]
@@ -419,6 +431,7 @@ def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]
         checkpoint = _final_checkpoint(run, seed, "class_aware", source, stamp=record)
         finals["class_aware"] = {
             "state": ca_state, "checkpoint": checkpoint, "row": best, "epochs": epochs,
+            "precision": _precisions(*(ca_rows[1: best["iteration"] + 1] or [base])),
             "extra": {"epochs_spent": (len(ca_rows) - 1) * config.retrain_epochs, "best_iteration": best["iteration"],
                       "stop_reason": ca_state.get("stop_reason"), "accuracy_floor": config.accuracy_floor,
                       "seconds": sum(r.get("seconds", 0.0) for r in ca_rows)},
@@ -434,7 +447,7 @@ def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]
         row = state.get("row")
         checkpoint = _final_checkpoint(run, seed, method, run.seed_dir(seed) / method / "model")
         finals[method] = {
-            "state": state, "checkpoint": checkpoint, "row": row, "epochs": epochs,
+            "state": state, "checkpoint": checkpoint, "row": row, "epochs": epochs, "precision": _precisions(row),
             "extra": {"target_macs": best["macs"], "val_acc_before_retraining": row["val_acc_before_retraining"],
                       "seconds": row["seconds"]},
             "curve": [{"step": "baseline", "params": base["params"], "macs": base["macs"], "val_acc": base["val_acc"],
@@ -446,7 +459,7 @@ def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]
         ci = _pipeline_accuracy(run, final["state"], final["checkpoint"])
         row = final["row"]
         rows.append({
-            "method": method, **common, "params": row["params"], "macs": row["macs"],
+            "method": method, **common, "precision": final["precision"], "params": row["params"], "macs": row["macs"],
             "test_acc": ci["accuracy"], "test_acc_ci": [ci["ci_low"], ci["ci_high"]],
             "test_acc_se": ci["standard_error"],
             "test_acc_direct": row["test_accuracy"], "val_acc": row["val_accuracy"],
@@ -485,15 +498,16 @@ def _markdown(report: dict[str, Any]) -> str:
         f"retrained for the epochs behind the class-aware result; lr {budget['retrain_lr']} cosine to zero per run. "
         f"Test accuracy through `pipeline(\"image-classification\")` + `evaluate`, 95% bootstrap interval.", "",
         "| method | seed | params | MACs | params removed | MACs removed | test acc [95% CI] | vs baseline | "
-        "retrain epochs | MACs / class-aware |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "retrain epochs | MACs / class-aware | retrained in |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["seed"], ["baseline", *METHODS].index(r["method"]))):
         if r["method"] == "baseline":
-            pruned = ["-"] * 5
+            pruned = ["-"] * 6
         else:
             pruned = [_pct(r["params_reduction"], 1), _pct(r["macs_reduction"], 1),
-                      f"{100 * r['test_acc_change']:+.2f}", str(r["retrain_epochs"]), f"{r['macs_vs_class_aware']:.3f}"]
+                      f"{100 * r['test_acc_change']:+.2f}", str(r["retrain_epochs"]), f"{r['macs_vs_class_aware']:.3f}",
+                      r.get("precision", "-")]
         accuracy = f"{_pct(r['test_acc'])} [{_pct(r['test_acc_ci'][0])}, {_pct(r['test_acc_ci'][1])}]"
         cells = [LABELS.get(r["method"], r["method"]), str(r["seed"]), f"{r['params'] / 1e6:.3f}M",
                  f"{r['macs'] / 1e6:.2f}M", *pruned[:2], accuracy, *pruned[2:]]

@@ -69,6 +69,13 @@ def test_prune_stage_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     rows = {r["method"]: r for r in report["rows"]}
     assert sorted(rows) == ["baseline", "class_aware", "l1", "taylor"] and {r["seed"] for r in rows.values()} == {2023}
     base, ca = rows["baseline"], rows["class_aware"]
+    # Every step ran on this machine, in the precision it multiplies natively.
+    from hf_compress.device import native_bfloat16
+
+    assert {r["precision"] for r in rows.values()} == {"bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"}
+    # A result whose steps ran on machines of different precision says so.
+    assert cnn_cpu_prune._precisions({"precision": "float32"}, {"precision": "bfloat16"}, {}) == (
+        "bfloat16, float32, unrecorded")
     counts = count_params_and_macs(baseline)
     assert (base["macs"], base["params"]) == (counts.macs, counts.params)
 
