@@ -15,6 +15,10 @@ Each seed starts from its baseline checkpoint `results/cnn_cpu/resnet20-seed<see
    ranked across layers, Molchanov et al. 2017; `shrink.taylor_prune_to_macs`) of the same baseline to the
    class-aware result's MACs (the closest count at or above), then one retraining of as many epochs as the
    class-aware result received, with plain cross-entropy.
+3. Beyond the floor (`--compare-at`, default the target's 45%): when the result is an earlier iteration, the same two
+   baselines are also pruned to the MACs of the first class-aware iteration that removes at least that share and
+   retrained for the epochs behind it, so that the criteria are compared where pruning costs accuracy (the `points`
+   of the results). This runs after every seed's result.
 
 Retraining, every method: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, lr 0.01 decayed to zero by a
 cosine in every run (each class-aware iteration, each one-shot baseline), the protocol's augmentation, channels_last,
@@ -36,7 +40,7 @@ the repository.
     python benchmarks/bench_cnn_cpu.py prune --seed 2023 --seed 2024
 
 Writes, after each seed (merged with the rows stored before), `results/cnn_cpu_prune.json` (one row per method and
-seed, with its accuracy-vs-MACs curve), `.md`,
+seed, with its accuracy-vs-MACs curve; `points`: the comparison beyond the floor), `.md`,
 `results/cnn_cpu_prune_curve.png`, the final checkpoints `results/cnn_cpu/resnet20-seed<seed>-<method>/`, and the
 `<method>_macs_reduction`, `<method>_params_reduction`, `<method>_test_acc` entries (mean and per seed) of
 `results/cnn_cpu_summary.json`.
@@ -110,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="accuracy floor = baseline validation accuracy minus this")
     group.add_argument("--target-macs-reduction", type=float, default=None,
                        help="also stop class-aware pruning once the MACs are reduced by this fraction")
+    group.add_argument("--compare-at", type=float, default=TARGET["macs_reduction"], metavar="FRACTION",
+                       help="also compare the three methods at the first class-aware iteration removing at least "
+                            "this fraction of the MACs, when it is not the result (default: the target, 0.45; 0: off)")
     group.add_argument("--bootstrap-resamples", type=int, default=9999, help="of the 95%% test accuracy intervals")
 
 
@@ -338,9 +345,10 @@ def _tidy_class_aware(folder: Path, rows: list[dict[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- one-shot
-def _one_shot(run: _Run, seed: int, method: str, target_macs: int, epochs: int) -> _State:
-    """L1-norm or plain Taylor pruning of the baseline to `target_macs`, retrained `epochs` epochs (resumable)."""
-    folder = run.seed_dir(seed) / method
+def _one_shot(run: _Run, seed: int, method: str, target_macs: int, epochs: int, name: str | None = None) -> _State:
+    """L1-norm or plain Taylor pruning of the baseline to `target_macs`, retrained `epochs` epochs (resumable, in the
+    seed's folder `name`, by default the method's)."""
+    folder = run.seed_dir(seed) / (name or method)
     settings = {"target_macs": target_macs, "epochs": epochs, "lr": run.args.retrain_lr, **run.scale()}
     if method == "taylor":
         settings["images_per_class"] = run.args.images_per_class
@@ -471,6 +479,37 @@ def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]
     return rows
 
 
+def _point_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]:
+    """The comparison beyond the floor: at the first class-aware iteration that removes at least `--compare-at` of
+    the MACs, when it is not the result, the L1-norm and plain Taylor baselines pruned to its MACs and retrained for
+    the epochs behind it. Accuracies by `evaluate_accuracy` for all three (the class-aware iteration's network is not
+    kept as a checkpoint); empty when no iteration qualifies or the result itself does."""
+    if run.args.compare_at <= 0:
+        return []
+    base = _baseline(run, seed).get("row")
+    config = _class_aware_config(run, seed, base)
+    ca_state = _class_aware(run, seed, config, base)
+    point = next((r for r in ca_state.get("rows") if 1 - r["macs"] / base["macs"] >= run.args.compare_at), None)
+    if point is None or point["iteration"] == ca_state.get("best_iteration"):
+        return []
+    epochs = point["iteration"] * config.retrain_epochs
+    label = f"iteration {point['iteration']}"
+
+    def row(method: str, r: dict[str, Any]) -> dict[str, Any]:
+        return {"method": method, "seed": seed, "point": label, "params": r["params"], "macs": r["macs"],
+                "params_reduction": 1 - r["params"] / base["params"], "macs_reduction": 1 - r["macs"] / base["macs"],
+                "val_acc": r["val_accuracy"], "test_acc_direct": r["test_accuracy"],
+                "test_acc_change_direct": r["test_accuracy"] - base["test_acc"], "retrain_epochs": epochs,
+                "macs_vs_class_aware": r["macs"] / point["macs"], "precision": _precisions(r)}
+
+    rows = [row("class_aware", point)]
+    for method in ("l1", "taylor"):
+        if method in methods:
+            state = _one_shot(run, seed, method, point["macs"], epochs, name=f"{method}-iter{point['iteration']:03d}")
+            rows.append(row(method, state.get("row")))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------- outputs
 def _summary_entries(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """`<method>_<figure>` (mean over seeds) and `<method>_<figure>_per_seed` for the summary file."""
@@ -558,13 +597,39 @@ def _markdown(report: dict[str, Any]) -> str:
                      "yes" if c["meets_floor"] else "no"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _points_markdown(report.get("points", []), report.get("compare_at"))
     lines.append("![accuracy vs MACs](cnn_cpu_prune_curve.png)")
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _points_markdown(points: list[dict[str, Any]], compare_at: float | None) -> list[str]:
+    """The comparison beyond the floor, per seed and as the mean over the seeds that have all methods."""
+    if not points:
+        return []
+    lines = [f"Beyond the floor: the three methods at the first class-aware iteration removing at least "
+             f"{_pct(compare_at or 0, 0)} of the MACs (the L1-norm and plain Taylor baselines pruned once to its MACs "
+             "and retrained for the epochs behind it; accuracies by `evaluate_accuracy`, no interval):", "",
+             "| seed | point | method | MACs removed | params removed | val acc | test acc | vs baseline | retrain epochs "
+             "| retrained in |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    order = ["class_aware", "l1", "taylor"]
+    for r in sorted(points, key=lambda r: (r["seed"], order.index(r["method"]))):
+        lines.append(f"| {r['seed']} | {r['point']} | {LABELS[r['method']]} | {_pct(r['macs_reduction'], 1)} | "
+                     f"{_pct(r['params_reduction'], 1)} | {_pct(r['val_acc'])} | {_pct(r['test_acc_direct'])} | "
+                     f"{100 * r['test_acc_change_direct']:+.2f} | {r['retrain_epochs']} | {r['precision']} |")
+    complete = sorted(seed for seed in {r["seed"] for r in points}
+                      if {r["method"] for r in points if r["seed"] == seed} == set(order))
+    if complete:
+        acc = {m: mean([r["test_acc_direct"] for r in points if r["method"] == m and r["seed"] in complete])
+               for m in order}
+        lines += ["", f"Mean over seeds {', '.join(map(str, complete))}: class-aware {_pct(acc['class_aware'])}, "
+                  f"L1-norm {_pct(acc['l1'])} ({100 * (acc['class_aware'] - acc['l1']):+.2f} points for class-aware), "
+                  f"plain Taylor {_pct(acc['taylor'])} ({100 * (acc['class_aware'] - acc['taylor']):+.2f})."]
+    return lines + [""]
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, points: list[dict[str, Any]] = ()) -> None:
     """Test accuracy vs MACs: one line per method and seed (class-aware: every iteration; the one-shot baselines:
-    from the baseline to their retrained result)."""
+    from the baseline to their retrained result), and the one-shot baselines at the point beyond the floor (crosses)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -589,6 +654,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         if r["method"] == "class_aware":  # the iteration kept as the result (the others are only on the curve)
             kept = next(c for c in curve if c["iteration"] == r["best_iteration"])
             ax.plot([kept["macs"] / 1e6], [100 * kept["test_acc"]], "*", markersize=14, color=colors[r["method"]])
+    for r in points:
+        if r["method"] != "class_aware":  # the class-aware point is on its curve already
+            ax.plot([r["macs"] / 1e6], [100 * r["test_acc_direct"]], "x", markersize=9, color=colors[r["method"]])
     ax.set_xlabel("MACs (millions, batch 1)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("ResNet-20, CIFAR-10: accuracy vs MACs over the pruning iterations")
@@ -600,12 +668,18 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _write_outputs(run: _Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _merged(previous: list[dict[str, Any]], new: list[dict[str, Any]], *fields: str) -> list[dict[str, Any]]:
+    """`previous` without the rows `new` replaces (same values of `fields`), then `new`."""
+    keys = {tuple(r[f] for f in fields) for r in new}
+    return [r for r in previous if tuple(r[f] for f in fields) not in keys] + new
+
+
+def _write_outputs(run: _Run, rows: list[dict[str, Any]], points: list[dict[str, Any]] = ()) -> dict[str, Any]:
     a = run.args
     path = run.results / f"{STEM}.json"
-    previous = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
-    keys = {(r["method"], r["seed"]) for r in rows}
-    rows = [r for r in previous if (r["method"], r["seed"]) not in keys] + rows
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    rows = _merged(stored.get("rows", []), rows, "method", "seed")
+    points = _merged(stored.get("points", []), list(points), "method", "seed", "point")
     report = {
         "protocol": run.protocol, "stage": "prune", "reduced": run.reduced, "scale": run.scale(),
         "budget": {
@@ -620,12 +694,12 @@ def _write_outputs(run: _Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
                         "images_per_class": a.images_per_class, "used_threshold": a.used_threshold,
                         "class_threshold": a.class_threshold, "regularizer": a.regularizer, "floor_drop": a.floor_drop,
                         "target_macs_reduction": a.target_macs_reduction},
-        "target": TARGET, "rows": rows,
+        "compare_at": a.compare_at, "target": TARGET, "rows": rows, "points": points,
     }
     run.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, report)
     atomic_write_text(run.results / f"{STEM}.md", _markdown(report))
-    _plot(rows, run.results / f"{STEM}_curve.png")
+    _plot(rows, run.results / f"{STEM}_curve.png", points)
     entries = _summary_entries(rows)
     if run.results.resolve() == RESULTS.resolve():
         from bench_cnn_cpu import update_summary
@@ -657,6 +731,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Written as soon as a seed is finished (merged with the rows already stored), so that a stage longer than one
         # sitting shows what it has.
         report = _write_outputs(ctx, _seed_rows(ctx, seed, methods))
+    # The comparison beyond the floor comes after every seed's result: it is the less important part.
+    for seed in args.seed:
+        report = _write_outputs(ctx, [], _point_rows(ctx, seed, methods))
     return report
 
 

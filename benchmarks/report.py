@@ -705,9 +705,12 @@ def prune_progress(work: Path, finished: dict | None) -> str:
         elif ca.get("rows"):
             notes.append(f"seed {seed}: class-aware pruning is still running.")
         for method, label in (("l1", "L1-norm"), ("taylor", "plain Taylor")):
-            state = _state(folder / method / "state.json")
-            if state.get("row"):
-                rows.append(cells(label, f"{state['settings']['epochs']} epochs", state["row"], "-"))
+            # At the class-aware result's MACs, then at those of later iterations (the comparison beyond the floor).
+            for step in [folder / method, *sorted(folder.glob(f"{method}-iter*"))]:
+                state = _state(step / "state.json")
+                if state.get("row"):
+                    where = "" if step.name == method else f" at iteration {int(step.name.split('-iter')[1])}"
+                    rows.append(cells(label + where, f"{state['settings']['epochs']} epochs", state["row"], "-"))
     if len(rows) == 0:
         return ""
     return "\n".join([

@@ -191,14 +191,56 @@ def test_class_aware_loop_prunes_past_a_floor_miss_as_the_paper_does(tmp_path, m
 
 
 def test_each_seed_is_written_when_it_finishes(tmp_path, monkeypatch):
-    """The results are written after every seed, so that the first seed's rows are stored while the second runs."""
+    """The results are written after every seed, so that the first seed's rows are stored while the second runs;
+    the comparisons beyond the floor come after all of them."""
     import cnn_cpu_prune
 
     written = []
     monkeypatch.setattr(cnn_cpu_prune, "_load_splits", lambda args: (None, None, None))
     monkeypatch.setattr(cnn_cpu_prune, "_seed_rows", lambda run, seed, methods: [{"seed": seed}])
-    monkeypatch.setattr(cnn_cpu_prune, "_write_outputs", lambda run, rows: written.append(rows) or {"rows": rows})
+    monkeypatch.setattr(cnn_cpu_prune, "_point_rows", lambda run, seed, methods: [{"seed": seed, "point": "p"}])
+    monkeypatch.setattr(cnn_cpu_prune, "_write_outputs",
+                        lambda run, rows, points=(): written.append((rows, points)) or {"rows": rows})
     args = _args(tmp_path)
     args.seed = [2023, 2024]
-    assert cnn_cpu_prune.run(args) == {"rows": [{"seed": 2024}]}
-    assert written == [[{"seed": 2023}], [{"seed": 2024}]]
+    cnn_cpu_prune.run(args)
+    # Every seed's result first, then the comparisons beyond the floor.
+    assert written == [([{"seed": 2023}], ()), ([{"seed": 2024}], ()),
+                       ([], [{"seed": 2023, "point": "p"}]), ([], [{"seed": 2024, "point": "p"}])]
+
+
+def test_methods_are_also_compared_beyond_the_floor(tmp_path, monkeypatch):
+    """With the result at iteration 2 (floor 0), the first iteration removing at least 1% of the MACs is iteration 1:
+    the one-shot baselines are pruned to its MACs, retrained for its epochs, and reported beside it as `points`."""
+    import cnn_cpu_prune
+    from hf_compress.vision.training import evaluate_accuracy
+
+    _baseline(tmp_path)
+    args = _args(tmp_path, "--iterations", "2", "--compare-at", "0.01")
+    report = cnn_cpu_prune.run(args)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["class_aware"]["best_iteration"] == 2 and rows["l1"]["retrain_epochs"] == 2
+    points = {r["method"]: r for r in report["points"]}
+    assert sorted(points) == ["class_aware", "l1", "taylor"] and {r["point"] for r in points.values()} == {"iteration 1"}
+    first = next(c for c in rows["class_aware"]["curve"] if c["iteration"] == 1)
+    ca = points["class_aware"]
+    assert (ca["macs"], ca["test_acc_direct"], ca["val_acc"]) == (first["macs"], first["test_acc"], first["val_acc"])
+    base = rows["baseline"]
+    _, _, test = cnn_cpu_prune._load_splits(args)
+    work = tmp_path / "work" / "prune-resnet20-seed2023"
+    for method in ("l1", "taylor"):
+        point = points[method]
+        assert point["retrain_epochs"] == 1 and first["macs"] <= point["macs"] <= 1.25 * first["macs"]
+        assert point["test_acc_change_direct"] == pytest.approx(point["test_acc_direct"] - base["test_acc_direct"])
+        # The accuracy is the saved network's, recomputed here.
+        model = PrunedCNNForImageClassification.from_pretrained(work / f"{method}-iter001" / "model").eval()
+        assert model.config.num_macs == point["macs"]
+        assert evaluate_accuracy(model, test, bf16=point["precision"] == "bfloat16") == pytest.approx(
+            point["test_acc_direct"])
+    markdown = (tmp_path / "results" / "cnn_cpu_prune.md").read_text()
+    assert "Beyond the floor" in markdown and "Mean over seeds 2023: class-aware" in markdown
+    assert json.loads((tmp_path / "results" / "cnn_cpu_prune.json").read_text())["points"] == report["points"]
+
+    # A rerun reads everything back.
+    monkeypatch.setattr(cnn_cpu_prune, "train_classifier", lambda *a, **k: pytest.fail("trained again"))
+    assert cnn_cpu_prune.run(_args(tmp_path, "--iterations", "2", "--compare-at", "0.01"))["points"] == report["points"]

@@ -30,6 +30,8 @@ def _work(tmp_path):
     _write(seed / "class_aware" / "state.json", {"settings": {"config": {"accuracy_floor": 0.79}}, "rows": rows})
     _write(seed / "l1" / "state.json", {"settings": {"epochs": 8}, "row": {
         "params": 850, "macs": 3010, "val_accuracy": 0.77, "test_accuracy": 0.7888}})
+    _write(seed / "l1-iter002" / "state.json", {"settings": {"epochs": 16}, "row": {
+        "params": 700, "macs": 2000, "val_accuracy": 0.75, "test_accuracy": 0.76}})
     return tmp_path
 
 
@@ -41,6 +43,7 @@ def test_progress_lists_each_finished_step_against_the_baseline(tmp_path):
         "| 7 | class-aware | 1 | 25.0% | 10.0% | 79.50% | 79.00% (met) | 81.23% | +0.23 pt |",
         "| 7 | class-aware | 2 | 50.0% | 30.0% | 78.00% | 79.00% (missed) | 79.00% | -2.00 pt |",
         "| 7 | L1-norm | 8 epochs | 24.8% | 15.0% | 77.00% | - | 78.88% | -2.12 pt |",
+        "| 7 | L1-norm at iteration 2 | 16 epochs | 50.0% | 30.0% | 75.00% | - | 76.00% | -5.00 pt |",
     ]
     assert "- seed 7: class-aware pruning is still running." in text
 
