@@ -559,7 +559,9 @@ def _markdown(report: dict[str, Any]) -> str:
         if not mine:
             continue
         acc = mean([r["test_acc"] for r in mine])
-        means[method] = {"acc": acc, "seeds": sorted(r["seed"] for r in mine)}
+        # The standard error of the mean over seeds, from each checkpoint's bootstrap standard error.
+        se = sum(r["test_acc_se"] ** 2 for r in mine) ** 0.5 / len(mine)
+        means[method] = {"acc": acc, "se": se, "seeds": sorted(r["seed"] for r in mine)}
         if method == "baseline":
             lines.append(f"| baseline | {', '.join(map(str, means[method]['seeds']))} | - | - | {_pct(acc)} | - |")
             continue
@@ -580,7 +582,7 @@ def _markdown(report: dict[str, Any]) -> str:
             if method in means and means[method]["seeds"] == ca["seeds"]:
                 ahead = ca["acc"] - means[method]["acc"]
                 lines.append(f"Class-aware vs {LABELS[method]} at equal MACs: {100 * ahead:+.2f} points "
-                             f"({'ahead' if ahead > 0 else 'not ahead'}).")
+                             f"({_verdict(ahead, ca['se'], means[method]['se'])}).")
         lines.append("")
     for r in rows:
         if r["method"] != "class_aware":
@@ -600,6 +602,15 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += _points_markdown(report.get("points", []), report.get("compare_at"))
     lines.append("![accuracy vs MACs](cnn_cpu_prune_curve.png)")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(difference: float, se_a: float, se_b: float) -> str:
+    """Whether an accuracy difference is larger than the noise: against the 95% half-width of the difference of two
+    independent estimates (conservative here: both are measured on the same test images, whose errors correlate)."""
+    half_width = 1.96 * (se_a ** 2 + se_b ** 2) ** 0.5
+    if abs(difference) <= half_width:
+        return f"within the noise, +-{100 * half_width:.2f} points"
+    return f"{'ahead' if difference > 0 else 'behind'}, beyond the noise of +-{100 * half_width:.2f} points"
 
 
 def _points_markdown(points: list[dict[str, Any]], compare_at: float | None) -> list[str]:

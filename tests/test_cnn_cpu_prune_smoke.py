@@ -244,3 +244,12 @@ def test_methods_are_also_compared_beyond_the_floor(tmp_path, monkeypatch):
     # A rerun reads everything back.
     monkeypatch.setattr(cnn_cpu_prune, "train_classifier", lambda *a, **k: pytest.fail("trained again"))
     assert cnn_cpu_prune.run(_args(tmp_path, "--iterations", "2", "--compare-at", "0.01"))["points"] == report["points"]
+
+
+def test_a_difference_is_called_only_beyond_the_noise():
+    import cnn_cpu_prune
+
+    # Two accuracies with standard errors of 0.33 points: the difference's 95% half-width is 1.96 * sqrt(2) * 0.33.
+    assert cnn_cpu_prune._verdict(0.0001, 0.0033, 0.0033) == "within the noise, +-0.91 points"
+    assert cnn_cpu_prune._verdict(0.012, 0.0033, 0.0033) == "ahead, beyond the noise of +-0.91 points"
+    assert cnn_cpu_prune._verdict(-0.012, 0.0033, 0.0033) == "behind, beyond the noise of +-0.91 points"
