@@ -678,8 +678,8 @@ def _state(path: Path) -> dict:
 
 def prune_progress(work: Path, finished: dict | None) -> str:
     """The finished steps of stage "prune" as its work folder holds them, for the seeds whose results the stage has
-    not written yet (it writes `cnn_cpu_prune.json` once every method of every seed has finished): each class-aware
-    iteration, then the L1-norm and plain Taylor baselines pruned to the chosen iteration's MACs."""
+    not written yet (it writes a seed's rows to `cnn_cpu_prune.json` once its three methods have finished): each
+    class-aware iteration, then the L1-norm and plain Taylor baselines pruned to the chosen iteration's MACs."""
     done = {row["seed"] for row in (finished or {}).get("rows", [])}
     rows, notes = [], []
     for folder in sorted(work.glob("prune-resnet20-seed*")):
@@ -715,8 +715,8 @@ def prune_progress(work: Path, finished: dict | None) -> str:
         return ""
     return "\n".join([
         "### Stage \"prune\" in progress", "",
-        "The stage writes its results (`cnn_cpu_prune.json`, the pipeline accuracies with bootstrap intervals, the "
-        "checkpoints) once every method of every seed has finished. Until then, these are the finished steps its work "
+        "The stage writes a seed's results (`cnn_cpu_prune.json`, the pipeline accuracies with bootstrap intervals, "
+        "the checkpoints) once its three methods have finished. Until then, these are the finished steps its work "
         "folder (`benchmarks/work/cnn_cpu/`) holds: validation and test accuracy by `evaluate_accuracy`, the test "
         "accuracy's change in points and the MACs and parameters removed, both against the baseline's.", "",
         table(["seed", "method", "iteration / retraining", "MACs removed", "params removed", "val acc", "val floor",
