@@ -11,9 +11,10 @@
 Stage "run", one row per healing run: the student (converted once per ratio and conversion setting, kept under
 --work-dir), its WikiText-2 quick perplexity (first 20 windows of 2048) and C4-validation perplexity (documents
 joined with "\\n\\n", first 20 windows of 2048) before and after healing, the healing's wall time, peak RSS, tokens/s
-and trainable parameters. Healing saves a resumable state every 25 steps, and a finished row is appended to
-`results/quick_heal.jsonl` at once, so the script may be stopped at any time and started again: it continues with the
-first row not yet measured. Healing never sees an evaluation text: its data is the C4 *calibration* documents (a
+and trainable parameters, and the wall time of the conversion and healing calls as a user waits for them (loading,
+the teacher's chat text and saving included). Healing saves a resumable state every 25 steps, and a finished row is
+appended to `results/quick_heal.jsonl` at once, so the script may be stopped at any time and started again: it
+continues with the first row not yet measured. Healing never sees an evaluation text: its data is the C4 *calibration* documents (a
 train shard).
 
 Stage "chat": the dense source and every finished checkpoint of the work dir (`student-r*`, `healed-<row>`; smallest
@@ -26,7 +27,8 @@ model goes to `results/quick_heal_chat.jsonl` as soon as it is measured, the ans
 models already measured and never generates kept answers again.
 
 Stage "zeroshot": lm-eval 0-shot on the six local sets (`hfc_zeroshot`, `--zeroshot-limit` items per set, batch 8,
-float32) for `--models` (default: dense, student-r0.2, healed-r0.2-262k), one row per model (per-set acc / acc_norm,
+float32) for `--models` (default: dense, student-r0.2 and every 20% model healed with 262,144 tokens and the KL on
+the factors, plain or with chat text), one row per model (per-set acc / acc_norm,
 their plain means) to `results/quick_heal_zeroshot.jsonl`; a model already there with the same limit is skipped.
 
 `--threads 1` for chat and zeroshot while other jobs hold the cores: on a loaded 2-core machine two threads that
@@ -68,7 +70,7 @@ SOURCE, DENSE = "smollm2", "dense"
 # stage of 5 models x 72 prompts to about half an hour on 2 CPU cores.
 CHAT_MAX_NEW_TOKENS, CHAT_BATCH_SIZE = 48, 8
 ZEROSHOT_LIMIT, ZEROSHOT_BATCH_SIZE = 200, 8
-ZEROSHOT_MODELS = (DENSE, "student-r0.2", "healed-r0.2-262k")
+ZEROSHOT_RATIO, ZEROSHOT_BUDGET = 0.2, 262144
 
 
 @dataclass(frozen=True)
@@ -172,11 +174,14 @@ def student(row: Row, work: Path, evaluator_of) -> tuple[Path, dict]:
 
     folder = work / row.student
     if not (folder / "config.json").exists():
+        started = time.perf_counter()
         result = convert("smollm2", folder, BasisSharingConfig(ratio=row.ratio, sequential=row.sequential),
                          calibration=CalibrationConfig(dataset="c4-calibration"), overwrite=True)
         atomic_write_json(work / f"{row.student}.convert.json",
                           {"wall_time_s": result.wall_time_s, "peak_rss_mb": result.peak_memory_mb,
-                           "achieved_ratio": result.achieved_ratio, "timings": result.timings})
+                           "achieved_ratio": result.achieved_ratio, "timings": result.timings,
+                           # the whole call, loading the source and saving included
+                           "call_wall_time_s": time.perf_counter() - started})
 
     def compute() -> dict:
         model, tokenizer = load_causal_lm(str(folder))
@@ -198,9 +203,13 @@ def heal_row(row: Row, work: Path, evaluator_of) -> dict:
     config = HealConfig(tokens=row.tokens, **{"chat_fraction": 0.0, **row.heal})
     if not figures_file.exists():
         # `heal` resumes from its state beside `healed` when an earlier run of this row was interrupted.
+        started = time.perf_counter()
         with PeakMemory() as peak:
             result = heal(folder, healed, teacher="smollm2", config=config, overwrite=True)
         atomic_write_json(figures_file, {
+            # `wall_time_s` counts the training steps only; the call also loads both models, has the teacher write
+            # its chat text (rows with `chat_fraction`) and saves: what a user waits for
+            "call_wall_time_s": time.perf_counter() - started if result.resumed_from == 0 else None,
             "wall_time_s": result.wall_time_s, "tokens_per_s_last_session": result.tokens_per_s,
             "resumed_from": result.resumed_from, "peak_rss_mb": peak.peak_mb, "trainable_params": result.trainable_params,
             "steps": result.steps, "tokens": result.tokens, "initial_loss": result.initial_loss,
@@ -214,6 +223,7 @@ def heal_row(row: Row, work: Path, evaluator_of) -> dict:
         "wikitext2_before": before["wikitext2"], "wikitext2_after": after["wikitext2"],
         "c4_before": before["c4"], "c4_after": after["c4"],
         "conversion_wall_time_s": before["conversion"]["wall_time_s"],
+        "conversion_call_wall_time_s": before["conversion"].get("call_wall_time_s"),
         "conversion_peak_rss_mb": before["conversion"]["peak_rss_mb"],
         **{f"heal_{key}": value for key, value in heal_figures.items() if key != "losses"},
         "heal_tokens_per_s": heal_figures["tokens"] / heal_figures["wall_time_s"],
@@ -415,18 +425,30 @@ def zeroshot_row(m: BenchModel, results: dict, limit: int) -> dict:
             "hf_compress_version": __version__, "threads": torch.get_num_threads()}
 
 
-def zeroshot_stage(work: Path, *, source: str = SOURCE, names=ZEROSHOT_MODELS, limit: int = ZEROSHOT_LIMIT,
+def zeroshot_models(models: list[BenchModel]) -> list[BenchModel]:
+    """The zero-shot stage's default models: the dense one, the unhealed student at `ZEROSHOT_RATIO` and every
+    model healed from it with the full budget and the default objective, whatever its data mix (plain text, or with
+    the teacher's chat text: the library's default for a chat model)."""
+    return [m for m in models if m.kind == "dense" or (
+        math.isclose(m.ratio, ZEROSHOT_RATIO) and m.sequential
+        and (m.kind == "unhealed"
+             or (m.budget_tokens == ZEROSHOT_BUDGET and set(m.heal_options) <= {"chat_fraction"})))]
+
+
+def zeroshot_stage(work: Path, *, source: str = SOURCE, names=None, limit: int = ZEROSHOT_LIMIT,
                    batch_size: int = ZEROSHOT_BATCH_SIZE, device: str = "cpu", rows_file: Path | None = None,
                    note: str = "", log=print) -> list[dict]:
-    """lm-eval 0-shot on the six local sets (`hfc_zeroshot`, `limit` items each) for the named models, one row per
-    model appended to `rows_file`; a model with a row of the same limit is skipped. Returns the rows appended."""
+    """lm-eval 0-shot on the six local sets (`hfc_zeroshot`, `limit` items each) for the named models (default:
+    `zeroshot_models`), one row per model appended to `rows_file`; a model with a row of the same limit is
+    skipped. Returns the rows appended."""
     from hf_compress.evaluation.lm_eval import run_lm_eval
     from hf_compress.evaluation.tasks import ZEROSHOT_GROUP
     from hf_compress.sources import resolve_source
 
     rows_file = rows_file or ZEROSHOT_ROWS_FILE
     appended = []
-    for m in pick_models(bench_models(work, source), names, work):
+    models = bench_models(work, source)
+    for m in pick_models(models, names, work) if names else zeroshot_models(models):
         if any(r["model"] == m.name and r["limit"] == limit for r in read_jsonl(rows_file)):
             log(f"zeroshot {m.name}: already measured (limit {limit})")
             continue
@@ -449,7 +471,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="written under the table (e.g. other jobs on the machine)")
     parser.add_argument("--models", nargs="+", default=None,
                         help=f"chat/zeroshot: these models only ({DENSE}, or checkpoint folder names of the work dir; "
-                             f"default: all for chat, {' '.join(ZEROSHOT_MODELS)} for zeroshot)")
+                             "default: all for chat; for zeroshot the dense model, the 20% student and the 20% "
+                             "models healed with 262,144 tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=CHAT_MAX_NEW_TOKENS, help="chat: tokens per answer")
     parser.add_argument("--chat-batch-size", type=int, default=CHAT_BATCH_SIZE, help="chat: prompts per batch")
     parser.add_argument("--zeroshot-limit", type=int, default=ZEROSHOT_LIMIT, help="zeroshot: items per set")
@@ -469,7 +492,7 @@ def main() -> None:
                    note=args.note, log=lambda line: print(line, flush=True))
         return
     if args.stage == "zeroshot":
-        zeroshot_stage(work, names=args.models or ZEROSHOT_MODELS, limit=args.zeroshot_limit,
+        zeroshot_stage(work, names=args.models, limit=args.zeroshot_limit,
                        batch_size=args.zeroshot_batch_size, note=args.note, log=lambda line: print(line, flush=True))
         return
     every = {row.name: row for rows in ROWS.values() for row in rows}

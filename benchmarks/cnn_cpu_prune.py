@@ -410,6 +410,13 @@ def _pipeline_accuracy(run: _Run, state: _State, checkpoint: Path) -> dict[str, 
     return result
 
 
+def _reductions(row: dict[str, Any], base: dict[str, Any], compared_macs: int) -> dict[str, float]:
+    """What a pruned network removed from its baseline, and its MACs against the class-aware network it is
+    compared with (the one-shot baselines land at or just above them)."""
+    return {"params_reduction": 1 - row["params"] / base["params"], "macs_reduction": 1 - row["macs"] / base["macs"],
+            "macs_vs_class_aware": row["macs"] / compared_macs}
+
+
 def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]:
     """Runs what is missing for `seed` and returns its rows (the baseline first)."""
     base_state = _baseline(run, seed)
@@ -471,9 +478,9 @@ def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]
             "test_acc": ci["accuracy"], "test_acc_ci": [ci["ci_low"], ci["ci_high"]],
             "test_acc_se": ci["standard_error"],
             "test_acc_direct": row["test_accuracy"], "val_acc": row["val_accuracy"],
-            "params_reduction": 1 - row["params"] / base["params"], "macs_reduction": 1 - row["macs"] / base["macs"],
+            **_reductions(row, base, best["macs"]),
             "test_acc_change": ci["accuracy"] - base_ci["accuracy"], "retrain_epochs": final["epochs"],
-            "macs_vs_class_aware": row["macs"] / best["macs"], **final["extra"], "curve": final["curve"],
+            **final["extra"], "curve": final["curve"],
             "checkpoint": run.display_path(final["checkpoint"]),
         })
     return rows
@@ -497,10 +504,9 @@ def _point_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]
 
     def row(method: str, r: dict[str, Any]) -> dict[str, Any]:
         return {"method": method, "seed": seed, "point": label, "params": r["params"], "macs": r["macs"],
-                "params_reduction": 1 - r["params"] / base["params"], "macs_reduction": 1 - r["macs"] / base["macs"],
-                "val_acc": r["val_accuracy"], "test_acc_direct": r["test_accuracy"],
+                **_reductions(r, base, point["macs"]), "val_acc": r["val_accuracy"], "test_acc_direct": r["test_accuracy"],
                 "test_acc_change_direct": r["test_accuracy"] - base["test_acc"], "retrain_epochs": epochs,
-                "macs_vs_class_aware": r["macs"] / point["macs"], "precision": _precisions(r)}
+                "precision": _precisions(r)}
 
     rows = [row("class_aware", point)]
     for method in ("l1", "taylor"):

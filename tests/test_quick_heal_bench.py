@@ -300,3 +300,57 @@ def test_exchange_cells_and_missing_models():
     rows = [{"model": "dense", "kind": "dense", "ratio": 0.0}]
     assert report.chat_exchange({"models": {"dense": {}}}, rows) == ""  # no 20% rows yet: nothing to show
     assert math.isclose(report.std_error(0.5, 200) / math.sqrt(6), 0.0144, abs_tol=1e-4)
+
+
+def test_zeroshot_default_models_take_every_data_mix():
+    """The stage's default: dense, the 20% student and each 20% model healed with the full budget and the KL on the
+    factors, plain or with chat text; not other ratios, budgets, objectives or conversion settings."""
+    M = bench.BenchModel
+    models = [M("dense", "smollm2", 0.0, "dense"), M("student-r0.2", "s", 0.2, "unhealed"),
+              M("student-r0.2-nosequential", "s", 0.2, "unhealed", sequential=False),
+              M("student-r0.3", "s", 0.3, "unhealed"),
+              M("healed-r0.2-131k", "h", 0.2, "healed", budget_tokens=131072),
+              M("healed-r0.2-262k", "h", 0.2, "healed", budget_tokens=262144),
+              M("healed-r0.2-262k-chat25", "h", 0.2, "healed", budget_tokens=262144,
+                heal_options={"chat_fraction": 0.25}),
+              M("healed-r0.2-262k-lora", "h", 0.2, "healed", budget_tokens=262144, heal_options={"trainable": "lora"}),
+              M("healed-r0.3-262k", "h", 0.3, "healed", budget_tokens=262144)]
+    assert [m.name for m in bench.zeroshot_models(models)] == [
+        "dense", "student-r0.2", "healed-r0.2-262k", "healed-r0.2-262k-chat25"]
+
+
+def test_targets_name_each_data_mix_and_the_pipeline_time():
+    """Each healed model at the full budget gets its own verdicts, labelled by its data; the time of conversion and
+    healing is judged on the row healed with a chat model's default data only, from the two calls' wall times."""
+    main = {"ratio": 0.2, "budget_tokens": 262144, "sequential": True, "c4_after": 50.0,
+            "conversion_call_wall_time_s": 600.0}
+    plain = {**main, "wikitext2_after": 44.0, "heal_call_wall_time_s": 1500.0,
+             "heal_options": {"trainable": "factors", "loss": "kl", "chat_fraction": 0.0}}
+    chat = {**main, "wikitext2_after": 47.5, "heal_call_wall_time_s": 1860.0,
+            "heal_options": {"trainable": "factors", "loss": "kl", "chat_fraction": 0.25}}
+    lora = {**chat, "heal_options": {"trainable": "lora", "loss": "kl", "chat_fraction": 0.25}}
+    bench_rows = {"ratio": 0.2, "sequential": True, "budget_tokens": 262144, "prompts": 72, "limit": 200}
+    chat_rows = [{**bench_rows, "model": "healed-r0.2-262k", "kind": "healed", "heal_options": {}, "non_empty": 0.25},
+                 {**bench_rows, "model": "healed-r0.2-262k-chat25", "kind": "healed", "non_empty": 0.95,
+                  "heal_options": {"chat_fraction": 0.25}}]
+    zeroshot = [{**bench_rows, "model": "student-r0.2", "kind": "unhealed", "budget_tokens": None, "mean_acc": 0.40},
+                {**chat_rows[0], "mean_acc": 0.41}, {**chat_rows[1], "mean_acc": 0.39},
+                {**chat_rows[1], "mean_acc": 0.45, "limit": 20}]  # fewer items: not the row judged
+    checks = report.heal_targets([plain, chat, lora], {"c4": 30.0}, chat_rows, zeroshot)
+    assert checks == [
+        "20%: WikiText-2 44.00 against at most 45 (met)",
+        "20%: C4 validation 50.00 against at most twice the dense model's (60.00; met)",
+        "20% (25% chat text): WikiText-2 47.50 against at most 45 (missed)",
+        "20% (25% chat text): C4 validation 50.00 against at most twice the dense model's (60.00; met)",
+        "20%, conversion + healing with 262,144 tokens and a chat model's default data (25% chat text): 41.0 min "
+        "(conversion 10.0 + healing 31.0, loading, chat text and saving included, as two calls) against under 40 "
+        "(missed)",
+        "20% healed: 25.0% of the 72 chat prompts answered against at least 90% (missed)",
+        "20% healed (25% chat text): 95.0% of the 72 chat prompts answered against at least 90% (met)",
+        "20%: mean zero-shot acc 0.410 healed against 0.400 unhealed, to be above it (200 items per set; met)",
+        "20% (25% chat text): mean zero-shot acc 0.390 healed against 0.400 unhealed, to be above it (200 items per "
+        "set; missed)",
+    ]
+    faster = {**chat, "heal_call_wall_time_s": 1700.0}  # 38.3 min
+    assert "38.3 min" in report.heal_targets([faster], None, [], [])[1]
+    assert "(met)" in report.heal_targets([faster], None, [], [])[1]
