@@ -1249,9 +1249,13 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
     exchange = chat_exchange(answers, chat_rows)
     if exchange:
         out += ["", "One chat exchange (dense, unhealed and healed at 20%):", "", exchange]
-    notes = sorted({r.get("note") for r in rows + chat_rows + zeroshot_rows if r.get("note")})
-    if notes:
-        out += ["", "Conditions: " + " ".join(notes)]
+    measured: dict[str, list[str]] = {}  # note -> what was measured under it
+    for what, group in (("healing", rows), ("chat", chat_rows), ("zero-shot", zeroshot_rows)):
+        for r in group:
+            if r.get("note"):
+                measured.setdefault(r["note"].strip().rstrip("."), []).append(f"{what} {r.get('row') or r['model']}")
+    if measured:
+        out += ["", "Conditions: " + "; ".join(f"{', '.join(names)}: {note}" for note, names in measured.items()) + "."]
     return "\n".join(out)
 
 
@@ -1261,7 +1265,7 @@ def summary_table(llm: LLMRows, pruning: dict, exits: dict, heal_rows: list[dict
     """The README's table; full-scale "cifar-cpu" pruning and early-exit rows replace the reduced-scale ones once
     measured."""
     rows = []
-    for r in heal_rows or []:
+    for r in sorted(heal_rows or [], key=lambda r: (r["ratio"], chat_share(r))):
         if r.get("heal_options", {}).get("trainable", "factors") != "factors" or r["budget_tokens"] != 262144:
             continue
         if r.get("heal_options", {}).get("loss", "kl") != "kl" or not r.get("sequential", True):

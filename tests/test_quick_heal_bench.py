@@ -354,3 +354,41 @@ def test_targets_name_each_data_mix_and_the_pipeline_time():
     faster = {**chat, "heal_call_wall_time_s": 1700.0}  # 38.3 min
     assert "38.3 min" in report.heal_targets([faster], None, [], [])[1]
     assert "(met)" in report.heal_targets([faster], None, [], [])[1]
+
+
+@pytest.mark.parametrize("resumed_from", [0, 40])
+def test_heal_row_times_the_calls_a_user_waits_for(tmp_path, monkeypatch, resumed_from):
+    """A row keeps the training seconds `heal` reports and, apart, the wall time of the conversion and healing calls
+    (loading, chat text and saving included); a resumed healing has no whole-call time."""
+    import time
+    from types import SimpleNamespace
+
+    import hf_compress.basis_sharing as basis_sharing
+    import hf_compress.healing as healing
+    import hf_compress.sources as sources
+
+    def fake_convert(source, folder, config, calibration, overwrite):
+        time.sleep(0.2)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        return SimpleNamespace(wall_time_s=0.01, peak_memory_mb=5.0, achieved_ratio=0.2, timings={})
+
+    def fake_heal(student, output, teacher, config, overwrite):
+        time.sleep(0.3)
+        return SimpleNamespace(wall_time_s=0.02, tokens_per_s=1.0, resumed_from=resumed_from, trainable_params=7,
+                               steps=2, tokens=config.tokens, initial_loss=2.0, final_loss=1.0, losses=[2.0, 1.0])
+
+    monkeypatch.setattr(basis_sharing, "convert", fake_convert)
+    monkeypatch.setattr(healing, "heal", fake_heal)
+    monkeypatch.setattr(sources, "load_causal_lm", lambda spec: (spec, None))
+    perplexities = iter([{"wikitext2": 100.0, "c4": 90.0}, {"wikitext2": 50.0, "c4": 45.0}])
+    row = bench.heal_row(bench.Row("r0.2-262k-chat25", 0.2, 262144, {"chat_fraction": 0.25}), tmp_path,
+                         lambda tokenizer: lambda model: next(perplexities))
+    assert (row["wikitext2_before"], row["wikitext2_after"], row["c4_before"], row["c4_after"]) == (100, 50, 90, 45)
+    assert row["conversion_wall_time_s"] == 0.01 and 0.2 <= row["conversion_call_wall_time_s"] < 5
+    assert row["heal_wall_time_s"] == 0.02 and row["heal_tokens_per_s"] == 262144 / 0.02
+    if resumed_from:
+        assert row["heal_call_wall_time_s"] is None
+    else:
+        assert 0.3 <= row["heal_call_wall_time_s"] < 5
+    assert row["heal_options"]["chat_fraction"] == 0.25 and row["heal_options"]["tokens"] == 262144
