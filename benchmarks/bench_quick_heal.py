@@ -14,8 +14,8 @@ joined with "\\n\\n", first 20 windows of 2048) before and after healing, the he
 and trainable parameters, and the wall time of the conversion and healing calls as a user waits for them (loading,
 the teacher's chat text and saving included). Healing saves a resumable state every 25 steps, and a finished row is
 appended to `results/quick_heal.jsonl` at once, so the script may be stopped at any time and started again: it
-continues with the first row not yet measured. Healing never sees an evaluation text: its data is the C4 *calibration* documents (a
-train shard).
+continues with the first row not yet measured. Healing never sees an evaluation text: its data is the C4
+*calibration* documents (a train shard).
 
 Stage "chat": the dense source and every finished checkpoint of the work dir (`student-r*`, `healed-<row>`; smallest
 ratio first, each unhealed student before its healed models) answer every prompt of `benchmarks/chat_prompts.json`

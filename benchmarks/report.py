@@ -1157,16 +1157,16 @@ def heal_targets(rows: list[dict], dense: dict | None, chat_rows: list[dict], ze
                           f"against under {PIPELINE_MINUTES:.0f} ({'met' if minutes < PIPELINE_MINUTES else 'missed'})")
     for healed in healed_rows(chat_rows, CHAT_TARGET_RATIO):
         ok = healed["non_empty"] >= CHAT_NON_EMPTY_TARGET
-        checks.append(f"{pct(CHAT_TARGET_RATIO)} healed{mix_tag(healed)}: {pct(healed['non_empty'], 1)} of the {healed['prompts']} "
-                      f"chat prompts answered against at least {pct(CHAT_NON_EMPTY_TARGET)} "
+        checks.append(f"{pct(CHAT_TARGET_RATIO)} healed{mix_tag(healed)}: {pct(healed['non_empty'], 1)} of the "
+                      f"{healed['prompts']} chat prompts answered against at least {pct(CHAT_NON_EMPTY_TARGET)} "
                       f"({'met' if ok else 'missed'})")
     unhealed = bench_row(zeroshot_rows, ZEROSHOT_TARGET_RATIO, "unhealed")
     for healed in healed_rows(zeroshot_rows, ZEROSHOT_TARGET_RATIO) if unhealed else []:
         if healed["limit"] != unhealed["limit"]:
             continue
         ok = healed["mean_acc"] > unhealed["mean_acc"]
-        checks.append(f"{pct(ZEROSHOT_TARGET_RATIO)}{mix_tag(healed)}: mean zero-shot acc {healed['mean_acc']:.3f} healed against "
-                      f"{unhealed['mean_acc']:.3f} unhealed, to be above it ({healed['limit']} items per set; "
+        checks.append(f"{pct(ZEROSHOT_TARGET_RATIO)}{mix_tag(healed)}: mean zero-shot acc {healed['mean_acc']:.3f} "
+                      f"healed against {unhealed['mean_acc']:.3f} unhealed, to be above it ({healed['limit']} items per set; "
                       f"{'met' if ok else 'missed'})")
     return checks
 
