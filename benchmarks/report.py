@@ -1266,9 +1266,7 @@ def summary_table(llm: LLMRows, pruning: dict, exits: dict, heal_rows: list[dict
     measured."""
     rows = []
     for r in sorted(heal_rows or [], key=lambda r: (r["ratio"], chat_share(r))):
-        if r.get("heal_options", {}).get("trainable", "factors") != "factors" or r["budget_tokens"] != 262144:
-            continue
-        if r.get("heal_options", {}).get("loss", "kl") != "kl" or not r.get("sequential", True):
+        if not is_main_heal(r):
             continue
         dense = f"{heal_dense['wikitext2']:.2f} -> " if heal_dense else ""
         mix = f", {chat_share(r):.0%} of it the model's own chat text" if chat_share(r) else ""
