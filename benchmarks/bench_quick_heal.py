@@ -71,6 +71,8 @@ SOURCE, DENSE = "smollm2", "dense"
 CHAT_MAX_NEW_TOKENS, CHAT_BATCH_SIZE = 48, 8
 ZEROSHOT_LIMIT, ZEROSHOT_BATCH_SIZE = 200, 8
 ZEROSHOT_RATIO, ZEROSHOT_BUDGET = 0.2, 262144
+# Row options that change only the healing data (the teacher's chat text), not what trains or the loss.
+DATA_OPTIONS = {"chat_fraction", "chat_batch_size"}
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,10 @@ ROWS = {
     ],
     "chat": [
         # A quarter of the sequences written by the teacher through its chat template (free samples).
-        Row("r0.2-131k-chat25", 0.2, 131072, {"chat_fraction": 0.25}),
-        Row("r0.2-262k-chat25", 0.2, 262144, {"chat_fraction": 0.25}),
+        Row("r0.2-131k-chat25", 0.2, 131072, {"chat_fraction": 0.25, "chat_batch_size": 16}),
+        Row("r0.2-262k-chat25", 0.2, 262144, {"chat_fraction": 0.25, "chat_batch_size": 16}),
+        # The same with the teacher writing 64 conversations at a time (16 above; the chat text differs with it).
+        Row("r0.2-262k-chat25-b64", 0.2, 262144, {"chat_fraction": 0.25, "chat_batch_size": 64}),
     ],
     "extra": [
         Row("r0.1-262k", 0.1, 262144),
@@ -432,7 +436,7 @@ def zeroshot_models(models: list[BenchModel]) -> list[BenchModel]:
     return [m for m in models if m.kind == "dense" or (
         math.isclose(m.ratio, ZEROSHOT_RATIO) and m.sequential
         and (m.kind == "unhealed"
-             or (m.budget_tokens == ZEROSHOT_BUDGET and set(m.heal_options) <= {"chat_fraction"})))]
+             or (m.budget_tokens == ZEROSHOT_BUDGET and set(m.heal_options) <= DATA_OPTIONS)))]
 
 
 def zeroshot_stage(work: Path, *, source: str = SOURCE, names=None, limit: int = ZEROSHOT_LIMIT,

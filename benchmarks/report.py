@@ -1021,6 +1021,8 @@ HEAL_BUDGET = 262144
 WIKITEXT_TARGETS = {0.2: 45.0, 0.3: 65.0}
 CHAT_TARGET_RATIO, CHAT_NON_EMPTY_TARGET = 0.2, 0.9
 ZEROSHOT_TARGET_RATIO = 0.2
+# Healing options that change only the data (the teacher's chat text), as in bench_quick_heal.py.
+DATA_OPTIONS = {"chat_fraction", "chat_batch_size"}
 # `convert --heal-tokens 262144` at 20% as a user runs it: with the data a chat source gets by default (HealConfig's
 # chat_fraction "auto" for a tokenizer with a chat template), in under this many minutes.
 PIPELINE_RATIO, PIPELINE_CHAT_SHARE, PIPELINE_MINUTES = 0.2, 0.25, 40.0
@@ -1052,7 +1054,7 @@ def healed_rows(rows: list[dict], ratio: float) -> list[dict]:
     found: dict[str, dict] = {}
     for r in rows:
         if (r["kind"] == "healed" and math.isclose(r["ratio"], ratio) and r.get("sequential", True)
-                and r.get("budget_tokens") == HEAL_BUDGET and set(r.get("heal_options") or {}) <= {"chat_fraction"}):
+                and r.get("budget_tokens") == HEAL_BUDGET and set(r.get("heal_options") or {}) <= DATA_OPTIONS):
             if r["model"] not in found or r.get("limit", 0) > found[r["model"]].get("limit", 0):
                 found[r["model"]] = r
     return sorted(found.values(), key=chat_share)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_compress.errors import HFCompressError
 from hf_compress.healing import HealConfig, HealResult, heal
-from hf_compress.healing.losses import chunked_kl_loss, chunked_lm_loss
+from hf_compress.healing.losses import chunked_kl_loss, chunked_lm_loss, frozen_head_kl_sum
 from hf_compress.healing.trainer import (
     HealingObjective,
     mark_trainable,
@@ -280,6 +280,53 @@ def test_chunked_kl_equals_full_kl(temperature):
         for got, want in zip(chunk_grads, grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
         assert teacher_head.weight.grad is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_frozen_head_kl_equals_full_kl_and_recomputes_no_logits(temperature):
+    torch.manual_seed(2)
+    batch, length, vocab = 2, 10, 11
+    student_head = nn.Linear(6, vocab, bias=True).double().requires_grad_(False)
+    teacher_head = nn.Linear(5, vocab, bias=False).double()
+    calls = []
+    for head in (student_head, teacher_head):
+        head.register_forward_hook(lambda module, args, out: calls.append(module))
+    student_hidden = torch.randn(batch, length, 6, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, 5, dtype=torch.float64)
+
+    log_s = F.log_softmax(student_head(student_hidden) / temperature, -1)
+    log_t = F.log_softmax(teacher_head(teacher_hidden) / temperature, -1)
+    full = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature**2
+    (want,) = torch.autograd.grad(full, student_hidden)
+    for chunk in (1, 3, 10, 64):
+        calls.clear()
+        value = chunked_kl_loss(student_hidden, teacher_hidden, student_head, teacher_head, temperature, chunk)
+        # the frozen student head is applied by weight, not called: only the teacher's head shows up, once a chunk
+        assert calls == [teacher_head] * -(-length // chunk)
+        torch.testing.assert_close(value, full, rtol=1e-12, atol=1e-14)
+        (got,) = torch.autograd.grad(value * 3.0, student_hidden)
+        torch.testing.assert_close(got, 3.0 * want, rtol=1e-10, atol=1e-13)
+        assert len(calls) == -(-length // chunk)  # the backward pass computed no logits
+    with pytest.raises(ValueError, match="frozen"):
+        frozen_head_kl_sum(student_hidden, teacher_hidden, teacher_head, teacher_head)
+
+
+def test_frozen_head_kl_matches_checkpointed_path_under_bfloat16_autocast():
+    torch.manual_seed(3)
+    student_head, teacher_head = nn.Linear(16, 50, bias=False), nn.Linear(16, 50, bias=False)
+    student_hidden = torch.randn(2, 24, 16, requires_grad=True)
+    teacher_hidden = torch.randn(2, 24, 16)
+    results = []
+    for frozen in (True, False):
+        student_head.requires_grad_(not frozen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = chunked_kl_loss(student_hidden, teacher_hidden, student_head, teacher_head, 1.0, 8)
+        (grad,) = torch.autograd.grad(value, student_hidden)
+        results.append((value.detach(), grad))
+    (fast_value, fast_grad), (slow_value, slow_grad) = results
+    assert fast_value.dtype == torch.float32 and fast_grad.dtype == torch.float32
+    torch.testing.assert_close(fast_value, slow_value, rtol=1e-5, atol=1e-6)  # same bfloat16 logits, same sum
+    torch.testing.assert_close(fast_grad, slow_grad, rtol=2e-2, atol=2e-4)  # both through a bfloat16 matmul
 
 
 def test_chunked_lm_loss_equals_cross_entropy():

@@ -2,8 +2,13 @@
 
 A vocabulary-wide logit tensor of a whole batch is large (4 x 512 x 49152 float32 = 400 MB for SmolLM2, twice for
 student and teacher, and again for their softmaxes). Here the logits of `chunk` positions are computed from the final
-hidden states, reduced to a loss sum, and dropped; each chunk runs under `torch.utils.checkpoint`, so the backward
-pass recomputes that chunk's logits instead of keeping them.
+hidden states, reduced to a loss sum, and dropped. For the gradient, either
+
+- the student's head is frozen (healing's default): the KL's gradient with respect to the student's hidden states
+  is computed in the forward pass itself, chunk by chunk (`frozen_head_kl_sum`), and only that (`batch x seq x
+  hidden`) is kept, so the backward pass computes no logits at all; or
+- the head trains: each chunk runs under `torch.utils.checkpoint`, and the backward pass recomputes that chunk's
+  logits (the student's and the teacher's) instead of keeping them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,51 @@ def _kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_
     return F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
 
 
+class _FrozenHeadKL(torch.autograd.Function):
+    """Sum over the positions of KL(teacher || student) with the student's head frozen, and its gradient with respect
+    to the student's hidden states worked out in the forward pass: for logits `s` and softened distributions
+    `p = softmax(s / T)`, `q = softmax(t / T)`, the gradient of `sum q * (log q - log p)` with respect to `s` is
+    `(p - q) / T`, which the head's weight carries back to the hidden states."""
+
+    @staticmethod
+    def forward(ctx, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Linear,
+                teacher_head: nn.Module, temperature: float, chunk: int) -> torch.Tensor:
+        grad = torch.empty_like(student_hidden)
+        total = None
+        for start in range(0, student_hidden.shape[1], chunk):
+            piece = slice(start, start + chunk)
+            logits = F.linear(student_hidden[:, piece], student_head.weight, student_head.bias)
+            student_logp = F.log_softmax(_upcast(logits) / temperature, dim=-1)
+            teacher_logp = F.log_softmax(_upcast(teacher_head(teacher_hidden[:, piece])) / temperature, dim=-1)
+            part = F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
+            total = part if total is None else total + part
+            grad_logits = (student_logp.exp() - teacher_logp.exp()) / temperature
+            # under autocast this matmul runs in bfloat16, as the backward pass of `student_head` would
+            grad[:, piece] = (grad_logits @ student_head.weight.to(grad_logits.dtype)).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+
+
+def _head_is_frozen(head: nn.Module) -> bool:
+    return isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters())
+
+
+def frozen_head_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Linear,
+                       teacher_head: nn.Module, temperature: float = 1.0, chunk: int = 128) -> torch.Tensor:
+    """Sum over the positions of KL(teacher || student) for a frozen `student_head` (an `nn.Linear` none of whose
+    parameters requires a gradient), differentiable with respect to `student_hidden` only: the gradient is
+    computed while the logits of each chunk are at hand, so the backward pass recomputes none of them."""
+    if not _head_is_frozen(student_head):
+        raise ValueError("frozen_head_kl_sum needs an nn.Linear student head with no parameter requiring grad")
+    return _FrozenHeadKL.apply(student_hidden, teacher_hidden.detach(), student_head, teacher_head, temperature,
+                               chunk)
+
+
 def chunked_kl_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Module,
                     teacher_head: nn.Module, temperature: float = 1.0, chunk: int = 128) -> torch.Tensor:
     """Mean over the positions of KL(teacher || student) of the next-token distributions softened by `temperature`,
@@ -39,20 +89,24 @@ def chunked_kl_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, 
         student_hidden, teacher_hidden: final hidden states (`batch x seq x hidden`, each its own width) of the
             base models (`model.model(...)`), before the heads.
         student_head, teacher_head: the `lm_head` modules.
-        chunk: positions of the sequence whose logits are computed at a time (and recomputed in the backward pass).
+        chunk: positions of the sequence whose logits are computed at a time (recomputed in the backward pass
+            only where the student's head trains).
     """
     if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
         raise ValueError(f"student and teacher hidden states cover different positions: "
                          f"{tuple(student_hidden.shape[:2])} vs {tuple(teacher_hidden.shape[:2])}")
     teacher_hidden = teacher_hidden.detach()
     length = student_hidden.shape[1]
+    positions = student_hidden.shape[0] * length
+    if student_hidden.requires_grad and _head_is_frozen(student_head):
+        total = frozen_head_kl_sum(student_hidden, teacher_hidden, student_head, teacher_head, temperature, chunk)
+        return total / positions * temperature**2
     total = None
     for start in range(0, length, chunk):
         piece = slice(start, start + chunk)
         part = checkpoint(_kl_sum, student_hidden[:, piece], teacher_hidden[:, piece], student_head, teacher_head,
                           temperature, use_reentrant=False)
         total = part if total is None else total + part
-    positions = student_hidden.shape[0] * length
     return total / positions * temperature**2
 
 
