@@ -19,6 +19,7 @@ from hf_compress.evaluation.chat import (
     first_sentence,
     generate_chat_answers,
     generate_chat_outputs,
+    _next_tokens,
     generate_ids,
 )
 
@@ -115,13 +116,43 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone():
     model = chat_model(tokenizer, ends_after=None)
     texts = [chat_prompt_text(tokenizer, prompt) for prompt in PROMPTS]
     state = torch.get_rng_state()
-    run = lambda seed: generate_ids(model, tokenizer, texts, max_new_tokens=10, batch_size=4, temperature=1.0,
-                                    seed=seed)
+    run = lambda seed, batch_size=4: generate_ids(model, tokenizer, texts, max_new_tokens=10, batch_size=batch_size,
+                                                  temperature=1.0, seed=seed)
     first = run(7)
     assert torch.equal(torch.get_rng_state(), state)
     assert run(7) == first
     assert run(8) != first
+    # each text samples under its own seed: batching them otherwise changes nothing
+    assert run(7, batch_size=1) == run(7, batch_size=len(texts)) == first
     assert first != generate_ids(model, tokenizer, texts, max_new_tokens=10, batch_size=4)  # not greedy
+
+
+def test_finished_rows_leave_the_batch():
+    tokenizer = chat_tokenizer()
+    model = chat_model(tokenizer)
+    texts = [chat_prompt_text(tokenizer, prompt) for prompt in PROMPTS]
+    expected = [greedy_loop(model, tokenizer, prompt, 12) for prompt in PROMPTS]
+    widths = []
+    model.model.register_forward_hook(lambda module, args, kwargs, out: widths.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+    assert generate_ids(model, tokenizer, texts, max_new_tokens=12, batch_size=len(texts)) == expected
+    # step k runs the texts that wrote k tokens without a stop token (the rest left the batch)
+    alive = [sum(len(tokens) >= k for tokens, _ in expected) for k in range(12)]
+    assert alive[0] == len(texts) and min(alive) < len(texts)
+    assert widths == [n for n in alive if n]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gumbel_sampling_follows_the_softened_distribution(temperature):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    draws = 8000
+    generators = [torch.Generator().manual_seed(i) for i in range(draws)]
+    tokens = _next_tokens(probs.log().expand(draws, -1), temperature, generators)
+    softened = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
+    frequencies = torch.bincount(tokens, minlength=4).double() / draws
+    # 4 standard errors of a frequency from 8,000 draws
+    assert torch.all((frequencies - softened).abs() <= 4 * (softened * (1 - softened) / draws).sqrt())
+    assert torch.equal(_next_tokens(probs.log().expand(3, -1), 0.0, []), torch.zeros(3, dtype=torch.long))
 
 
 def independent_nll(model, tokenizer, prompts, answers) -> tuple[float, int]:

@@ -9,13 +9,14 @@ dense model's answer, and the dense (teacher) model's NLL of the student's answe
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import HFCompressError
 
@@ -81,6 +82,59 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _next_tokens(logits: torch.Tensor, temperature: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """The argmax of each row (temperature 0), or a sample of its softmax(logits / temperature) drawn as the argmax
+    of the softened logits plus Gumbel noise from the row's own generator: what a row samples does not depend on
+    the other rows of its batch."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in generators]).to(scores.device)
+    return (scores - torch.log(-torch.log(uniform))).argmax(-1)
+
+
+def _decode(model: PreTrainedModel, prompts: list[list[int]], *, pad_id: int, stops: set[int], max_new_tokens: int,
+            temperature: float, generators: Sequence[torch.Generator]) -> list[tuple[list[int], bool]]:
+    """Continues the token lists `prompts` as one left-padded batch with a KV cache. A row that writes a stop token
+    leaves the batch (its cache rows are dropped): the rest decode without it, instead of carrying finished rows to
+    the longest answer's end."""
+    device = _device_of(model)
+    width = max(len(ids) for ids in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    cache = DynamicCache(config=model.config)
+    # transformers renamed `past_key_values` to `cache` within 5.x
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    live = list(range(len(prompts)))  # the prompt each row of the batch continues
+    new: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                       **{cache_kwarg: cache}).logits[:, -1]
+        tokens = _next_tokens(logits, temperature, [generators[i] for i in live] if temperature > 0 else [])
+        keep = []
+        for row, (i, token) in enumerate(zip(live, tokens.tolist())):
+            if token in stops:
+                finished[i] = True
+            else:
+                new[i].append(token)
+                keep.append(row)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, tokens, live = mask[index], tokens[index], [live[row] for row in keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        ids = tokens[:, None]
+    return list(zip(new, finished))
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
@@ -97,36 +151,25 @@ def generate_ids(
     padding; returns, for each, the new tokens before the first stop token and whether a stop token came.
 
     `temperature` 0 decodes greedily; above 0 it samples from the plain softened distribution (no top-k, no top-p),
-    each batch under its own seed derived from `seed`, without touching the global random state. The texts are
-    batched longest first (less padding), so a result depends on `batch_size` as well as on `seed`.
+    each text under its own seed derived from `seed` and the text's position in `texts`, without touching the
+    global random state. A text's result does not depend on `batch_size` or on the other texts (up to the rounding
+    of batched arithmetic). Texts are batched longest first (less padding), and a text that ends its turn leaves its
+    batch at once.
     """
     stops = list(stop_ids) if stop_ids is not None else end_of_turn_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     by_length = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    device = _device_of(model)
-    sample = temperature > 0
-    # Every option set here: the model's own generation_config (top-k, repetition penalty, ...) must not apply.
-    sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if sample else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, repetition_penalty=1.0, num_beams=1,
-                              eos_token_id=stops, pad_token_id=pad_id, **sampling)
+    generators = ([torch.Generator().manual_seed(derived_seed(seed, i)) for i in range(len(texts))]
+                  if temperature > 0 else [])
     results: list[tuple[list[int], bool]] = [([], False)] * len(texts)
-    for batch_idx, start in enumerate(range(0, len(texts), batch_size)):
+    for start in range(0, len(texts), batch_size):
         rows = by_length[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, i in enumerate(rows):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, width - len(encoded[i]):] = 1
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(derived_seed(seed, batch_idx))
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        for row, i in enumerate(rows):
-            new = out[row, width:].tolist()
-            cut = next((k for k, token in enumerate(new) if token in stops), None)
-            results[i] = (new, False) if cut is None else (new[:cut], True)
+        outputs = _decode(model, [encoded[i] for i in rows], pad_id=pad_id, stops=set(stops),
+                          max_new_tokens=max_new_tokens, temperature=temperature,
+                          generators=[generators[i] for i in rows] if generators else [])
+        for i, output in zip(rows, outputs):
+            results[i] = output
     return results
 
 

@@ -69,7 +69,7 @@ def free_chat_texts(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                     batch_size: int = 16) -> list[str]:
     """Up to `count` conversations the teacher writes alone: from the template's opening (`chat_opening`) it
     samples a user message, which its template then closes and it answers. A user turn left empty is dropped, so
-    fewer than `count` may come back. Deterministic given `seed` (and `batch_size`)."""
+    fewer than `count` may come back. Deterministic given `seed` and `count`."""
     if temperature <= 0:
         raise HFCompressError("free chat samples need a temperature > 0 (greedy decoding writes one conversation).")
     opening, stops = chat_opening(tokenizer), end_of_turn_ids(tokenizer)
