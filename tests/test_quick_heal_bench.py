@@ -313,10 +313,12 @@ def test_zeroshot_default_models_take_every_data_mix():
               M("healed-r0.2-262k", "h", 0.2, "healed", budget_tokens=262144),
               M("healed-r0.2-262k-chat25", "h", 0.2, "healed", budget_tokens=262144,
                 heal_options={"chat_fraction": 0.25}),
+              M("healed-r0.2-262k-chat25-b64", "h", 0.2, "healed", budget_tokens=262144,
+                heal_options={"chat_fraction": 0.25, "chat_batch_size": 64}),
               M("healed-r0.2-262k-lora", "h", 0.2, "healed", budget_tokens=262144, heal_options={"trainable": "lora"}),
               M("healed-r0.3-262k", "h", 0.3, "healed", budget_tokens=262144)]
     assert [m.name for m in bench.zeroshot_models(models)] == [
-        "dense", "student-r0.2", "healed-r0.2-262k", "healed-r0.2-262k-chat25"]
+        "dense", "student-r0.2", "healed-r0.2-262k", "healed-r0.2-262k-chat25", "healed-r0.2-262k-chat25-b64"]
 
 
 def test_targets_name_each_data_mix_and_the_pipeline_time():
