@@ -1244,14 +1244,15 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
         setting = ", ".join(filter(None, [options.get("trainable", "factors"), options.get("loss", "kl"),
                                           f"{pct(chat_share(r))} chat text" if chat_share(r) else None,
                                           None if r.get("sequential", True) else "no sequential calibration"]))
-        body.append([r["row"], pct(r["ratio"]), f"{r['budget_tokens']:,}", setting, f"{r['heal_trainable_params']:,}",
+        body.append([r["row"], pct(r["ratio"]), f"{r['budget_tokens']:,}", setting, f"{options.get('lr', 0):g}",
+                     f"{r['heal_trainable_params']:,}",
                      f"{r['wikitext2_before']:.2f} -> **{r['wikitext2_after']:.2f}**",
                      f"{r['c4_before']:.2f} -> **{r['c4_after']:.2f}**",
                      f"{r['c4_after'] / dense['c4']:.2f}x" if dense else "-",
                      f"{r['heal_wall_time_s'] / 60:.1f}", f"{r['heal_tokens_per_s']:.0f}", r.get("heal_dtype", "-"),
                      f"{r['heal_peak_rss_mb']:,.0f}"])
     if body:
-        out += ["", table(["row", "ratio", "budget (tokens)", "trains, loss, data", "trainable params",
+        out += ["", table(["row", "ratio", "budget (tokens)", "trains, loss, data", "peak lr", "trainable params",
                            "WikiText-2 ppl", "C4-val ppl", "C4 healed / dense", "healing (min)", "tokens/s", "precision",
                            "peak RSS (MB)"], body),
                 "", ("*healing (min)* and *tokens/s* count the training steps (the teacher writing its chat text, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -151,6 +152,34 @@ def test_mixed_data_has_the_requested_share_of_chat(calib_file):
     other, _ = load_healing_data(tokenizer, mixed_config(calib_file, seed=6), teacher, progress=False)
     assert not torch.equal(other.order, data.order)
     assert not torch.equal(other.chunks[-12:], data.chunks[-12:])
+
+
+def test_bfloat16_runs_write_the_chat_text_with_a_bfloat16_copy_of_the_teacher(calib_file, monkeypatch):
+    """Under bfloat16 the chat text is that of the teacher cast to bfloat16 (an independent copy here), and the
+    teacher itself keeps its float32 weights bit for bit (its logits are the training targets); a teacher already
+    in bfloat16 writes it itself, with no copy."""
+    tokenizer = chat_tokenizer()
+    teacher = chat_model(tokenizer, ends_after=None).float()
+    before = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+    config = mixed_config(calib_file, dtype="bfloat16")
+    data, _ = load_healing_data(tokenizer, config, teacher, progress=False)
+    cast = copy.deepcopy(teacher).to(torch.bfloat16)
+    assert torch.equal(data.chunks[-12:], chat_chunks(cast, tokenizer, config, 12, progress=False))
+    after = teacher.state_dict()
+    assert all(after[name].dtype == torch.float32 and torch.equal(after[name], value)
+               for name, value in before.items())
+
+    writers = []
+
+    def spy(writer, *args, **kwargs):
+        writers.append(writer)
+        return real(writer, *args, **kwargs)
+
+    real = chat_data.chat_chunks
+    monkeypatch.setattr(chat_data, "chat_chunks", spy)
+    load_healing_data(tokenizer, config, cast, progress=False)
+    load_healing_data(tokenizer, mixed_config(calib_file), teacher, progress=False)  # float32: the teacher itself
+    assert writers[0] is cast and writers[1] is teacher
 
 
 @pytest.mark.parametrize("fraction, tokens, expected", [(0.0, 4096, 0), (0.25, 4096, 64), (0.3, 640, 12),

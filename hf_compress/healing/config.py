@@ -53,7 +53,8 @@ class HealConfig(MethodConfig):
         dataset_column: its text column (default: the preset's, else "text").
         seed: order of the training sequences and LoRA initialization.
         dtype: `"auto"` (bfloat16 autocast where the device has native bfloat16, else float32), `"bfloat16"` or
-            `"float32"`; the trained weights stay float32 either way.
+            `"float32"`; the trained weights stay float32 either way. Under bfloat16 the chat text is written by a
+            bfloat16 copy of a float32 teacher (faster decoding); the targets still come from the teacher as given.
         gradient_checkpointing: recompute each decoder layer in the backward pass (less memory, more time).
         save_steps: the resumable training state is saved every this many steps.
         chat_fraction: share of the training sequences that are chat text written by the teacher (its chat

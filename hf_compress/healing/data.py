@@ -3,6 +3,7 @@ an instruct teacher, mixed with chat text the teacher writes (`HealConfig.chat_f
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,17 +110,26 @@ def mixed_healing_data(text: torch.Tensor, chat: torch.Tensor, config: HealConfi
 
 
 @contextmanager
-def _moved(model: PreTrainedModel, device: torch.device | str | None) -> Iterator[None]:
-    """`model` on `device` for the block, then back where it was."""
-    if device is None:
-        yield
+def _chat_writer(teacher: PreTrainedModel, device: torch.device | str | None,
+                 bfloat16: bool) -> Iterator[PreTrainedModel]:
+    """The teacher as it writes the chat text, on `device` (else where it is). With `bfloat16`, a bfloat16 copy of a
+    float32 teacher: token-by-token decoding is bound by reading the weights, and half the bytes make it faster;
+    the teacher itself keeps its weights, because its logits are the training targets. Without, the teacher itself,
+    moved to `device` for the block and back after."""
+    home = next(teacher.parameters()).device
+    target = home if device is None else torch.device(device)
+    if bfloat16 and next(teacher.parameters()).dtype == torch.float32:
+        writer = copy.deepcopy(teacher).to(device=target, dtype=torch.bfloat16).eval()
+        try:
+            yield writer
+        finally:
+            del writer
         return
-    home = next(model.parameters()).device
-    model.to(device)
+    teacher.to(target)
     try:
-        yield
+        yield teacher
     finally:
-        model.to(home)
+        teacher.to(home)
 
 
 def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig, teacher: PreTrainedModel | None = None,
@@ -127,8 +137,9 @@ def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig, te
                       progress: bool = True) -> tuple[HealingData, DataRef]:
     """The healing tokens of `config.dataset` and how the provenance names that dataset (never by a local path).
 
-    With `config.chat_fraction > 0`, the `teacher` (moved to `device` meanwhile) first writes the chat text of
-    `chat_sequences(config)` chunks (`chat_data.chat_chunks`), mixed in by `mixed_healing_data`. A fraction still
+    With `config.chat_fraction > 0`, the `teacher` (moved to `device` meanwhile; a bfloat16 copy of it where
+    `config.dtype` is "bfloat16") first writes the chat text of `chat_sequences(config)` chunks
+    (`chat_data.chat_chunks`), mixed in by `mixed_healing_data`. A fraction still
     "auto" is refused (`HealConfig.chat_share`): `config` must be resolved with the tokenizer's chat template.
     """
     with_chat = config.chat_share > 0  # an unresolved "auto" is refused before the text loads
@@ -140,8 +151,8 @@ def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig, te
         from .chat_data import chat_chunks
 
         text = text_chunks(tokenizer, texts, config)  # a too-short dataset is refused before any generation
-        with _moved(teacher, device):
-            chat = chat_chunks(teacher, tokenizer, config, chat_sequences(config), progress=progress)
+        with _chat_writer(teacher, device, bfloat16=config.dtype == "bfloat16") as writer:
+            chat = chat_chunks(writer, tokenizer, config, chat_sequences(config), progress=progress)
         data = mixed_healing_data(text, chat, config)
     else:
         data = healing_ids(tokenizer, texts, config)
