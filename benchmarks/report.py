@@ -1026,6 +1026,8 @@ DATA_OPTIONS = {"chat_fraction", "chat_batch_size"}
 # `convert --heal-tokens 262144` at 20% as a user runs it: with the data a chat source gets by default (HealConfig's
 # chat_fraction "auto" for a tokenizer with a chat template), in under this many minutes.
 PIPELINE_RATIO, PIPELINE_CHAT_SHARE, PIPELINE_MINUTES = 0.2, 0.25, 40.0
+# The run the ablations change one thing of: 20%, 131,072 tokens, the KL on the factors, plain text.
+ABLATION_BASE = "r0.2-131k"
 # The chat exchange shown in the READMEs: always this prompt of benchmarks/chat_prompts.json (the first), never one
 # picked by its answers.
 EXCHANGE_PROMPT = 0
@@ -1145,21 +1147,22 @@ def zeroshot_table(rows: list[dict]) -> list[str]:
 
 
 def heal_targets(rows: list[dict], dense: dict | None, chat_rows: list[dict], zeroshot_rows: list[dict]) -> list[str]:
+    """One verdict per target and run, each naming its run: the row of `quick_heal.jsonl` (its name says the ratio,
+    the budget and the data), or the model of a chat or zero-shot row (`healed-<row>`)."""
     checks = []
     for r in rows:
         if r["ratio"] in WIKITEXT_TARGETS and is_main_heal(r):
             goal = WIKITEXT_TARGETS[r["ratio"]]
-            checks.append(f"{pct(r['ratio'])}{mix_tag(r)}: WikiText-2 {r['wikitext2_after']:.2f} against at most "
-                          f"{goal:.0f} "
+            checks.append(f"{r['row']}: WikiText-2 {r['wikitext2_after']:.2f} against at most {goal:.0f} "
                           f"({'met' if r['wikitext2_after'] <= goal else 'missed'})")
             if r["ratio"] == 0.2 and dense:
                 ok = r["c4_after"] <= 2 * dense["c4"]
-                checks.append(f"20%{mix_tag(r)}: C4 validation {r['c4_after']:.2f} against at most twice the dense "
+                checks.append(f"{r['row']}: C4 validation {r['c4_after']:.2f} against at most twice the dense "
                               f"model's ({2 * dense['c4']:.2f}; {'met' if ok else 'missed'})")
     main = [r for r in rows if is_main_heal(r)]
     if main:
         ahead = all(r["c4_after"] < r["c4_before"] for r in main)
-        each = ", ".join(f"{pct(r['ratio'])}{mix_tag(r)} {r['c4_before']:.2f} -> {r['c4_after']:.2f}"
+        each = ", ".join(f"{r['row']} {r['c4_before']:.2f} -> {r['c4_after']:.2f}"
                          for r in sorted(main, key=lambda r: r["ratio"]))
         checks.append(f"healed below unhealed on C4 validation at every ratio ({each}; "
                       f"{'met' if ahead else 'missed'})")
@@ -1168,24 +1171,44 @@ def heal_targets(rows: list[dict], dense: dict | None, chat_rows: list[dict], ze
         if (math.isclose(r["ratio"], PIPELINE_RATIO) and is_main_heal(r)
                 and math.isclose(chat_share(r), PIPELINE_CHAT_SHARE) and all(calls)):
             minutes = sum(calls) / 60
-            checks.append(f"{pct(r['ratio'])}{mix_tag(r)}, conversion + healing with {r['budget_tokens']:,} "
-                          f"tokens: {minutes:.1f} min (conversion {calls[0] / 60:.1f} + "
+            checks.append(f"{r['row']}: conversion + healing ({pct(r['ratio'])}{mix_tag(r)}, "
+                          f"{r['budget_tokens']:,} tokens) {minutes:.1f} min (conversion {calls[0] / 60:.1f} + "
                           f"healing {calls[1] / 60:.1f}, loading, chat text and saving included, as two calls) "
                           f"against under {PIPELINE_MINUTES:.0f} ({'met' if minutes < PIPELINE_MINUTES else 'missed'})")
     for healed in healed_rows(chat_rows, CHAT_TARGET_RATIO):
         ok = healed["non_empty"] >= CHAT_NON_EMPTY_TARGET
-        checks.append(f"{pct(CHAT_TARGET_RATIO)} healed{mix_tag(healed)}: {pct(healed['non_empty'], 1)} of the "
-                      f"{healed['prompts']} chat prompts answered against at least {pct(CHAT_NON_EMPTY_TARGET)} "
-                      f"({'met' if ok else 'missed'})")
+        checks.append(f"{healed['model']}: {pct(healed['non_empty'], 1)} of the {healed['prompts']} chat prompts "
+                      f"answered against at least {pct(CHAT_NON_EMPTY_TARGET)} ({'met' if ok else 'missed'})")
     unhealed = bench_row(zeroshot_rows, ZEROSHOT_TARGET_RATIO, "unhealed")
     for healed in healed_rows(zeroshot_rows, ZEROSHOT_TARGET_RATIO) if unhealed else []:
         if healed["limit"] != unhealed["limit"]:
             continue
         ok = healed["mean_acc"] > unhealed["mean_acc"]
-        checks.append(f"{pct(ZEROSHOT_TARGET_RATIO)}{mix_tag(healed)}: mean zero-shot acc {healed['mean_acc']:.3f} "
-                      f"healed against {unhealed['mean_acc']:.3f} unhealed, to be above it ({healed['limit']} items per set; "
-                      f"{'met' if ok else 'missed'})")
+        checks.append(f"{healed['model']}: mean zero-shot acc {healed['mean_acc']:.3f} against "
+                      f"{unhealed['mean_acc']:.3f} for {unhealed['model']}, to be above it ({healed['limit']} items "
+                      f"per set; {'met' if ok else 'missed'})")
     return checks
+
+
+def heal_ablations(rows: list[dict]) -> list[str]:
+    """Each run at the ablation base's ratio and budget against the base (`ABLATION_BASE`): what it changes (options
+    that differ, or the conversion without sequential calibration) and its perplexities after healing, relative."""
+    base = next((r for r in rows if r["row"] == ABLATION_BASE), None)
+    if base is None:
+        return []
+    lines = []
+    for r in rows:
+        if r is base or not math.isclose(r["ratio"], base["ratio"]) or r["budget_tokens"] != base["budget_tokens"]:
+            continue
+        options, base_options = r.get("heal_options", {}), base.get("heal_options", {})
+        changed = [f"{key} {options[key]:g}" if isinstance(options[key], float) else f"{key} {options[key]}"
+                   for key in options if key != "tokens" and options[key] != base_options.get(key)]
+        if r.get("sequential", True) != base.get("sequential", True):
+            changed.append("no sequential calibration" if base.get("sequential", True) else "sequential calibration")
+        lines.append(f"{r['row']} ({', '.join(changed) or 'same options'}): WikiText-2 {r['wikitext2_after']:.2f} "
+                     f"({change(r['wikitext2_after'], base['wikitext2_after'], 1)}), C4 validation "
+                     f"{r['c4_after']:.2f} ({change(r['c4_after'], base['c4_after'], 1)})")
+    return lines
 
 
 def md_cell(text: str) -> str:
@@ -1263,7 +1286,13 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
             out += [""] + part
     checks = heal_targets(rows, dense, chat_rows, zeroshot_rows)
     if checks:
-        out += ["", "Targets: " + "; ".join(checks) + "."]
+        out += ["", "Targets, one line per run:", ""] + [f"- {check}" for check in checks]
+    ablations = heal_ablations(rows)
+    if ablations:
+        base = next(r for r in rows if r["row"] == ABLATION_BASE)
+        out += ["", (f"Ablations at {pct(base['ratio'])} and {base['budget_tokens']:,} tokens, each against "
+                     f"{ABLATION_BASE} (WikiText-2 {base['wikitext2_after']:.2f}, C4 validation "
+                     f"{base['c4_after']:.2f}):"), ""] + [f"- {line}" for line in ablations]
     exchange = chat_exchange(answers, chat_rows)
     if exchange:
         out += ["", "One chat exchange (dense, unhealed and healed at 20%):", "", exchange]

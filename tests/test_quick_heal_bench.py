@@ -265,11 +265,11 @@ def test_report_tables_targets_and_exchange(chat_run, work, source, tmp_path, mo
     assert "| 20% healed (262,144 tokens) | " + " | ".join([f"{healed_mean:.3f} / {healed_mean / 2:.3f}"] * 3) in text
     healed = rows[2]
     chat_verdict = "met" if healed["non_empty"] >= 0.9 else "missed"
-    targets = next(line for line in text.splitlines() if line.startswith("Targets: "))
-    assert (f"20% healed: {100 * healed['non_empty']:.1f}% of the {len(CHAT_PROMPTS)} chat prompts answered against "
-            f"at least 90% ({chat_verdict})") in targets
-    assert (f"20%: mean zero-shot acc {healed_mean:.3f} healed against 0.400 unhealed, to be above it (200 items per "
-            f"set; {verdict})") in targets
+    targets = text.split("Targets, one line per run:\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert (f"- healed-r0.2-262k: {100 * healed['non_empty']:.1f}% of the {len(CHAT_PROMPTS)} chat prompts answered "
+            f"against at least 90% ({chat_verdict})") in targets
+    assert (f"- healed-r0.2-262k: mean zero-shot acc {healed_mean:.3f} against 0.400 for student-r0.2, to be above it "
+            f"(200 items per set; {verdict})") in targets
 
     # The exchange: the first prompt, the measured answers of dense / unhealed / healed, in the README too.
     store = json.loads(paths["answers_file"].read_text())
@@ -322,16 +322,19 @@ def test_zeroshot_default_models_take_every_data_mix():
 
 
 def test_targets_name_each_data_mix_and_the_pipeline_time():
-    """Each healed model at the full budget gets its own verdicts, labelled by its data; the time of conversion and
-    healing is judged on the row healed with a chat model's default data only, from the two calls' wall times."""
+    """Each healed model at the full budget gets its own verdicts, each naming its run (row or model); the time of
+    conversion and healing is judged on the row healed with a chat model's default data only, from the two calls'
+    wall times."""
     main = {"ratio": 0.2, "budget_tokens": 262144, "sequential": True, "c4_before": 98.0, "c4_after": 50.0,
             "conversion_call_wall_time_s": 600.0}
-    plain = {**main, "wikitext2_after": 44.0, "heal_call_wall_time_s": 1500.0,
+    plain = {**main, "row": "r0.2-262k", "wikitext2_after": 44.0, "heal_call_wall_time_s": 1500.0,
              "heal_options": {"trainable": "factors", "loss": "kl", "chat_fraction": 0.0}}
-    chat = {**main, "wikitext2_after": 47.5, "heal_call_wall_time_s": 1860.0,
+    chat = {**main, "row": "r0.2-262k-chat25", "wikitext2_after": 47.5, "heal_call_wall_time_s": 1860.0,
             "heal_options": {"trainable": "factors", "loss": "kl", "chat_fraction": 0.25}}
-    lora = {**chat, "heal_options": {"trainable": "lora", "loss": "kl", "chat_fraction": 0.25}}
-    wide = {**plain, "ratio": 0.4, "wikitext2_after": 90.0, "c4_before": 300.0, "c4_after": 80.0}  # no target at 40%
+    lora = {**chat, "row": "r0.2-262k-lora", "heal_options": {"trainable": "lora", "loss": "kl",
+                                                              "chat_fraction": 0.25}}
+    wide = {**plain, "row": "r0.4-262k", "ratio": 0.4, "wikitext2_after": 90.0, "c4_before": 300.0,
+            "c4_after": 80.0}  # no WikiText-2 target at 40%
     bench_rows = {"ratio": 0.2, "sequential": True, "budget_tokens": 262144, "prompts": 72, "limit": 200}
     chat_rows = [{**bench_rows, "model": "healed-r0.2-262k", "kind": "healed", "heal_options": {}, "non_empty": 0.25},
                  {**bench_rows, "model": "healed-r0.2-262k-chat25", "kind": "healed", "non_empty": 0.95,
@@ -341,27 +344,30 @@ def test_targets_name_each_data_mix_and_the_pipeline_time():
                 {**chat_rows[1], "mean_acc": 0.45, "limit": 20}]  # fewer items: not the row judged
     checks = report.heal_targets([plain, chat, lora, wide], {"c4": 30.0}, chat_rows, zeroshot)
     assert checks == [
-        "20%: WikiText-2 44.00 against at most 45 (met)",
-        "20%: C4 validation 50.00 against at most twice the dense model's (60.00; met)",
-        "20% (25% chat text, 16 at a time): WikiText-2 47.50 against at most 45 (missed)",
-        "20% (25% chat text, 16 at a time): C4 validation 50.00 against at most twice the dense model's (60.00; met)",
-        "healed below unhealed on C4 validation at every ratio (20% 98.00 -> 50.00, 20% (25% chat text, 16 at a "
-        "time) 98.00 -> 50.00, 40% 300.00 -> 80.00; met)",
-        "20% (25% chat text, 16 at a time), conversion + healing with 262,144 tokens: 41.0 min "
+        "r0.2-262k: WikiText-2 44.00 against at most 45 (met)",
+        "r0.2-262k: C4 validation 50.00 against at most twice the dense model's (60.00; met)",
+        "r0.2-262k-chat25: WikiText-2 47.50 against at most 45 (missed)",
+        "r0.2-262k-chat25: C4 validation 50.00 against at most twice the dense model's (60.00; met)",
+        "healed below unhealed on C4 validation at every ratio (r0.2-262k 98.00 -> 50.00, r0.2-262k-chat25 "
+        "98.00 -> 50.00, r0.4-262k 300.00 -> 80.00; met)",
+        "r0.2-262k-chat25: conversion + healing (20% (25% chat text, 16 at a time), 262,144 tokens) 41.0 min "
         "(conversion 10.0 + healing 31.0, loading, chat text and saving included, as two calls) against under 40 "
         "(missed)",
-        "20% healed: 25.0% of the 72 chat prompts answered against at least 90% (missed)",
-        "20% healed (25% chat text, 16 at a time): 95.0% of the 72 chat prompts answered against at least 90% (met)",
-        "20%: mean zero-shot acc 0.410 healed against 0.400 unhealed, to be above it (200 items per set; met)",
-        "20% (25% chat text, 16 at a time): mean zero-shot acc 0.390 healed against 0.400 unhealed, to be above it "
-        "(200 items per set; missed)",
+        "healed-r0.2-262k: 25.0% of the 72 chat prompts answered against at least 90% (missed)",
+        "healed-r0.2-262k-chat25: 95.0% of the 72 chat prompts answered against at least 90% (met)",
+        "healed-r0.2-262k: mean zero-shot acc 0.410 against 0.400 for student-r0.2, to be above it (200 items per "
+        "set; met)",
+        "healed-r0.2-262k-chat25: mean zero-shot acc 0.390 against 0.400 for student-r0.2, to be above it (200 items "
+        "per set; missed)",
     ]
     worse = {**wide, "c4_after": 301.0}
-    assert report.heal_targets([plain, worse], None, [], [])[-1].endswith("40% 300.00 -> 301.00; missed)")
-    faster = {**chat, "heal_call_wall_time_s": 1700.0, "heal_options": {**chat["heal_options"], "chat_batch_size": 64}}
+    assert report.heal_targets([plain, worse], None, [], [])[-1].endswith("r0.4-262k 300.00 -> 301.00; missed)")
+    faster = {**chat, "row": "r0.2-262k-chat25-b64", "heal_call_wall_time_s": 1700.0,
+              "heal_options": {**chat["heal_options"], "chat_batch_size": 64}}
     assert report.heal_targets([faster], None, [], [])[2] == (
-        "20% (25% chat text, 64 at a time), conversion + healing with 262,144 tokens: 38.3 min (conversion 10.0 + "
-        "healing 28.3, loading, chat text and saving included, as two calls) against under 40 (met)")
+        "r0.2-262k-chat25-b64: conversion + healing (20% (25% chat text, 64 at a time), 262,144 tokens) 38.3 min "
+        "(conversion 10.0 + healing 28.3, loading, chat text and saving included, as two calls) against under 40 "
+        "(met)")
 
 
 def test_readme_summary_shows_one_healing_row_per_ratio():
@@ -413,3 +419,22 @@ def test_heal_row_times_the_calls_a_user_waits_for(tmp_path, monkeypatch, resume
     else:
         assert 0.3 <= row["heal_call_wall_time_s"] < 5
     assert row["heal_options"]["chat_fraction"] == 0.25 and row["heal_options"]["tokens"] == 262144
+
+
+def test_ablations_name_what_they_change_against_the_base_run():
+    options = {"tokens": 131072, "lr": 1e-4, "loss": "kl", "trainable": "factors", "chat_fraction": 0.0}
+    base = {"row": "r0.2-131k", "ratio": 0.2, "budget_tokens": 131072, "sequential": True, "heal_options": options,
+            "wikitext2_after": 50.0, "c4_after": 40.0}
+    both = {**base, "row": "r0.2-131k-kl+lm", "heal_options": {**options, "loss": "kl+lm"}, "wikitext2_after": 45.0,
+            "c4_after": 41.0}
+    faster = {**base, "row": "r0.2-131k-lr3e-4", "heal_options": {**options, "lr": 3e-4}, "wikitext2_after": 55.0}
+    unsequential = {**base, "row": "r0.2-131k-nosequential", "sequential": False, "wikitext2_after": 50.0}
+    longer = {**both, "row": "r0.2-262k-kl+lm", "budget_tokens": 262144}  # another budget: not an ablation
+    wider = {**both, "row": "r0.3-131k-kl+lm", "ratio": 0.3}  # another ratio: not an ablation
+    assert report.heal_ablations([both, longer, wider]) == []  # no base run: nothing to compare with
+    assert report.heal_ablations([longer, both, base, faster, wider, unsequential]) == [
+        "r0.2-131k-kl+lm (loss kl+lm): WikiText-2 45.00 (10.0% lower), C4 validation 41.00 (2.5% higher)",
+        "r0.2-131k-lr3e-4 (lr 0.0003): WikiText-2 55.00 (10.0% higher), C4 validation 40.00 (0.0% higher)",
+        "r0.2-131k-nosequential (no sequential calibration): WikiText-2 50.00 (0.0% higher), C4 validation 40.00 "
+        "(0.0% higher)",
+    ]
