@@ -1192,13 +1192,18 @@ def heal_targets(rows: list[dict], dense: dict | None, chat_rows: list[dict], ze
 
 def heal_ablations(rows: list[dict]) -> list[str]:
     """Each run at the ablation base's ratio and budget against the base (`ABLATION_BASE`): what it changes (options
-    that differ, or the conversion without sequential calibration) and its perplexities after healing, relative."""
+    that differ, or the conversion without sequential calibration) and its perplexities after healing, relative.
+    Only runs in the base's precision whose student is the base's (the same perplexity before healing) or its
+    conversion without sequential calibration: rows of an earlier conversion or another machine do not compare."""
     base = next((r for r in rows if r["row"] == ABLATION_BASE), None)
     if base is None:
         return []
     lines = []
     for r in rows:
         if r is base or not math.isclose(r["ratio"], base["ratio"]) or r["budget_tokens"] != base["budget_tokens"]:
+            continue
+        same_student = math.isclose(r["wikitext2_before"], base["wikitext2_before"])
+        if r.get("heal_dtype") != base.get("heal_dtype") or not (same_student or not r.get("sequential", True)):
             continue
         options, base_options = r.get("heal_options", {}), base.get("heal_options", {})
         changed = [f"{key} {options[key]:g}" if isinstance(options[key], float) else f"{key} {options[key]}"

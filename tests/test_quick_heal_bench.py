@@ -424,15 +424,17 @@ def test_heal_row_times_the_calls_a_user_waits_for(tmp_path, monkeypatch, resume
 def test_ablations_name_what_they_change_against_the_base_run():
     options = {"tokens": 131072, "lr": 1e-4, "loss": "kl", "trainable": "factors", "chat_fraction": 0.0}
     base = {"row": "r0.2-131k", "ratio": 0.2, "budget_tokens": 131072, "sequential": True, "heal_options": options,
-            "wikitext2_after": 50.0, "c4_after": 40.0}
+            "wikitext2_before": 110.0, "wikitext2_after": 50.0, "c4_after": 40.0, "heal_dtype": "bfloat16"}
     both = {**base, "row": "r0.2-131k-kl+lm", "heal_options": {**options, "loss": "kl+lm"}, "wikitext2_after": 45.0,
             "c4_after": 41.0}
     faster = {**base, "row": "r0.2-131k-lr3e-4", "heal_options": {**options, "lr": 3e-4}, "wikitext2_after": 55.0}
-    unsequential = {**base, "row": "r0.2-131k-nosequential", "sequential": False, "wikitext2_after": 50.0}
+    unsequential = {**base, "row": "r0.2-131k-nosequential", "sequential": False, "wikitext2_before": 130.0}
+    earlier = {**both, "row": "r0.2-131k-chat25", "wikitext2_before": 111.0}  # another conversion of the student
+    elsewhere = {**both, "row": "r0.2-131k-old", "heal_dtype": "float32"}  # trained in another precision
     longer = {**both, "row": "r0.2-262k-kl+lm", "budget_tokens": 262144}  # another budget: not an ablation
     wider = {**both, "row": "r0.3-131k-kl+lm", "ratio": 0.3}  # another ratio: not an ablation
     assert report.heal_ablations([both, longer, wider]) == []  # no base run: nothing to compare with
-    assert report.heal_ablations([longer, both, base, faster, wider, unsequential]) == [
+    assert report.heal_ablations([longer, earlier, both, base, faster, wider, elsewhere, unsequential]) == [
         "r0.2-131k-kl+lm (loss kl+lm): WikiText-2 45.00 (10.0% lower), C4 validation 41.00 (2.5% higher)",
         "r0.2-131k-lr3e-4 (lr 0.0003): WikiText-2 55.00 (10.0% higher), C4 validation 40.00 (0.0% higher)",
         "r0.2-131k-nosequential (no sequential calibration): WikiText-2 50.00 (0.0% higher), C4 validation 40.00 "
