@@ -1190,12 +1190,16 @@ def heal_targets(rows: list[dict], dense: dict | None, chat_rows: list[dict], ze
     return checks
 
 
+def ablation_base(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r["row"] == ABLATION_BASE), None)
+
+
 def heal_ablations(rows: list[dict]) -> list[str]:
     """Each run at the ablation base's ratio and budget against the base (`ABLATION_BASE`): what it changes (options
     that differ, or the conversion without sequential calibration) and its perplexities after healing, relative.
     Only runs in the base's precision whose student is the base's (the same perplexity before healing) or its
     conversion without sequential calibration: rows of an earlier conversion or another machine do not compare."""
-    base = next((r for r in rows if r["row"] == ABLATION_BASE), None)
+    base = ablation_base(rows)
     if base is None:
         return []
     lines = []
@@ -1272,7 +1276,7 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
         setting = ", ".join(filter(None, [options.get("trainable", "factors"), options.get("loss", "kl"),
                                           f"{pct(chat_share(r))} chat text" if chat_share(r) else None,
                                           None if r.get("sequential", True) else "no sequential calibration"]))
-        body.append([r["row"], pct(r["ratio"]), f"{r['budget_tokens']:,}", setting, f"{options.get('lr', 0):g}",
+        body.append([r["row"], pct(r["ratio"]), f"{r['budget_tokens']:,}", setting, f"{options['lr']:g}" if "lr" in options else "-",
                      f"{r['heal_trainable_params']:,}",
                      f"{r['wikitext2_before']:.2f} -> **{r['wikitext2_after']:.2f}**",
                      f"{r['c4_before']:.2f} -> **{r['c4_after']:.2f}**",
@@ -1294,7 +1298,7 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
         out += ["", "Targets, one line per run:", ""] + [f"- {check}" for check in checks]
     ablations = heal_ablations(rows)
     if ablations:
-        base = next(r for r in rows if r["row"] == ABLATION_BASE)
+        base = ablation_base(rows)
         out += ["", (f"Ablations at {pct(base['ratio'])} and {base['budget_tokens']:,} tokens, each against "
                      f"{ABLATION_BASE} (WikiText-2 {base['wikitext2_after']:.2f}, C4 validation "
                      f"{base['c4_after']:.2f}):"), ""] + [f"- {line}" for line in ablations]

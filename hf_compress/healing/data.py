@@ -119,11 +119,7 @@ def _chat_writer(teacher: PreTrainedModel, device: torch.device | str | None,
     home = next(teacher.parameters()).device
     target = home if device is None else torch.device(device)
     if bfloat16 and next(teacher.parameters()).dtype == torch.float32:
-        writer = copy.deepcopy(teacher).to(device=target, dtype=torch.bfloat16).eval()
-        try:
-            yield writer
-        finally:
-            del writer
+        yield copy.deepcopy(teacher).to(device=target, dtype=torch.bfloat16).eval()  # freed when the block ends
         return
     teacher.to(target)
     try:
