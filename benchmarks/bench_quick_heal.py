@@ -84,10 +84,17 @@ class Row:
     tokens: int
     heal: dict = field(default_factory=dict)
     sequential: bool = True
+    calib_chat: float = 0.0  # share of the calibration samples that are the source's chat text
 
     @property
     def student(self) -> str:
-        return f"student-r{self.ratio:g}" + ("" if self.sequential else "-nosequential")
+        return student_name(self.ratio, self.sequential, self.calib_chat)
+
+
+def student_name(ratio: float, sequential: bool = True, calib_chat: float = 0.0) -> str:
+    """`student-r0.2`, `student-r0.2-nosequential`, `student-r0.2-calchat25` ...: the conversion's folder."""
+    return (f"student-r{ratio:g}" + ("" if sequential else "-nosequential")
+            + (f"-calchat{round(calib_chat * 100)}" if calib_chat else ""))
 
 
 ROWS = {
@@ -102,6 +109,8 @@ ROWS = {
         Row("r0.2-131k-lm", 0.2, 131072, {"loss": "lm"}),
         Row("r0.2-131k-kl+lm", 0.2, 131072, {"loss": "kl+lm"}),
         Row("r0.2-131k-nosequential", 0.2, 131072, sequential=False),
+        # Calibration where a quarter of the 128 samples are the source's free chat text (healing on plain text).
+        Row("r0.2-131k-calchat25", 0.2, 131072, calib_chat=0.25),
     ],
     "chat": [
         # A quarter of the sequences written by the teacher through its chat template (free samples).
@@ -191,7 +200,8 @@ def student(row: Row, work: Path, evaluator_of) -> tuple[Path, dict]:
     if not (folder / "config.json").exists():
         started = time.perf_counter()
         result = convert("smollm2", folder, BasisSharingConfig(ratio=row.ratio, sequential=row.sequential),
-                         calibration=CalibrationConfig(dataset="c4-calibration"), overwrite=True)
+                         calibration=CalibrationConfig(dataset="c4-calibration", chat_fraction=row.calib_chat),
+                         overwrite=True)
         atomic_write_json(work / f"{row.student}.convert.json",
                           {"wall_time_s": result.wall_time_s, "peak_rss_mb": result.peak_memory_mb,
                            "achieved_ratio": result.achieved_ratio, "timings": result.timings,
@@ -234,7 +244,8 @@ def heal_row(row: Row, work: Path, evaluator_of) -> dict:
     after = evaluator_of(tokenizer)(model)
     return {
         "row": row.name, "ratio": row.ratio, "achieved_ratio": before["conversion"]["achieved_ratio"],
-        "budget_tokens": row.tokens, "sequential": row.sequential, "heal_options": config.to_dict(),
+        "budget_tokens": row.tokens, "sequential": row.sequential, "calib_chat_fraction": row.calib_chat,
+        "heal_options": config.to_dict(),
         "wikitext2_before": before["wikitext2"], "wikitext2_after": after["wikitext2"],
         "c4_before": before["c4"], "c4_after": after["c4"],
         "conversion_wall_time_s": before["conversion"]["wall_time_s"],
@@ -284,13 +295,15 @@ class BenchModel:
     heal_row: str | None = None
     budget_tokens: int | None = None
     heal_options: dict = field(default_factory=dict)
+    calib_chat: float = 0.0
 
     def describe(self) -> dict:
         return {"model": self.name, "kind": self.kind, "ratio": self.ratio, "sequential": self.sequential,
-                "heal_row": self.heal_row, "budget_tokens": self.budget_tokens, "heal_options": self.heal_options}
+                "calib_chat_fraction": self.calib_chat, "heal_row": self.heal_row,
+                "budget_tokens": self.budget_tokens, "heal_options": self.heal_options}
 
 
-_STUDENT = re.compile(r"student-r([0-9.]+)(-nosequential)?")
+_STUDENT = re.compile(r"student-r([0-9.]+)(-nosequential)?(?:-calchat([0-9]+))?")
 
 
 def bench_models(work: Path, source: str = SOURCE) -> list[BenchModel]:
@@ -306,10 +319,12 @@ def bench_models(work: Path, source: str = SOURCE) -> list[BenchModel]:
         row = every.get(folder.name.removeprefix("healed-")) if folder.name.startswith("healed-") else None
         if match:
             found.append(BenchModel(folder.name, str(folder), float(match.group(1)), "unhealed",
-                                    sequential=not match.group(2)))
+                                    sequential=not match.group(2),
+                                    calib_chat=int(match.group(3)) / 100 if match.group(3) else 0.0))
         elif row is not None:
             found.append(BenchModel(folder.name, str(folder), row.ratio, "healed", sequential=row.sequential,
-                                    heal_row=row.name, budget_tokens=row.tokens, heal_options=dict(row.heal)))
+                                    heal_row=row.name, budget_tokens=row.tokens, heal_options=dict(row.heal),
+                                    calib_chat=row.calib_chat))
     found.sort(key=lambda m: (m.ratio, m.kind == "healed", m.budget_tokens or 0, m.name))
     return [BenchModel(DENSE, source, 0.0, "dense")] + found
 
@@ -445,7 +460,7 @@ def zeroshot_models(models: list[BenchModel]) -> list[BenchModel]:
     model healed from it with the full budget and the default objective, whatever its data mix (plain text, or with
     the teacher's chat text: the library's default for a chat model)."""
     return [m for m in models if m.kind == "dense" or (
-        math.isclose(m.ratio, ZEROSHOT_RATIO) and m.sequential
+        math.isclose(m.ratio, ZEROSHOT_RATIO) and m.sequential and not m.calib_chat
         and (m.kind == "unhealed"
              or (m.budget_tokens == ZEROSHOT_BUDGET and set(m.heal_options) <= DATA_OPTIONS)))]
 

@@ -1207,13 +1207,16 @@ def heal_ablations(rows: list[dict]) -> list[str]:
         if r is base or not math.isclose(r["ratio"], base["ratio"]) or r["budget_tokens"] != base["budget_tokens"]:
             continue
         same_student = math.isclose(r["wikitext2_before"], base["wikitext2_before"])
-        if r.get("heal_dtype") != base.get("heal_dtype") or not (same_student or not r.get("sequential", True)):
+        other_conversion = not r.get("sequential", True) or r.get("calib_chat_fraction", 0.0) > 0
+        if r.get("heal_dtype") != base.get("heal_dtype") or not (same_student or other_conversion):
             continue
         options, base_options = r.get("heal_options", {}), base.get("heal_options", {})
         changed = [f"{key} {options[key]:g}" if isinstance(options[key], float) else f"{key} {options[key]}"
                    for key in options if key != "tokens" and options[key] != base_options.get(key)]
         if r.get("sequential", True) != base.get("sequential", True):
             changed.append("no sequential calibration" if base.get("sequential", True) else "sequential calibration")
+        if r.get("calib_chat_fraction", 0.0) != base.get("calib_chat_fraction", 0.0):
+            changed.append(f"calibration {r.get('calib_chat_fraction', 0.0):.0%} chat text")
         lines.append(f"{r['row']} ({', '.join(changed) or 'same options'}): WikiText-2 {r['wikitext2_after']:.2f} "
                      f"({change(r['wikitext2_after'], base['wikitext2_after'], 1)}), C4 validation "
                      f"{r['c4_after']:.2f} ({change(r['c4_after'], base['c4_after'], 1)})")

@@ -302,12 +302,30 @@ def test_exchange_cells_and_missing_models():
     assert math.isclose(report.std_error(0.5, 200) / math.sqrt(6), 0.0144, abs_tol=1e-4)
 
 
+def test_students_are_named_and_found_by_their_conversion(tmp_path):
+    rows = {row.name: row for rows in bench.ROWS.values() for row in rows}
+    names = {"student-r0.2": (0.2, True, 0.0), "student-r0.2-nosequential": (0.2, False, 0.0),
+             "student-r0.3-calchat25": (0.3, True, 0.25), "student-r0.2-nosequential-calchat10": (0.2, False, 0.1)}
+    for name, args in names.items():
+        assert bench.student_name(*args) == name
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "healed-r0.2-131k-calchat25").mkdir()
+    (tmp_path / "healed-r0.2-131k-calchat25" / "config.json").write_text("{}")
+    assert rows["r0.2-131k-calchat25"].student == "student-r0.2-calchat25"
+    found = {m.name: (m.ratio, m.sequential, m.calib_chat, m.kind) for m in bench.bench_models(tmp_path)}
+    assert found == {"dense": (0.0, True, 0.0, "dense"), **{name: (*args, "unhealed") for name, args in names.items()},
+                     "healed-r0.2-131k-calchat25": (0.2, True, 0.25, "healed")}
+    assert bench.BenchModel("x", "x", 0.2, "unhealed", calib_chat=0.25).describe()["calib_chat_fraction"] == 0.25
+
+
 def test_zeroshot_default_models_take_every_data_mix():
     """The stage's default: dense, the 20% student and each 20% model healed with the full budget and the KL on the
     factors, plain or with chat text; not other ratios, budgets, objectives or conversion settings."""
     M = bench.BenchModel
     models = [M("dense", "smollm2", 0.0, "dense"), M("student-r0.2", "s", 0.2, "unhealed"),
               M("student-r0.2-nosequential", "s", 0.2, "unhealed", sequential=False),
+              M("student-r0.2-calchat25", "s", 0.2, "unhealed", calib_chat=0.25),
               M("student-r0.3", "s", 0.3, "unhealed"),
               M("healed-r0.2-131k", "h", 0.2, "healed", budget_tokens=131072),
               M("healed-r0.2-262k", "h", 0.2, "healed", budget_tokens=262144),
@@ -429,14 +447,19 @@ def test_ablations_name_what_they_change_against_the_base_run():
             "c4_after": 41.0}
     faster = {**base, "row": "r0.2-131k-lr3e-4", "heal_options": {**options, "lr": 3e-4}, "wikitext2_after": 55.0}
     unsequential = {**base, "row": "r0.2-131k-nosequential", "sequential": False, "wikitext2_before": 130.0}
+    chat_calibrated = {**base, "row": "r0.2-131k-calchat25", "calib_chat_fraction": 0.25, "wikitext2_before": 120.0,
+                       "wikitext2_after": 52.0, "c4_after": 38.0}
     earlier = {**both, "row": "r0.2-131k-chat25", "wikitext2_before": 111.0}  # another conversion of the student
     elsewhere = {**both, "row": "r0.2-131k-old", "heal_dtype": "float32"}  # trained in another precision
     longer = {**both, "row": "r0.2-262k-kl+lm", "budget_tokens": 262144}  # another budget: not an ablation
     wider = {**both, "row": "r0.3-131k-kl+lm", "ratio": 0.3}  # another ratio: not an ablation
     assert report.heal_ablations([both, longer, wider]) == []  # no base run: nothing to compare with
-    assert report.heal_ablations([longer, earlier, both, base, faster, wider, elsewhere, unsequential]) == [
+    assert report.heal_ablations([longer, earlier, both, base, faster, wider, elsewhere, unsequential,
+                                  chat_calibrated]) == [
         "r0.2-131k-kl+lm (loss kl+lm): WikiText-2 45.00 (10.0% lower), C4 validation 41.00 (2.5% higher)",
         "r0.2-131k-lr3e-4 (lr 0.0003): WikiText-2 55.00 (10.0% higher), C4 validation 40.00 (0.0% higher)",
         "r0.2-131k-nosequential (no sequential calibration): WikiText-2 50.00 (0.0% higher), C4 validation 40.00 "
         "(0.0% higher)",
+        "r0.2-131k-calchat25 (calibration 25% chat text): WikiText-2 52.00 (4.0% higher), C4 validation 38.00 "
+        "(5.0% lower)",
     ]

@@ -17,12 +17,15 @@ from transformers import PretrainedConfig
 from ..checkpoint import prepare_output
 from ..data.text import calibration_batch, load_text_option
 from ..device import MemoryPhases, dtype_name, pick_device
+from ..errors import HFCompressError
 from ..sources import load_source, source_config
 from .assembly import LayerwiseAssembly
+from .calibration import with_chat_samples
 from .compressor import BasisSharingCompressor
 from .config import EVAL_SEQ_LEN, BasisSharingConfig, CalibrationConfig
 from .evaluation import check_context, check_window_options, measure_perplexity
 from ..healing.config import HealConfig
+from ..healing.data import has_chat_template
 from .footprint import source_footprint
 from .record import compression_record, conversion_figures
 from .save import round_weights, save_checkpoint
@@ -118,7 +121,7 @@ def convert(
     start = time.perf_counter()
     phases = MemoryPhases()
     inputs = _load_inputs(source, gguf_file, revision, config, calibration, compute_device, eval_dataset,
-                          eval_seq_len, heal, phases, start)
+                          eval_seq_len, heal, phases, start, progress)
     evaluation = None
     if inputs.eval_texts is not None:
         evaluation = _Evaluation(eval_dataset, inputs.eval_texts, eval_seq_len, eval_max_windows, progress)
@@ -191,9 +194,11 @@ def _check_options(source: str, output_dir: str | Path | None, gguf_file: str | 
 
 def _load_inputs(source: str, gguf_file: str | None, revision: str | None, config: BasisSharingConfig | None,
                  calibration: CalibrationConfig | None, device: torch.device, eval_dataset: str | None,
-                 eval_seq_len: int, heal: HealConfig | None, phases: MemoryPhases, start: float) -> _Inputs:
+                 eval_seq_len: int, heal: HealConfig | None, phases: MemoryPhases, start: float,
+                 progress: bool = True) -> _Inputs:
     """The `load` phase: checks the source's config and reads the texts, then loads the source (the weights last,
-    so that all that can fail without them fails first) and draws the calibration batch."""
+    so that all that can fail without them fails first) and draws the calibration batch (with the source's chat
+    text where `calibration.chat_fraction` asks for it)."""
     with phases("load"):
         inputs = _read_inputs(source, gguf_file, revision, config, calibration, device, eval_dataset, eval_seq_len,
                               heal)
@@ -201,6 +206,7 @@ def _load_inputs(source: str, gguf_file: str | None, revision: str | None, confi
         calib = inputs.calibration
         inputs.ids = calibration_batch(inputs.tokenizer, inputs.texts, samples=calib.samples, seq_len=calib.seq_len,
                                        seed=calib.seed)
+        inputs.ids = with_chat_samples(inputs.ids, inputs.model, inputs.tokenizer, calib, device, progress=progress)
     return inputs
 
 
@@ -220,6 +226,9 @@ def _read_inputs(source: str, gguf_file: str | None, revision: str | None, confi
     if heal is not None:  # the healing text is read before the weights load, so that a bad one fails first
         heal_texts = load_text_option("--heal-dataset", heal.dataset, column=heal.dataset_column)
     model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision, config=architecture)
+    if calibration.chat_fraction > 0 and not has_chat_template(tokenizer):
+        raise HFCompressError(f"--calib-chat-fraction {calibration.chat_fraction:g}: the source's tokenizer has no "
+                              "chat template to write chat text with; calibrate on text alone (0).")
     if heal_texts is not None:  # and it must hold one batch, checked before the calibration starts
         from ..healing.data import healing_ids
 

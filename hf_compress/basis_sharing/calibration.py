@@ -233,3 +233,23 @@ def stage_inputs(
             if not torch.isfinite(x).all():
                 raise HFCompressError(f"the input of {KEY_PROJECTION[key]} in decoder layer {layer_idx} has NaN or inf.")
             yield slice(rows.start * seq_len, rows.stop * seq_len), x
+
+
+def with_chat_samples(ids: torch.Tensor, model: PreTrainedModel, tokenizer, calibration, device: torch.device,
+                      *, progress: bool = True) -> torch.Tensor:
+    """`ids` with its last `calibration.chat_samples` rows replaced by chat text the source writes through its own
+    chat template: the Grams then see the activations of the conversations an instruct model is used for, which
+    plain text never shows it. The text is healing's free chat samples (`healing.chat_data.chat_chunks`, seeded by
+    `calibration.seed`), written by a bfloat16 copy of the source where the calibration runs in bfloat16."""
+    from ..healing.chat_data import chat_chunks
+    from ..healing.config import HealConfig
+    from ..healing.data import chat_writer
+
+    count = calibration.chat_samples
+    if count == 0:
+        return ids
+    # The chat options are healing's defaults; only the chunk length and the seed come from the calibration.
+    options = HealConfig(seq_len=calibration.seq_len, seed=calibration.seed)
+    with chat_writer(model, device, bfloat16=calibration.dtype == "bfloat16") as writer:
+        chat = chat_chunks(writer, tokenizer, options, count, progress=progress)
+    return torch.cat([ids[: ids.shape[0] - count], chat])

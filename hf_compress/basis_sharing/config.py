@@ -135,6 +135,10 @@ class CalibrationConfig(MethodConfig):
     `dtype` is that of the calibration forwards' matrix products: `"auto"` (resolved by `resolve`) takes bfloat16
     where the device multiplies it natively and float32 elsewhere. Grams, whitening and factorizations are
     float32/float64 either way.
+
+    `chat_fraction`: share of the `samples` that are chat text written by the source through its own chat template
+    (free samples, as healing's `chat_source="free"` writes them) instead of chunks of `dataset`; 0 (the default)
+    calibrates on `dataset` alone. A source without a chat template is refused.
     """
 
     dataset: str = "c4-calibration"
@@ -146,15 +150,24 @@ class CalibrationConfig(MethodConfig):
     seed: int = 2023
     batch_size: int = 8
     dtype: str = "auto"
+    chat_fraction: float = 0.0
 
     def validate(self) -> None:
         """Raises `HFCompressError` naming the first bad option."""
         _check_at_least_one({"--calib-samples": self.samples, "--calib-seq-len": self.seq_len,
                              "--batch-size": self.batch_size})
+        if isinstance(self.chat_fraction, bool) or not isinstance(self.chat_fraction, (int, float)) \
+                or not 0.0 <= self.chat_fraction <= 1.0:
+            raise HFCompressError(f"--calib-chat-fraction must be a number in [0, 1]; got {self.chat_fraction!r}.")
         # `calibration_dtype` owns the list of names and its message; the device does not matter for the check.
         calibration_dtype(self.dtype, torch.device("cpu"))
 
     def resolve(self, device: str | torch.device | None = None) -> "CalibrationConfig":
         """A copy with `dtype` "auto" replaced by the dtype it means on `device` (the provenance records that one)."""
         return dataclasses.replace(self, dtype=dtype_name(calibration_dtype(self.dtype, _device(device))))
+
+    @property
+    def chat_samples(self) -> int:
+        """How many of the `samples` are the source's chat text (at least one for any fraction above 0)."""
+        return 0 if self.chat_fraction == 0 else max(1, round(self.samples * self.chat_fraction))
 

@@ -48,6 +48,10 @@ def convert_command(
     calib_column: Optional[str] = typer.Option(_CAL.column, "--calib-column"),
     calib_samples: int = typer.Option(_CAL.samples, "--calib-samples"),
     calib_seq_len: int = typer.Option(_CAL.seq_len, "--calib-seq-len"),
+    calib_chat_fraction: float = typer.Option(
+        _CAL.chat_fraction, "--calib-chat-fraction",
+        help="Share of the calibration samples that are chat text the source writes through its chat template "
+             "(instruct sources); the rest come from --calib-dataset."),
     seed: int = typer.Option(_CAL.seed, "--seed"),
     rank_allocation: str = typer.Option(_BS.rank_allocation, "--rank-allocation", help="uniform (the paper) or global."),
     rank_multiple: Optional[int] = typer.Option(
@@ -101,6 +105,7 @@ def convert_command(
         calibration=CalibrationConfig(
             dataset=calib_dataset, config=calib_config, split=calib_split, column=calib_column,
             samples=calib_samples, seq_len=calib_seq_len, seed=seed, batch_size=batch_size, dtype=calib_dtype,
+            chat_fraction=calib_chat_fraction,
         ),
         gguf_file=gguf_file, revision=revision, device=device, overwrite=overwrite, eval_dataset=eval_dataset,
         eval_seq_len=eval_seq_len, eval_max_windows=eval_max_windows, push_to_hub=push_to_hub, private=private,

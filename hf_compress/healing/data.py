@@ -110,7 +110,7 @@ def mixed_healing_data(text: torch.Tensor, chat: torch.Tensor, config: HealConfi
 
 
 @contextmanager
-def _chat_writer(teacher: PreTrainedModel, device: torch.device | str | None,
+def chat_writer(teacher: PreTrainedModel, device: torch.device | str | None,
                  bfloat16: bool) -> Iterator[PreTrainedModel]:
     """The teacher as it writes the chat text, on `device` (else where it is). With `bfloat16`, a bfloat16 copy of a
     float32 teacher: token-by-token decoding is bound by reading the weights, and half the bytes make it faster;
@@ -147,7 +147,7 @@ def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig, te
         from .chat_data import chat_chunks
 
         text = text_chunks(tokenizer, texts, config)  # a too-short dataset is refused before any generation
-        with _chat_writer(teacher, device, bfloat16=config.dtype == "bfloat16") as writer:
+        with chat_writer(teacher, device, bfloat16=config.dtype == "bfloat16") as writer:
             chat = chat_chunks(writer, tokenizer, config, chat_sequences(config), progress=progress)
         data = mixed_healing_data(text, chat, config)
     else:
