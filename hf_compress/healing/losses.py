@@ -26,12 +26,21 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def _kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Module,
-            teacher_head: nn.Module, temperature: float) -> torch.Tensor:
-    """Sum over the positions of KL(teacher || student) of the softened distributions (float32 softmaxes)."""
-    student_logp = F.log_softmax(_upcast(student_head(student_hidden)) / temperature, dim=-1)
+def _softened_log_probs(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: nn.Module,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's log-softmax of their logits over `temperature` (float32 softmaxes); the
+    teacher's without a graph."""
+    student_logp = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
     with torch.no_grad():
         teacher_logp = F.log_softmax(_upcast(teacher_head(teacher_hidden)) / temperature, dim=-1)
+    return student_logp, teacher_logp
+
+
+def _kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Module,
+            teacher_head: nn.Module, temperature: float) -> torch.Tensor:
+    """Sum over the positions of KL(teacher || student) of the softened distributions."""
+    student_logp, teacher_logp = _softened_log_probs(student_head(student_hidden), teacher_hidden, teacher_head,
+                                                     temperature)
     return F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
 
 
@@ -49,8 +58,8 @@ class _FrozenHeadKL(torch.autograd.Function):
         for start in range(0, student_hidden.shape[1], chunk):
             piece = slice(start, start + chunk)
             logits = F.linear(student_hidden[:, piece], student_head.weight, student_head.bias)
-            student_logp = F.log_softmax(_upcast(logits) / temperature, dim=-1)
-            teacher_logp = F.log_softmax(_upcast(teacher_head(teacher_hidden[:, piece])) / temperature, dim=-1)
+            student_logp, teacher_logp = _softened_log_probs(logits, teacher_hidden[:, piece], teacher_head,
+                                                             temperature)
             part = F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
             total = part if total is None else total + part
             grad_logits = (student_logp.exp() - teacher_logp.exp()) / temperature
