@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_compress.errors import HFCompressError
 from hf_compress.healing import HealConfig, HealResult, heal
-from hf_compress.healing.losses import chunked_kl_loss, chunked_lm_loss, frozen_head_kl_sum
+from hf_compress.healing.losses import chunked_kl_loss, chunked_lm_loss, frozen_head_kl_sum, kl_lm_loss
 from hf_compress.healing.trainer import (
     HealingObjective,
     mark_trainable,
@@ -343,6 +343,64 @@ def test_chunked_lm_loss_equals_cross_entropy():
         torch.testing.assert_close(value, full, rtol=1e-12, atol=1e-14)
         for got, want in zip(torch.autograd.grad(value, (hidden, head.weight)), grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_frozen_head_kl_lm_equals_the_sum_of_full_losses_in_one_pass(temperature):
+    torch.manual_seed(4)
+    batch, length, vocab, lm_weight = 3, 9, 13, 0.5
+    student_head = nn.Linear(6, vocab, bias=True).double().requires_grad_(False)
+    teacher_head = nn.Linear(5, vocab, bias=False).double()
+    calls = []
+    for head in (student_head, teacher_head):
+        head.register_forward_hook(lambda module, args, out: calls.append(module))
+    student_hidden = torch.randn(batch, length, 6, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, 5, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[0, 4] = labels[2, 8] = labels[1, 0] = -100  # ignored targets (the first position is never one)
+
+    logits = student_head(student_hidden)
+    log_s = F.log_softmax(logits / temperature, -1)
+    log_t = F.log_softmax(teacher_head(teacher_hidden) / temperature, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature**2
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
+    (want_ce,) = torch.autograd.grad(ce, student_hidden, retain_graph=True)
+    (want,) = torch.autograd.grad(kl + lm_weight * ce, student_hidden)
+    for chunk in (1, 4, 9, 64):
+        calls.clear()
+        value = kl_lm_loss(student_hidden, teacher_hidden, student_head, teacher_head, labels, temperature,
+                           lm_weight, chunk)
+        assert calls == [teacher_head] * -(-length // chunk)  # the student's logits once, by weight, a chunk at a time
+        torch.testing.assert_close(value, kl + lm_weight * ce, rtol=1e-12, atol=1e-14)
+        (got,) = torch.autograd.grad(value * 2.0, student_hidden)
+        torch.testing.assert_close(got, 2.0 * want, rtol=1e-10, atol=1e-13)
+        assert len(calls) == -(-length // chunk)  # the backward pass computed no logits
+
+        # The LM loss alone takes the same one-pass path.
+        value = chunked_lm_loss(student_hidden, student_head, labels, chunk)
+        torch.testing.assert_close(value, ce, rtol=1e-12, atol=1e-14)
+        (got,) = torch.autograd.grad(value, student_hidden)
+        torch.testing.assert_close(got, want_ce, rtol=1e-10, atol=1e-13)
+        assert len(calls) == -(-length // chunk)
+
+
+def test_frozen_head_kl_lm_matches_checkpointed_path_under_bfloat16_autocast():
+    torch.manual_seed(5)
+    student_head, teacher_head = nn.Linear(16, 50, bias=False), nn.Linear(16, 50, bias=False)
+    student_hidden = torch.randn(2, 24, 16, requires_grad=True)
+    teacher_hidden = torch.randn(2, 24, 16)
+    labels = torch.randint(0, 50, (2, 24))
+    results = []
+    for frozen in (True, False):
+        student_head.requires_grad_(not frozen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = kl_lm_loss(student_hidden, teacher_hidden, student_head, teacher_head, labels, 1.0, 1.0, 8)
+        (grad,) = torch.autograd.grad(value, student_hidden)
+        results.append((value.detach(), grad))
+    (fast_value, fast_grad), (slow_value, slow_grad) = results
+    assert fast_value.dtype == torch.float32 and fast_grad.dtype == torch.float32
+    torch.testing.assert_close(fast_value, slow_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_grad, slow_grad, rtol=2e-2, atol=2e-4)
 
 
 # --- (6) bad input ------------------------------------------------------------------------------------------------

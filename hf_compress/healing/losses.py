@@ -44,25 +44,40 @@ def _kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_
     return F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
 
 
-class _FrozenHeadKL(torch.autograd.Function):
-    """Sum over the positions of KL(teacher || student) with the student's head frozen, and its gradient with respect
-    to the student's hidden states worked out in the forward pass: for logits `s` and softened distributions
-    `p = softmax(s / T)`, `q = softmax(t / T)`, the gradient of `sum q * (log q - log p)` with respect to `s` is
-    `(p - q) / T`, which the head's weight carries back to the hidden states."""
+class _FrozenHeadLoss(torch.autograd.Function):
+    """`kl_scale` times the sum over the positions of KL(teacher || student), plus `ce_scale` times the sum of the
+    next-token cross-entropy, with the student's head frozen, and their gradient with respect to the student's
+    hidden states worked out in the forward pass, while each chunk's logits are at hand: for logits `s`, softened
+    distributions `p = softmax(s / T)`, `q = softmax(t / T)` and the target token `y`, the gradient of
+    `sum q * (log q - log p)` with respect to `s` is `(p - q) / T`, that of `-log softmax(s)[y]` is
+    `softmax(s) - onehot(y)`; the head's weight carries their sum back to the hidden states. One pass over the
+    logits serves both terms, so `kl+lm` costs the student's logits once."""
 
     @staticmethod
-    def forward(ctx, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Linear,
-                teacher_head: nn.Module, temperature: float, chunk: int) -> torch.Tensor:
+    def forward(ctx, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | None, targets: torch.Tensor | None,
+                student_head: nn.Linear, teacher_head: nn.Module | None, temperature: float, kl_scale: float,
+                ce_scale: float, chunk: int) -> torch.Tensor:
         grad = torch.empty_like(student_hidden)
         total = None
         for start in range(0, student_hidden.shape[1], chunk):
             piece = slice(start, start + chunk)
             logits = F.linear(student_hidden[:, piece], student_head.weight, student_head.bias)
-            student_logp, teacher_logp = _softened_log_probs(logits, teacher_hidden[:, piece], teacher_head,
-                                                             temperature)
-            part = F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
+            part, grad_logits, logp = 0.0, 0.0, None
+            if kl_scale:
+                student_logp, teacher_logp = _softened_log_probs(logits, teacher_hidden[:, piece], teacher_head,
+                                                                 temperature)
+                part = kl_scale * F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
+                grad_logits = kl_scale / temperature * (student_logp.exp() - teacher_logp.exp())
+                logp = student_logp if temperature == 1.0 else None
+            if ce_scale:
+                logp = F.log_softmax(_upcast(logits), dim=-1) if logp is None else logp
+                target = targets[:, piece]
+                valid = (target != IGNORE_INDEX).unsqueeze(-1)
+                part = part + ce_scale * F.nll_loss(logp.reshape(-1, logp.shape[-1]), target.reshape(-1),
+                                                    ignore_index=IGNORE_INDEX, reduction="sum")
+                ce_grad = logp.exp().scatter_add_(-1, target.clamp(min=0).unsqueeze(-1), -valid.to(logp.dtype))
+                grad_logits = grad_logits + ce_scale * ce_grad * valid
             total = part if total is None else total + part
-            grad_logits = (student_logp.exp() - teacher_logp.exp()) / temperature
             # under autocast this matmul runs in bfloat16, as the backward pass of `student_head` would
             grad[:, piece] = (grad_logits @ student_head.weight.to(grad_logits.dtype)).to(grad.dtype)
         ctx.save_for_backward(grad)
@@ -71,11 +86,23 @@ class _FrozenHeadKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+        return (grad * grad_output.to(grad.dtype),) + (None,) * 8
 
 
 def _head_is_frozen(head: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters())
+
+
+def _check_frozen(head: nn.Module, caller: str) -> None:
+    if not _head_is_frozen(head):
+        raise ValueError(f"{caller} needs an nn.Linear student head with no parameter requiring grad")
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """What each position predicts: `labels[:, t + 1]`, and `-100` (nothing) at the last position."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
 
 
 def frozen_head_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Linear,
@@ -83,10 +110,9 @@ def frozen_head_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tenso
     """Sum over the positions of KL(teacher || student) for a frozen `student_head` (an `nn.Linear` none of whose
     parameters requires a gradient), differentiable with respect to `student_hidden` only: the gradient is
     computed while the logits of each chunk are at hand, so the backward pass recomputes none of them."""
-    if not _head_is_frozen(student_head):
-        raise ValueError("frozen_head_kl_sum needs an nn.Linear student head with no parameter requiring grad")
-    return _FrozenHeadKL.apply(student_hidden, teacher_hidden.detach(), student_head, teacher_head, temperature,
-                               chunk)
+    _check_frozen(student_head, "frozen_head_kl_sum")
+    return _FrozenHeadLoss.apply(student_hidden, teacher_hidden.detach(), None, student_head, teacher_head,
+                                 temperature, 1.0, 0.0, chunk)
 
 
 def chunked_kl_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Module,
@@ -127,7 +153,12 @@ def _ce_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torc
 
 def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """The causal LM loss of `transformers` (position `t` predicts `labels[:, t + 1]`; `-100` ignored), mean over the
-    predicted tokens, computed `chunk` positions at a time as `chunked_kl_loss` does."""
+    predicted tokens, computed `chunk` positions at a time as `chunked_kl_loss` does (a frozen head: its gradient
+    in the forward pass; a training one: logits recomputed in the backward pass)."""
+    if hidden.requires_grad and _head_is_frozen(head):
+        count = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()
+        return _FrozenHeadLoss.apply(hidden, None, next_token_targets(labels), head, None, 1.0, 0.0, 1.0 / count,
+                                     chunk)
     hidden, targets = hidden[:, :-1], labels[:, 1:]
     total = None
     for start in range(0, hidden.shape[1], chunk):
@@ -138,3 +169,21 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         return hidden.sum() * 0.0
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
+
+
+def kl_lm_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Module,
+               teacher_head: nn.Module, labels: torch.Tensor, temperature: float = 1.0, lm_weight: float = 1.0,
+               chunk: int = 128) -> torch.Tensor:
+    """`chunked_kl_loss + lm_weight * chunked_lm_loss`. With a frozen student head both terms come from one pass
+    over each chunk's logits, their gradients summed in it (`_FrozenHeadLoss`): the logits are computed once, not
+    once per term."""
+    if not (student_hidden.requires_grad and _head_is_frozen(student_head)):
+        return (chunked_kl_loss(student_hidden, teacher_hidden, student_head, teacher_head, temperature, chunk)
+                + lm_weight * chunked_lm_loss(student_hidden, student_head, labels, chunk))
+    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+        raise ValueError(f"student and teacher hidden states cover different positions: "
+                         f"{tuple(student_hidden.shape[:2])} vs {tuple(teacher_hidden.shape[:2])}")
+    positions = student_hidden.shape[0] * student_hidden.shape[1]
+    count = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()
+    return _FrozenHeadLoss.apply(student_hidden, teacher_hidden.detach(), next_token_targets(labels), student_head,
+                                 teacher_head, temperature, temperature**2 / positions, lm_weight / count, chunk)

@@ -46,7 +46,7 @@ from ..errors import HFCompressError
 from ..provenance import DataRef, SourceRef
 from .config import HealConfig
 from .data import HealingData, has_chat_template, load_healing_data, recorded_options
-from .losses import chunked_kl_loss, chunked_lm_loss
+from .losses import chunked_kl_loss, chunked_lm_loss, kl_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -318,10 +318,10 @@ class HealingObjective(nn.Module):
         head = self.student.lm_head
         if self.loss_name == "lm":
             return chunked_lm_loss(hidden, head, input_ids, self.chunk)
-        loss = chunked_kl_loss(hidden, teacher_hidden, head, self.teacher_head, self.temperature, self.chunk)
         if self.loss_name == "kl+lm":
-            loss = loss + self.lm_weight * chunked_lm_loss(hidden, head, input_ids, self.chunk)
-        return loss
+            return kl_lm_loss(hidden, teacher_hidden, head, self.teacher_head, input_ids, self.temperature,
+                              self.lm_weight, self.chunk)
+        return chunked_kl_loss(hidden, teacher_hidden, head, self.teacher_head, self.temperature, self.chunk)
 
 
 def teacher_hidden_states(teacher: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
