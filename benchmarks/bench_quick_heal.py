@@ -129,6 +129,8 @@ ROWS = {
     # every 1e-4 run. 3e-4 came out worse than 1e-4 (68.1 against 57.4 WikiText-2), so 1e-3 was not run.
     "lr": [
         Row("r0.2-131k-lr3e-4", 0.2, 131072, {"lr": 3e-4}),
+        # Two sequences a step instead of four: the same tokens in twice the optimizer steps (128).
+        Row("r0.2-131k-b2", 0.2, 131072, {"batch_size": 2}),
     ],
     "extra": [
         Row("r0.1-262k", 0.1, 262144),
