@@ -63,9 +63,15 @@ TABLE_FILE = RESULTS / "quick_heal.md"
 CHAT_ROWS_FILE = RESULTS / "quick_heal_chat.jsonl"
 CHAT_ANSWERS_FILE = RESULTS / "quick_heal_chat_answers.json"
 ZEROSHOT_ROWS_FILE = RESULTS / "quick_heal_zeroshot.jsonl"
+POSITIONS_FILE = RESULTS / "quick_heal_positions.json"
+POSITIONS_TABLE = RESULTS / "quick_heal_positions.md"
+# Where in the 2048-token windows the loss is counted: healing trains on 512-token chunks, so positions past 511
+# are never trained on.
+POSITION_BUCKET = 512
 CHAT_PROMPTS_FILE = Path(__file__).resolve().parent / "chat_prompts.json"
 EVAL_WINDOWS, EVAL_SEQ_LEN = 20, 2048
 SOURCE, DENSE = "smollm2", "dense"
+POSITION_MODELS = [DENSE, "student-r0.2", "healed-r0.2-131k", "healed-r0.2-262k-chat25-b64-bf16text"]
 # 48 new tokens hold the first sentence of nearly every answer (what the exact match compares) and keep the chat
 # stage of 5 models x 72 prompts to about half an hour on 2 CPU cores.
 CHAT_MAX_NEW_TOKENS, CHAT_BATCH_SIZE = 48, 8
@@ -494,9 +500,86 @@ def zeroshot_stage(work: Path, *, source: str = SOURCE, names=None, limit: int =
     return appended
 
 
+def position_nll(model, ids: torch.Tensor, *, seq_len: int = EVAL_SEQ_LEN, max_windows: int = EVAL_WINDOWS,
+                 logit_chunk: int = 256) -> torch.Tensor:
+    """Summed next-token NLL at each position of the windows `window_losses` evaluates (`seq_len - 1` values,
+    position `t` predicting token `t + 1`), over the first `max_windows` windows, in float64."""
+    head, base = model.get_output_embeddings(), model.base_model
+    totals = torch.zeros(seq_len - 1, dtype=torch.float64)
+    windows = min(ids.numel() // seq_len, max_windows)
+    with torch.no_grad():
+        for window in range(windows):
+            chunk = ids[window * seq_len:(window + 1) * seq_len].unsqueeze(0)
+            hidden = base(input_ids=chunk, use_cache=False).last_hidden_state[0, :-1]
+            targets = chunk[0, 1:]
+            for start in range(0, hidden.shape[0], logit_chunk):
+                piece = slice(start, start + logit_chunk)
+                logits = head(hidden[piece]).float()
+                totals[piece] += torch.nn.functional.cross_entropy(logits, targets[piece], reduction="none").double()
+    return totals / windows
+
+
+def bucket_perplexities(nll: torch.Tensor, bucket: int = POSITION_BUCKET) -> list[float]:
+    """Perplexity over positions `[0, bucket)`, `[bucket, 2 * bucket)` ... of per-position mean NLLs."""
+    return [math.exp(nll[start:start + bucket].mean().item()) for start in range(0, nll.numel(), bucket)]
+
+
+def positions_stage(work: Path, *, source: str = SOURCE, names=None, out_file: Path | None = None,
+                    table_file: Path | None = None, note: str = "", log=print) -> dict:
+    """WikiText-2 and C4-validation perplexity of each model by where in the 2048-token window the predicted token
+    sits (buckets of `POSITION_BUCKET`): whether what healing leaves is spread evenly or sits past the positions it
+    trains on. Measured models are kept in `out_file` and not measured again; the table is rewritten."""
+    from hf_compress.sources import load_causal_lm
+
+    out_file, table_file = Path(out_file or POSITIONS_FILE), Path(table_file or POSITIONS_TABLE)
+    store = json.loads(out_file.read_text()) if out_file.exists() else {"bucket": POSITION_BUCKET, "models": {}}
+    evaluator = None
+    for m in pick_models(bench_models(work, source), names or POSITION_MODELS, work):
+        if m.name in store["models"]:
+            log(f"positions {m.name}: already measured")
+            continue
+        model, tokenizer = load_causal_lm(m.spec)
+        model.eval()
+        evaluator = evaluator or Evaluator(tokenizer)
+        started = time.perf_counter()
+        store["models"][m.name] = {
+            **m.describe(),
+            **{name: bucket_perplexities(position_nll(model, ids)) for name, ids in evaluator.ids.items()},
+            "wall_time_s": time.perf_counter() - started, "note": note}
+        atomic_write_json(out_file, store)
+        log(f"positions {m.name}: {store['models'][m.name]['wikitext2']}")
+    atomic_write_text(table_file, positions_table(store))
+    return store
+
+
+def positions_table(store: dict) -> str:
+    """Markdown: per text, each model's perplexity by position bucket, and its ratio to the dense model's."""
+    bucket, models = store["bucket"], store["models"]
+    first = next(iter(models.values()))
+    spans = [f"{start}-{start + bucket - 1}" for start in range(0, bucket * len(first["wikitext2"]), bucket)]
+    lines = ["# quick-heal: perplexity by position in the 2048-token window", "",
+             f"Predicted-token positions in buckets of {bucket} (healing trains on {bucket}-token chunks: positions "
+             f"from {bucket} on are never trained on). `bench_quick_heal.py positions`; values in "
+             f"`{POSITIONS_FILE.name}`.", ""]
+    dense = models.get(DENSE)
+    for text, title in (("wikitext2", "WikiText-2 quick"), ("c4", "C4 validation")):
+        lines += [f"{title} (first {EVAL_WINDOWS} windows):", "",
+                  "| model | " + " | ".join(spans) + " | last / first bucket, x dense |",
+                  "|---|" + "---|" * (len(spans) + 1)]
+        for name, row in models.items():
+            cells = [f"{v:.2f}" + (f" ({v / d:.2f}x)" if dense and name != DENSE else "")
+                     for v, d in zip(row[text], dense[text] if dense else row[text])]
+            drift = "-" if not dense or name == DENSE else \
+                f"{(row[text][-1] / dense[text][-1]) / (row[text][0] / dense[text][0]):.2f}"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {drift} |")
+        lines.append("")
+    notes = sorted({row["note"] for row in models.values() if row.get("note")})
+    return "\n".join(lines + [f"Note: {n}" for n in notes]).rstrip() + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["run", "table", "chat", "zeroshot"])
+    parser.add_argument("stage", choices=["run", "table", "chat", "zeroshot", "positions"])
     parser.add_argument("--rows", nargs="+", default=["main"], help=f"row sets ({', '.join(ROWS)}) or row names")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/quick_heal"),
                         help="students, healed checkpoints and resumable states")
@@ -522,6 +605,9 @@ def main() -> None:
     if args.stage == "chat":
         chat_stage(work, names=args.models, max_new_tokens=args.max_new_tokens, batch_size=args.chat_batch_size,
                    note=args.note, log=lambda line: print(line, flush=True))
+        return
+    if args.stage == "positions":
+        positions_stage(work, names=args.models, note=args.note, log=lambda line: print(line, flush=True))
         return
     if args.stage == "zeroshot":
         zeroshot_stage(work, names=args.models, limit=args.zeroshot_limit,

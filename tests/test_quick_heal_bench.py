@@ -463,3 +463,41 @@ def test_ablations_name_what_they_change_against_the_base_run():
         "r0.2-131k-calchat25 (calibration 25% chat text): WikiText-2 52.00 (4.0% higher), C4 validation 38.00 "
         "(5.0% lower)",
     ]
+
+
+def test_position_nll_averages_to_the_window_perplexity(work):
+    from hf_compress.evaluation.perplexity import window_losses
+
+    model, _ = load(work / "student-r0.2")
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3 * 64 + 10,))
+    nll = bench.position_nll(model, ids, seq_len=64, max_windows=5, logit_chunk=7)
+    assert nll.shape == (63,) and nll.dtype == torch.float64
+    # Three full windows: the mean over positions of their mean NLL is the mean of the windows' NLLs.
+    with torch.no_grad():
+        windows = window_losses(model, ids, seq_len=64, progress=False)
+    assert len(windows) == 3
+    assert math.isclose(nll.mean().item(), sum(windows) / 3, rel_tol=1e-5)
+    # Position 0 of the first window, by a direct forward.
+    with torch.no_grad():
+        first = torch.stack([model(ids[w * 64:(w + 1) * 64].unsqueeze(0)).logits[0, 0].float() for w in range(3)])
+    direct = torch.nn.functional.cross_entropy(first, ids[torch.tensor([1, 65, 129])]).item()
+    assert math.isclose(nll[0].item(), direct, rel_tol=1e-5)
+
+
+def test_positions_table_by_bucket(tmp_path):
+    nll = torch.log(torch.tensor([2.0] * 512 + [4.0] * 512 + [8.0] * 511, dtype=torch.float64))
+    assert [round(v, 9) for v in bench.bucket_perplexities(nll)] == [2.0, 4.0, 8.0]
+    store = {"bucket": 512, "models": {
+        "dense": {"wikitext2": [10.0, 8.0], "c4": [20.0, 16.0], "note": ""},
+        "healed-x": {"wikitext2": [20.0, 24.0], "c4": [30.0, 24.0], "note": "busy machine"}}}
+    assert bench.positions_table(store).splitlines()[4:] == [
+        "WikiText-2 quick (first 20 windows):", "",
+        "| model | 0-511 | 512-1023 | last / first bucket, x dense |", "|---|---|---|---|",
+        "| dense | 10.00 | 8.00 | - |",
+        "| healed-x | 20.00 (2.00x) | 24.00 (3.00x) | 1.50 |", "",
+        "C4 validation (first 20 windows):", "",
+        "| model | 0-511 | 512-1023 | last / first bucket, x dense |", "|---|---|---|---|",
+        "| dense | 20.00 | 16.00 | - |",
+        "| healed-x | 30.00 (1.50x) | 24.00 (1.50x) | 1.00 |", "",
+        "Note: busy machine"]
