@@ -1260,8 +1260,28 @@ def chat_exchange(answers: dict | None, chat_rows: list[dict], where: str = "") 
     ])
 
 
+def heal_positions(store: dict | None) -> list[str]:
+    """Per compressed model of `quick_heal_positions.json`: its perplexity over the first and the last position bucket of
+    the 2048-token windows, as multiples of the dense model's, on both texts."""
+    if not store or "dense" not in store.get("models", {}):
+        return []
+    models, bucket = store["models"], store["bucket"]
+    dense = models["dense"]
+    lines = []
+    for name, row in models.items():
+        if name == "dense":
+            continue
+        ratios = {text: (row[text][0] / dense[text][0], row[text][-1] / dense[text][-1]) for text in ("wikitext2", "c4")}
+        last = f"{bucket * (len(row['wikitext2']) - 1)}-{bucket * len(row['wikitext2']) - 1}"
+        lines.append(f"{name}: WikiText-2 {ratios['wikitext2'][0]:.2f}x dense over positions 0-{bucket - 1}, "
+                     f"{ratios['wikitext2'][1]:.2f}x over {last}; C4 validation {ratios['c4'][0]:.2f}x and "
+                     f"{ratios['c4'][1]:.2f}x")
+    return lines
+
+
 def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | None = None,
-                 zeroshot_rows: list[dict] | None = None, answers: dict | None = None) -> str:
+                 zeroshot_rows: list[dict] | None = None, answers: dict | None = None,
+                 positions: dict | None = None) -> str:
     chat_rows, zeroshot_rows = chat_rows or [], zeroshot_rows or []
     if not (rows or chat_rows or zeroshot_rows):
         return ""
@@ -1278,7 +1298,11 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
         options = r.get("heal_options", {})
         setting = ", ".join(filter(None, [options.get("trainable", "factors"), options.get("loss", "kl"),
                                           f"{pct(chat_share(r))} chat text" if chat_share(r) else None,
-                                          None if r.get("sequential", True) else "no sequential calibration"]))
+                                          f"batch {options['batch_size']}" if options.get("batch_size", 4) != 4
+                                          else None,
+                                          None if r.get("sequential", True) else "no sequential calibration",
+                                          f"calibration {pct(r['calib_chat_fraction'])} chat text"
+                                          if r.get("calib_chat_fraction") else None]))
         body.append([r["row"], pct(r["ratio"]), f"{r['budget_tokens']:,}", setting, f"{options['lr']:g}" if "lr" in options else "-",
                      f"{r['heal_trainable_params']:,}",
                      f"{r['wikitext2_before']:.2f} -> **{r['wikitext2_after']:.2f}**",
@@ -1305,6 +1329,11 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
         out += ["", (f"Ablations at {pct(base['ratio'])} and {base['budget_tokens']:,} tokens, each against "
                      f"{ABLATION_BASE} (WikiText-2 {base['wikitext2_after']:.2f}, C4 validation "
                      f"{base['c4_after']:.2f}):"), ""] + [f"- {line}" for line in ablations]
+    by_position = heal_positions(positions)
+    if by_position:
+        out += ["", (f"Perplexity by position in the 2048-token windows ([quick_heal_positions.md]"
+                     f"(quick_heal_positions.md); healing trains on {positions['bucket']}-token chunks), against the "
+                     "dense model's at the same positions:"), ""] + [f"- {line}" for line in by_position]
     exchange = chat_exchange(answers, chat_rows)
     if exchange:
         out += ["", "One chat exchange (dense, unhealed and healed at 20%):", "", exchange]
@@ -1425,7 +1454,8 @@ def build() -> tuple[str, str]:
         "",
         llm_section(llm, logs),
         "",
-        heal_section(heal_rows, heal_dense, chat_rows, zeroshot_rows, chat_answers),
+        heal_section(heal_rows, heal_dense, chat_rows, zeroshot_rows, chat_answers,
+                     load_json("quick_heal_positions.json")),
         "",
         save_dtype_section(load_json("save_dtype.json")),
         "",

@@ -501,3 +501,14 @@ def test_positions_table_by_bucket(tmp_path):
         "| dense | 20.00 | 16.00 | - |",
         "| healed-x | 30.00 (1.50x) | 24.00 (1.50x) | 1.00 |", "",
         "Note: busy machine"]
+
+
+def test_report_positions_lines():
+    store = {"bucket": 512, "models": {
+        "dense": {"kind": "dense", "wikitext2": [10.0, 8.0, 5.0], "c4": [20.0, 16.0, 10.0]},
+        "student-r0.2": {"kind": "unhealed", "wikitext2": [50.0, 40.0, 30.0], "c4": [60.0, 48.0, 20.0]},
+        "healed-x": {"kind": "healed", "wikitext2": [25.0, 20.0, 15.0], "c4": [30.0, 24.0, 15.0]}}}
+    assert report.heal_positions(store) == [
+        "student-r0.2: WikiText-2 5.00x dense over positions 0-511, 6.00x over 1024-1535; C4 validation 3.00x and 2.00x",
+        "healed-x: WikiText-2 2.50x dense over positions 0-511, 3.00x over 1024-1535; C4 validation 1.50x and 1.50x"]
+    assert report.heal_positions(None) == [] and report.heal_positions({"bucket": 512, "models": {}}) == []
