@@ -63,6 +63,7 @@ TABLE_FILE = RESULTS / "quick_heal.md"
 CHAT_ROWS_FILE = RESULTS / "quick_heal_chat.jsonl"
 CHAT_ANSWERS_FILE = RESULTS / "quick_heal_chat_answers.json"
 ZEROSHOT_ROWS_FILE = RESULTS / "quick_heal_zeroshot.jsonl"
+STUDENTS_FILE = RESULTS / "quick_heal_students.json"
 POSITIONS_FILE = RESULTS / "quick_heal_positions.json"
 POSITIONS_TABLE = RESULTS / "quick_heal_positions.md"
 # Where in the 2048-token windows the loss is counted: healing trains on 512-token chunks, so positions past 511
@@ -130,6 +131,9 @@ ROWS = {
         # The row above with the language-model loss added to the KL (better by 3.6% on WikiText-2 at 131,072 tokens
         # of plain text).
         Row("r0.2-262k-chat25-b64-kl+lm", 0.2, 262144, {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm"}),
+        # The same with two sequences a step (256 steps).
+        Row("r0.2-262k-chat25-b64-kl+lm-b2", 0.2, 262144,
+            {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2}),
     ],
     # The learning rate at 20% and 131,072 tokens (1e-4 in the main rows); the loss still falls at the end of
     # every 1e-4 run. 3e-4 came out worse than 1e-4 (68.1 against 57.4 WikiText-2), so 1e-3 was not run.
@@ -579,9 +583,26 @@ def positions_table(store: dict) -> str:
     return "\n".join(lines + [f"Note: {n}" for n in notes]).rstrip() + "\n"
 
 
+def students_stage(work: Path, rows: list[Row], evaluator_of, *, out_file: Path | None = None,
+                   note: str = "") -> dict:
+    """Each row's student converted (once) and evaluated, without healing: its perplexities and conversion figures
+    kept in `out_file` by student name (what a conversion setting does before any healing)."""
+    out_file = Path(out_file or STUDENTS_FILE)
+    store = json.loads(out_file.read_text()) if out_file.exists() else {}
+    for row in rows:
+        if row.student in store:
+            continue
+        _, figures = student(row, work, evaluator_of)
+        store[row.student] = {"ratio": row.ratio, "sequential": row.sequential, "calib_chat_fraction": row.calib_chat,
+                              "wikitext2": figures["wikitext2"], "c4": figures["c4"],
+                              "conversion": figures["conversion"], "note": note}
+        atomic_write_json(out_file, store)
+    return store
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["run", "table", "chat", "zeroshot", "positions"])
+    parser.add_argument("stage", choices=["run", "students", "table", "chat", "zeroshot", "positions"])
     parser.add_argument("--rows", nargs="+", default=["main"], help=f"row sets ({', '.join(ROWS)}) or row names")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/hf-compress-bench/quick_heal"),
                         help="students, healed checkpoints and resumable states")
@@ -630,6 +651,10 @@ def main() -> None:
     dense = dense_eval(work, evaluator_of)
     atomic_write_json(RESULTS / "quick_heal_dense.json", dense)
     print(f"dense: {dense}", flush=True)
+    if args.stage == "students":
+        for name, figures in students_stage(work, wanted, evaluator_of, note=args.note).items():
+            print(f"{name}: WikiText-2 {figures['wikitext2']:.2f}, C4 {figures['c4']:.2f}", flush=True)
+        return
     for row in wanted:
         if any(r["row"] == row.name for r in read_rows()):
             print(f"{row.name}: already measured", flush=True)

@@ -1279,9 +1279,34 @@ def heal_positions(store: dict | None) -> list[str]:
     return lines
 
 
+def calibration_chat_lines(students: dict | None, chat_rows: list[dict]) -> list[str]:
+    """Each student calibrated partly on the source's chat text against the student of the same ratio and
+    calibration otherwise (`quick_heal_students.json`), unhealed: perplexities, and the share of chat prompts
+    answered where the chat stage measured both."""
+    students = students or {}
+    answered = {r["model"]: r["non_empty"] for r in chat_rows if "non_empty" in r}
+    lines = []
+    for name, s in students.items():
+        if not s.get("calib_chat_fraction"):
+            continue
+        base_name = next((n for n, b in students.items() if not b.get("calib_chat_fraction")
+                          and math.isclose(b["ratio"], s["ratio"]) and b["sequential"] == s["sequential"]), None)
+        if base_name is None:
+            continue
+        base = students[base_name]
+        line = (f"{name} ({pct(s['calib_chat_fraction'])} of the calibration samples chat text): WikiText-2 "
+                f"{s['wikitext2']:.2f} against {base['wikitext2']:.2f} for {base_name} "
+                f"({change(s['wikitext2'], base['wikitext2'], 1)}), C4 validation {s['c4']:.2f} against "
+                f"{base['c4']:.2f} ({change(s['c4'], base['c4'], 1)})")
+        if name in answered and base_name in answered:
+            line += f"; chat prompts answered {pct(answered[name], 1)} against {pct(answered[base_name], 1)}"
+        lines.append(line)
+    return lines
+
+
 def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | None = None,
                  zeroshot_rows: list[dict] | None = None, answers: dict | None = None,
-                 positions: dict | None = None) -> str:
+                 positions: dict | None = None, students: dict | None = None) -> str:
     chat_rows, zeroshot_rows = chat_rows or [], zeroshot_rows or []
     if not (rows or chat_rows or zeroshot_rows):
         return ""
@@ -1329,6 +1354,10 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
         out += ["", (f"Ablations at {pct(base['ratio'])} and {base['budget_tokens']:,} tokens, each against "
                      f"{ABLATION_BASE} (WikiText-2 {base['wikitext2_after']:.2f}, C4 validation "
                      f"{base['c4_after']:.2f}):"), ""] + [f"- {line}" for line in ablations]
+    calibration_chat = calibration_chat_lines(students, chat_rows)
+    if calibration_chat:
+        out += ["", "Calibration on the source's own chat text, before healing (`quick_heal_students.json`):", ""] + [
+            f"- {line}" for line in calibration_chat]
     by_position = heal_positions(positions)
     if by_position:
         out += ["", (f"Perplexity by position in the 2048-token windows ([quick_heal_positions.md]"
@@ -1455,7 +1484,7 @@ def build() -> tuple[str, str]:
         llm_section(llm, logs),
         "",
         heal_section(heal_rows, heal_dense, chat_rows, zeroshot_rows, chat_answers,
-                     load_json("quick_heal_positions.json")),
+                     load_json("quick_heal_positions.json"), load_json("quick_heal_students.json")),
         "",
         save_dtype_section(load_json("save_dtype.json")),
         "",

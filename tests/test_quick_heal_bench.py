@@ -512,3 +512,43 @@ def test_report_positions_lines():
         "student-r0.2: WikiText-2 5.00x dense over positions 0-511, 6.00x over 1024-1535; C4 validation 3.00x and 2.00x",
         "healed-x: WikiText-2 2.50x dense over positions 0-511, 3.00x over 1024-1535; C4 validation 1.50x and 1.50x"]
     assert report.heal_positions(None) == [] and report.heal_positions({"bucket": 512, "models": {}}) == []
+
+
+def test_report_calibration_chat_lines():
+    students = {
+        "student-r0.2": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.0, "wikitext2": 100.0, "c4": 80.0},
+        "student-r0.2-nosequential": {"ratio": 0.2, "sequential": False, "calib_chat_fraction": 0.0,
+                                      "wikitext2": 130.0, "c4": 90.0},
+        "student-r0.2-calchat25": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.25,
+                                   "wikitext2": 110.0, "c4": 72.0},
+        "student-r0.3-calchat25": {"ratio": 0.3, "sequential": True, "calib_chat_fraction": 0.25,
+                                   "wikitext2": 200.0, "c4": 150.0}}  # no text-only student at 30%: no line
+    chat = [{"model": "student-r0.2", "non_empty": 0.125}, {"model": "student-r0.2-calchat25", "non_empty": 0.5}]
+    assert report.calibration_chat_lines(students, chat) == [
+        "student-r0.2-calchat25 (25% of the calibration samples chat text): WikiText-2 110.00 against 100.00 for "
+        "student-r0.2 (10.0% higher), C4 validation 72.00 against 80.00 (10.0% lower); chat prompts answered 50.0% "
+        "against 12.5%"]
+    assert report.calibration_chat_lines(students, [])[0].endswith("(10.0% lower)")
+    assert report.calibration_chat_lines(None, chat) == []
+
+
+def test_students_stage_keeps_each_student_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_student(row, work, evaluator_of):
+        calls.append(row.student)
+        return work / row.student, {"wikitext2": 100.0 + len(calls), "c4": 80.0, "conversion": {"wall_time_s": 1.0}}
+
+    monkeypatch.setattr(bench, "student", fake_student)
+    rows = [bench.Row("a", 0.2, 131072), bench.Row("b", 0.2, 131072, calib_chat=0.25),
+            bench.Row("c", 0.2, 262144)]  # the same student as "a"
+    out = tmp_path / "students.json"
+    store = bench.students_stage(tmp_path, rows, None, out_file=out, note="idle")
+    assert calls == ["student-r0.2", "student-r0.2-calchat25"]
+    assert store == json.loads(out.read_text()) == {
+        "student-r0.2": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.0, "wikitext2": 101.0, "c4": 80.0,
+                         "conversion": {"wall_time_s": 1.0}, "note": "idle"},
+        "student-r0.2-calchat25": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.25, "wikitext2": 102.0,
+                                   "c4": 80.0, "conversion": {"wall_time_s": 1.0}, "note": "idle"}}
+    bench.students_stage(tmp_path, rows, None, out_file=out)
+    assert len(calls) == 2  # measured once
