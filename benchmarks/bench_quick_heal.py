@@ -78,6 +78,9 @@ POSITION_MODELS = [DENSE, "student-r0.2", "healed-r0.2-131k", "healed-r0.2-262k-
 CHAT_MAX_NEW_TOKENS, CHAT_BATCH_SIZE = 48, 8
 ZEROSHOT_LIMIT, ZEROSHOT_BATCH_SIZE = 200, 8
 ZEROSHOT_RATIO, ZEROSHOT_BUDGET = 0.2, 262144
+# What a row heals with unless it says otherwise: plain text, the KL alone, four sequences a step (the library's
+# defaults when the rows were defined; it now defaults to `kl+lm`, two a step, and chat text for a chat model).
+PROTOCOL_HEAL = {"chat_fraction": 0.0, "loss": "kl", "batch_size": 4}
 # Row options that change only the healing data (the teacher's chat text), not what trains or the loss.
 DATA_OPTIONS = {"chat_fraction", "chat_batch_size"}
 
@@ -238,8 +241,9 @@ def heal_row(row: Row, work: Path, evaluator_of) -> dict:
     healed = work / f"healed-{row.name}"
     figures_file = work / f"healed-{row.name}.heal.json"
     # The protocol heals on the C4 calibration documents: plain text unless the row asks for the teacher's chat text
-    # (the library's default, "auto", would add it for this instruct teacher).
-    config = HealConfig(tokens=row.tokens, **{"chat_fraction": 0.0, **row.heal})
+    # (the library's default, "auto", would add it for this instruct teacher). A row's options are changes from
+    # `PROTOCOL_HEAL`, the setting every row was defined against, not from the library's defaults of the day.
+    config = HealConfig(tokens=row.tokens, **{**PROTOCOL_HEAL, **row.heal})
     if not figures_file.exists():
         # `heal` resumes from its state beside `healed` when an earlier run of this row was interrupted.
         started = time.perf_counter()

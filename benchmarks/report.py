@@ -1033,11 +1033,22 @@ ABLATION_BASE = "r0.2-131k"
 EXCHANGE_PROMPT = 0
 
 
+# The training settings whose rows count as main rows: the protocol's base (the KL alone, 4 sequences a step) and
+# the library's default (`HealConfig`: the KL plus the cross-entropy, 2 a step); both on the factors at lr 1e-4.
+MAIN_TRAINING = (("kl", 4), ("kl+lm", 2))
+
+
+def main_training(options: dict) -> bool:
+    """Healing options (whole, or only those a row changes from the protocol's base) of a main setting."""
+    return ((options.get("loss", "kl"), options.get("batch_size", 4)) in MAIN_TRAINING
+            and options.get("trainable", "factors") == "factors" and options.get("lr", 1e-4) == 1e-4)
+
+
 def is_main_heal(r: dict) -> bool:
-    """A row healed as the main rows are: KL on the factors, sequential calibration, the 262,144-token budget."""
-    options = r.get("heal_options", {})
-    return (r["budget_tokens"] == HEAL_BUDGET and options.get("loss", "kl") == "kl"
-            and options.get("trainable", "factors") == "factors" and r.get("sequential", True))
+    """A row healed as the main rows are: a `MAIN_TRAINING` setting on the factors, the default conversion
+    (sequential calibration on text alone), the 262,144-token budget."""
+    return (r["budget_tokens"] == HEAL_BUDGET and main_training(r.get("heal_options", {}))
+            and r.get("sequential", True) and not r.get("calib_chat_fraction"))
 
 
 def chat_share(r: dict) -> float:
@@ -1059,12 +1070,15 @@ def mix_tag(r: dict) -> str:
 
 
 def healed_rows(rows: list[dict], ratio: float) -> list[dict]:
-    """The chat or zero-shot rows of the models healed at `ratio` as the main rows are (the full budget, KL on the
-    factors, sequential calibration), whatever their data mix; per model the row with the most items per set."""
+    """The chat or zero-shot rows of the models healed at `ratio` as the main rows are (the full budget, a
+    `MAIN_TRAINING` setting, the default conversion), whatever their data mix; per model the row with the most items
+    per set."""
     found: dict[str, dict] = {}
     for r in rows:
+        options = r.get("heal_options") or {}
         if (r["kind"] == "healed" and math.isclose(r["ratio"], ratio) and r.get("sequential", True)
-                and r.get("budget_tokens") == HEAL_BUDGET and set(r.get("heal_options") or {}) <= DATA_OPTIONS):
+                and not r.get("calib_chat_fraction") and r.get("budget_tokens") == HEAL_BUDGET
+                and set(options) <= DATA_OPTIONS | {"loss", "batch_size"} and main_training(options)):
             if r["model"] not in found or r.get("limit", 0) > found[r["model"]].get("limit", 0):
                 found[r["model"]] = r
     return sorted(found.values(), key=chat_share)
@@ -1074,7 +1088,7 @@ def bench_row(rows: list[dict], ratio: float, kind: str) -> dict | None:
     """The chat or zero-shot row of the dense model, the unhealed student (sequential calibration) at `ratio`, or
     the model healed as the main rows are at `ratio` (zero-shot: the row with the most items per set)."""
     found = [r for r in rows if r["kind"] == kind and (kind == "dense" or (
-        math.isclose(r["ratio"], ratio) and r.get("sequential", True)
+        math.isclose(r["ratio"], ratio) and r.get("sequential", True) and not r.get("calib_chat_fraction")
         and (kind == "unhealed" or (not r.get("heal_options") and r.get("budget_tokens") == HEAL_BUDGET))))]
     return max(found, key=lambda r: r.get("limit", 0)) if found else None
 
@@ -1088,6 +1102,8 @@ def bench_row_label(r: dict) -> str:
         text += f" ({r['budget_tokens']:,} tokens" + (f", {options}" if options else "") + ")"
     if not r.get("sequential", True):
         text += ", no sequential calibration"
+    if r.get("calib_chat_fraction"):
+        text += f", calibration {pct(r['calib_chat_fraction'])} chat text"
     return text
 
 
@@ -1109,9 +1125,10 @@ def chat_table(rows: list[dict]) -> list[str]:
            "(non-empty ones only; for the dense row, of its own answers); *cut*: answers the token limit stopped."),
            ""]
     body = []
-    for r in sorted(rows, key=model_order):
+    ordered = sorted(rows, key=model_order)
+    for r, label in zip(ordered, distinct_labels(ordered)):
         nll = "-" if r["teacher_nll"] is None else f"{r['teacher_nll']:.3f}"
-        body.append([bench_row_label(r), pct(r["non_empty"], 1), pct(r["first_sentence_match"], 1), nll,
+        body.append([label, pct(r["non_empty"], 1), pct(r["first_sentence_match"], 1), nll,
                      f"{r['answer_tokens']:,}", pct(r["cut_at_limit"]), f"{r['generation_wall_time_s']:.0f}",
                      r["threads"]])
     out.append(table(["model", "answered", "first sentence = dense", "dense NLL", "answer tokens",
@@ -1238,9 +1255,9 @@ def chat_exchange(answers: dict | None, chat_rows: list[dict], where: str = "") 
     picked = [bench_row(chat_rows, CHAT_TARGET_RATIO, kind) for kind in ("dense", "unhealed", "healed")]
     if not all(picked) or not all(r["model"] in answers["models"] for r in picked):
         return ""
-    # Models healed with the teacher's chat text at the same ratio, beside the main healed row.
-    picked += sorted((r for r in chat_rows if r["kind"] == "healed" and math.isclose(r["ratio"], CHAT_TARGET_RATIO)
-                      and (r.get("heal_options") or {}).get("chat_fraction") and r["model"] in answers["models"]),
+    # Models healed as the main rows are, with the teacher's chat text, at the same ratio, beside the main healed row.
+    picked += sorted((r for r in healed_rows(chat_rows, CHAT_TARGET_RATIO)
+                      if (r.get("heal_options") or {}).get("chat_fraction") and r["model"] in answers["models"]),
                      key=model_order)
     limit = answers["max_new_tokens"]
     cells = []
@@ -1256,8 +1273,14 @@ def chat_exchange(answers: dict | None, chat_rows: list[dict], where: str = "") 
         "",
         "> " + md_cell(prompt),
         "",
-        table([bench_row_label(r) for r in picked], [cells]),
+        table(distinct_labels(picked), [cells]),
     ])
+
+
+def distinct_labels(rows: list[dict]) -> list[str]:
+    """`bench_row_label` of each row, with the model's name added where two rows would read the same."""
+    labels = [bench_row_label(r) for r in rows]
+    return [f"{label} [{r['model']}]" if labels.count(label) > 1 else label for label, r in zip(labels, rows)]
 
 
 def heal_positions(store: dict | None) -> list[str]:
@@ -1395,6 +1418,8 @@ def summary_table(llm: LLMRows, pruning: dict, exits: dict, heal_rows: list[dict
     for r in summary_heal_rows(heal_rows or []):
         dense = f"{heal_dense['wikitext2']:.2f} -> " if heal_dense else ""
         mix = f", {chat_share(r):.0%} of it the model's own chat text" if chat_share(r) else ""
+        if r["heal_options"].get("loss", "kl") != "kl":
+            mix += f", loss {r['heal_options']['loss']}"
         rows.append([f"Basis Sharing {r['ratio']:.0%} + healing ({r['budget_tokens']:,} tokens of distillation{mix})",
                      "SmolLM2-135M-Instruct, CPU", f"WikiText-2 ppl {dense}{r['wikitext2_after']:.2f}",
                      f"unhealed: {r['wikitext2_before']:.2f}", "protocol \"quick-heal\""])

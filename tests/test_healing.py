@@ -34,8 +34,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(calib_file: Path, **overrides) -> HealConfig:
-    """16 steps of 4 x 32 tokens in float32 on the tiny text; logit chunks of 7 (not dividing the length)."""
-    kwargs = {"tokens": 16 * 4 * 32, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "warmup_ratio": 0.0,
+    """16 steps of 4 x 32 tokens in float32 on the tiny text, the KL alone; logit chunks of 7 (not dividing the
+    length)."""
+    kwargs = {"tokens": 16 * 4 * 32, "seq_len": 32, "batch_size": 4, "lr": 3e-4, "warmup_ratio": 0.0, "loss": "kl",
               "dataset": str(calib_file), "dtype": "float32", "kl_chunk": 7, "save_steps": 1000}
     kwargs.update(overrides)
     return HealConfig(**kwargs)
@@ -594,7 +595,7 @@ def test_cli_convert_heal_tokens(tiny_source_dir, calib_file, tmp_path):
     bad = runner.invoke(app, base + ["--heal-tokens", "-1"])
     assert isinstance(bad.exception, HFCompressError) and "--heal-tokens" in str(bad.exception)
     assert not (tmp_path / "out").exists()
-    # One healing step of the default 4 x 512 tokens does not fit a short text: refused before the calibration.
+    # One healing step of the default 2 x 512 tokens does not fit a short text: refused before the calibration.
     too_small = runner.invoke(app, base + ["--heal-tokens", "100"])
     assert isinstance(too_small.exception, HFCompressError) and "fewer than one batch" in str(too_small.exception)
     assert not (tmp_path / "out").exists()
