@@ -304,6 +304,16 @@ def source_config(source: str, *, gguf_file: str | None = None, revision: str | 
     return CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
 
 
+def source_tokenizer(source: str, *, gguf_file: str | None = None,
+                     revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a source alone, without its weights (what can be checked on it is checked before they load)."""
+    name_or_path, _, kwargs = _pretrained_args(source, gguf_file, revision)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise HFCompressError(f"cannot load the tokenizer of {source!r}: {_one_line(err)}") from err
+
+
 def load_source(
     source: str,
     *,

@@ -18,7 +18,7 @@ from ..checkpoint import prepare_output
 from ..data.text import calibration_batch, load_text_option
 from ..device import MemoryPhases, dtype_name, pick_device
 from ..errors import HFCompressError
-from ..sources import load_source, source_config
+from ..sources import load_source, source_config, source_tokenizer
 from .assembly import LayerwiseAssembly
 from .calibration import with_chat_samples
 from .compressor import BasisSharingCompressor
@@ -225,10 +225,11 @@ def _read_inputs(source: str, gguf_file: str | None, revision: str | None, confi
     heal_texts = None
     if heal is not None:  # the healing text is read before the weights load, so that a bad one fails first
         heal_texts = load_text_option("--heal-dataset", heal.dataset, column=heal.dataset_column)
-    model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision, config=architecture)
-    if calibration.chat_fraction > 0 and not has_chat_template(tokenizer):
+    if calibration.chat_fraction > 0 and not has_chat_template(source_tokenizer(source, gguf_file=gguf_file,
+                                                                                revision=revision)):
         raise HFCompressError(f"--calib-chat-fraction {calibration.chat_fraction:g}: the source's tokenizer has no "
                               "chat template to write chat text with; calibrate on text alone (0).")
+    model, tokenizer, info = load_source(source, gguf_file=gguf_file, revision=revision, config=architecture)
     if heal_texts is not None:  # and it must hold one batch, checked before the calibration starts
         from ..healing.data import healing_ids
 
