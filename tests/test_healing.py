@@ -283,10 +283,9 @@ def test_chunked_kl_equals_full_kl(temperature):
         assert teacher_head.weight.grad is None
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_frozen_head_kl_equals_full_kl_and_recomputes_no_logits(temperature):
-    torch.manual_seed(2)
-    batch, length, vocab = 2, 10, 11
+def frozen_heads_with_call_log(batch: int, length: int, vocab: int):
+    """A frozen float64 student head (with bias), a teacher head, random hidden states of both, and the list every
+    call of either head appends the head to."""
     student_head = nn.Linear(6, vocab, bias=True).double().requires_grad_(False)
     teacher_head = nn.Linear(5, vocab, bias=False).double()
     calls = []
@@ -294,6 +293,14 @@ def test_frozen_head_kl_equals_full_kl_and_recomputes_no_logits(temperature):
         head.register_forward_hook(lambda module, args, out: calls.append(module))
     student_hidden = torch.randn(batch, length, 6, dtype=torch.float64, requires_grad=True)
     teacher_hidden = torch.randn(batch, length, 5, dtype=torch.float64)
+    return student_head, teacher_head, student_hidden, teacher_hidden, calls
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_frozen_head_kl_equals_full_kl_and_recomputes_no_logits(temperature):
+    torch.manual_seed(2)
+    batch, length, vocab = 2, 10, 11
+    student_head, teacher_head, student_hidden, teacher_hidden, calls = frozen_heads_with_call_log(batch, length, vocab)
 
     log_s = F.log_softmax(student_head(student_hidden) / temperature, -1)
     log_t = F.log_softmax(teacher_head(teacher_hidden) / temperature, -1)
@@ -350,13 +357,7 @@ def test_chunked_lm_loss_equals_cross_entropy():
 def test_frozen_head_kl_lm_equals_the_sum_of_full_losses_in_one_pass(temperature):
     torch.manual_seed(4)
     batch, length, vocab, lm_weight = 3, 9, 13, 0.5
-    student_head = nn.Linear(6, vocab, bias=True).double().requires_grad_(False)
-    teacher_head = nn.Linear(5, vocab, bias=False).double()
-    calls = []
-    for head in (student_head, teacher_head):
-        head.register_forward_hook(lambda module, args, out: calls.append(module))
-    student_hidden = torch.randn(batch, length, 6, dtype=torch.float64, requires_grad=True)
-    teacher_hidden = torch.randn(batch, length, 5, dtype=torch.float64)
+    student_head, teacher_head, student_hidden, teacher_hidden, calls = frozen_heads_with_call_log(batch, length, vocab)
     labels = torch.randint(0, vocab, (batch, length))
     labels[0, 4] = labels[2, 8] = labels[1, 0] = -100  # ignored targets (the first position is never one)
 

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from ..errors import HFCompressError
+from .config import CalibrationConfig
 from .layout import projection
 
 # Projections that read the same input share one Gram: q/k/v read the attention input, gate/up the MLP input.
@@ -235,7 +236,8 @@ def stage_inputs(
             yield slice(rows.start * seq_len, rows.stop * seq_len), x
 
 
-def with_chat_samples(ids: torch.Tensor, model: PreTrainedModel, tokenizer, calibration, device: torch.device,
+def with_chat_samples(ids: torch.Tensor, model: PreTrainedModel, tokenizer, calibration: CalibrationConfig,
+                      device: torch.device,
                       *, progress: bool = True) -> torch.Tensor:
     """`ids` with its last `calibration.chat_samples` rows replaced by chat text the source writes through its own
     chat template: the Grams then see the activations of the conversations an instruct model is used for, which

@@ -98,6 +98,17 @@ def _check_frozen(head: nn.Module, caller: str) -> None:
         raise ValueError(f"{caller} needs an nn.Linear student head with no parameter requiring grad")
 
 
+def _check_positions(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> None:
+    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+        raise ValueError(f"student and teacher hidden states cover different positions: "
+                         f"{tuple(student_hidden.shape[:2])} vs {tuple(teacher_hidden.shape[:2])}")
+
+
+def _predicted_count(labels: torch.Tensor) -> int:
+    """Tokens the positions predict (`labels[:, 1:]` not ignored), at least 1."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1))
+
+
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """What each position predicts: `labels[:, t + 1]`, and `-100` (nothing) at the last position."""
     targets = torch.full_like(labels, IGNORE_INDEX)
@@ -127,9 +138,7 @@ def chunked_kl_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, 
         chunk: positions of the sequence whose logits are computed at a time (recomputed in the backward pass
             only where the student's head trains).
     """
-    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
-        raise ValueError(f"student and teacher hidden states cover different positions: "
-                         f"{tuple(student_hidden.shape[:2])} vs {tuple(teacher_hidden.shape[:2])}")
+    _check_positions(student_hidden, teacher_hidden)
     teacher_hidden = teacher_hidden.detach()
     length = student_hidden.shape[1]
     positions = student_hidden.shape[0] * length
@@ -156,9 +165,8 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     predicted tokens, computed `chunk` positions at a time as `chunked_kl_loss` does (a frozen head: its gradient
     in the forward pass; a training one: logits recomputed in the backward pass)."""
     if hidden.requires_grad and _head_is_frozen(head):
-        count = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()
-        return _FrozenHeadLoss.apply(hidden, None, next_token_targets(labels), head, None, 1.0, 0.0, 1.0 / count,
-                                     chunk)
+        return _FrozenHeadLoss.apply(hidden, None, next_token_targets(labels), head, None, 1.0, 0.0,
+                                     1.0 / _predicted_count(labels), chunk)
     hidden, targets = hidden[:, :-1], labels[:, 1:]
     total = None
     for start in range(0, hidden.shape[1], chunk):
@@ -167,8 +175,7 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         total = part if total is None else total + part
     if total is None:  # a single position predicts nothing
         return hidden.sum() * 0.0
-    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
+    return total / _predicted_count(labels)
 
 
 def kl_lm_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Module,
@@ -180,10 +187,8 @@ def kl_lm_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, stude
     if not (student_hidden.requires_grad and _head_is_frozen(student_head)):
         return (chunked_kl_loss(student_hidden, teacher_hidden, student_head, teacher_head, temperature, chunk)
                 + lm_weight * chunked_lm_loss(student_hidden, student_head, labels, chunk))
-    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
-        raise ValueError(f"student and teacher hidden states cover different positions: "
-                         f"{tuple(student_hidden.shape[:2])} vs {tuple(teacher_hidden.shape[:2])}")
+    _check_positions(student_hidden, teacher_hidden)
     positions = student_hidden.shape[0] * student_hidden.shape[1]
-    count = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()
     return _FrozenHeadLoss.apply(student_hidden, teacher_hidden.detach(), next_token_targets(labels), student_head,
-                                 teacher_head, temperature, temperature**2 / positions, lm_weight / count, chunk)
+                                 teacher_head, temperature, temperature**2 / positions,
+                                 lm_weight / _predicted_count(labels), chunk)
