@@ -146,6 +146,18 @@ ROWS = {
         Row("r0.2-131k-b2", 0.2, 131072, {"batch_size": 2}),
         # LoRA at a learning rate usual for adapters (at the factors' 1e-4 it heals far less: 87.5 against 57.4).
         Row("r0.2-131k-lora-lr1e-3", 0.2, 131072, {"trainable": "lora", "lr": 1e-3}),
+        # One sequence a step (256 steps): two sequences beat four at the same tokens and learning rate.
+        Row("r0.2-131k-b1", 0.2, 131072, {"batch_size": 1}),
+        # The KL at temperature 2 (the teacher's smaller probabilities weigh more), two sequences a step.
+        Row("r0.2-131k-b2-t2", 0.2, 131072, {"batch_size": 2, "temperature": 2.0}),
+    ],
+    # The library's healing defaults (HealConfig: kl+lm, two sequences a step, a quarter chat text for an instruct
+    # source) at 30% and 40%; at 20% they are the row `r0.2-262k-chat25-b64-kl+lm-b2`.
+    "defaults": [
+        Row("r0.3-262k-chat25-b64-kl+lm-b2", 0.3, 262144,
+            {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2}),
+        Row("r0.4-262k-chat25-b64-kl+lm-b2", 0.4, 262144,
+            {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2}),
     ],
     "extra": [
         Row("r0.1-262k", 0.1, 262144),
