@@ -150,6 +150,14 @@ class _Run:
     def scale(self) -> dict[str, Any]:
         return {"train_images": len(self.train), "val_images": len(self.val), "test_images": len(self.test)}
 
+    def measured(self) -> dict[str, Any]:
+        """The machine and the note of this invocation, recorded in the states it starts."""
+        return {"device": device_note(), "note": self.args.note}
+
+    def stored_rows(self) -> list[dict[str, Any]]:
+        path = self.results / f"{STEM}.json"
+        return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+
     def seed_dir(self, seed: int) -> Path:
         return Path(self.args.work_dir).expanduser() / f"prune-resnet20-seed{seed}"
 
@@ -203,12 +211,15 @@ def _load_splits(args) -> tuple[ImageClassificationData, ImageClassificationData
 
 
 class _State:
-    """`state.json` of one method and seed: the settings it ran with and what it finished (replaced atomically)."""
+    """`state.json` of one method and seed: the settings it ran with, where and with which note its work started
+    (`measured`: what its result row says, however often the stage is run again), and what it finished (replaced
+    atomically)."""
 
-    def __init__(self, folder: Path, settings: dict[str, Any]):
+    def __init__(self, folder: Path, settings: dict[str, Any], measured: dict[str, Any]):
         self.folder, self.settings = folder, settings
         path = folder / "state.json"
-        self.content: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"settings": settings}
+        self.content: dict[str, Any] = (json.loads(path.read_text()) if path.is_file() else
+                                        {"settings": settings, "measured": measured})
         if self.content["settings"] != settings:
             raise HFCompressError(
                 f"{folder} holds a run with other settings ({self.content['settings']}); rerun with those settings "
@@ -239,7 +250,7 @@ def _baseline(run: _Run, seed: int) -> _State:
     """The state of the seed's baseline: its params, MACs, validation and test accuracy under `row`."""
     # Named as the results name it, not by its absolute path: the work folder moves with the repository.
     settings = {"checkpoint": run.display_path(run.baseline_path(seed)), **run.scale()}
-    state = _State(run.seed_dir(seed) / "baseline", settings)
+    state = _State(run.seed_dir(seed) / "baseline", settings, run.measured())
     if state.get("row") is None:
         model = run.load_baseline(seed)
         val, test = run.evaluate(model)
@@ -306,7 +317,7 @@ def _class_aware(run: _Run, seed: int, config: ClassAwareConfig, base: dict[str,
     """Runs (or resumes, or reads) the class-aware loop of `seed`; returns its state (`rows`, `stop_reason`,
     `best_iteration`)."""
     folder = run.seed_dir(seed) / "class_aware"
-    state = _State(folder, {"config": config.to_dict(), **run.scale()})
+    state = _State(folder, {"config": config.to_dict(), **run.scale()}, run.measured())
     if state.get("stop_reason") is not None:
         return state
     rows = state.get("rows") or [{"iteration": 0, "params": base["params"], "macs": base["macs"], "filters_removed": 0,
@@ -352,7 +363,7 @@ def _one_shot(run: _Run, seed: int, method: str, target_macs: int, epochs: int, 
     settings = {"target_macs": target_macs, "epochs": epochs, "lr": run.args.retrain_lr, **run.scale()}
     if method == "taylor":
         settings["images_per_class"] = run.args.images_per_class
-    state = _State(folder, settings)
+    state = _State(folder, settings, run.measured())
     if state.get("row") is not None:
         return state
     pruned_dir = folder / "pruned"
@@ -417,13 +428,24 @@ def _reductions(row: dict[str, Any], base: dict[str, Any], compared_macs: int) -
             "macs_vs_class_aware": row["macs"] / compared_macs}
 
 
+def _measured(run: _Run, state: _State, seed: int, method: str) -> dict[str, Any]:
+    """The machine and note of a result row: those its state recorded when the work started. A state from before they
+    were recorded keeps those of its stored row (this invocation's where there is none), so that running the stage
+    again, for another seed or to read the results, never rewrites what an earlier row says of its measurement."""
+    if state.get("measured") is not None:
+        return state.get("measured")
+    stored = next((r for r in run.stored_rows() if r.get("seed") == seed and r.get("method") == method), None)
+    return {"device": stored.get("device"), "note": stored.get("note")} if stored else run.measured()
+
+
 def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]:
     """Runs what is missing for `seed` and returns its rows (the baseline first)."""
     base_state = _baseline(run, seed)
     base = base_state.get("row")
     base_ci = _pipeline_accuracy(run, base_state, run.baseline_path(seed))
-    common = {"seed": seed, "device": device_note(), "note": run.args.note, "hf_compress_version": __version__}
-    rows = [{"method": "baseline", **common, "precision": _precisions(base), "params": base["params"],
+    common = {"seed": seed, "hf_compress_version": __version__}
+    rows = [{"method": "baseline", **common, **_measured(run, base_state, seed, "baseline"),
+             "precision": _precisions(base), "params": base["params"],
              "macs": base["macs"],
              "test_acc": base_ci["accuracy"], "test_acc_ci": [base_ci["ci_low"], base_ci["ci_high"]],
              "test_acc_se": base_ci["standard_error"], "test_acc_direct": base["test_acc"], "val_acc": base["val_acc"],
@@ -474,7 +496,8 @@ def _seed_rows(run: _Run, seed: int, methods: list[str]) -> list[dict[str, Any]]
         ci = _pipeline_accuracy(run, final["state"], final["checkpoint"])
         row = final["row"]
         rows.append({
-            "method": method, **common, "precision": final["precision"], "params": row["params"], "macs": row["macs"],
+            "method": method, **common, **_measured(run, final["state"], seed, method),
+            "precision": final["precision"], "params": row["params"], "macs": row["macs"],
             "test_acc": ci["accuracy"], "test_acc_ci": [ci["ci_low"], ci["ci_high"]],
             "test_acc_se": ci["standard_error"],
             "test_acc_direct": row["test_accuracy"], "val_acc": row["val_accuracy"],

@@ -124,8 +124,19 @@ def test_prune_stage_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         raise AssertionError("a finished run trained again")
 
     monkeypatch.setattr(cnn_cpu_prune, "train_classifier", no_training)
-    again = cnn_cpu_prune.run(_args(tmp_path))
-    assert again["rows"] == report["rows"]
+    # Another note on the rerun does not rewrite what the rows say of their measurement.
+    again = cnn_cpu_prune.run(_args(tmp_path, "--note", "a later reading"))
+    assert again["rows"] == report["rows"] and {r["note"] for r in again["rows"]} == {""}
+    # A state from before the note was recorded keeps its stored row's note, not the rerun's.
+    state_file = work / "l1" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("measured") == {"device": rows["l1"]["device"], "note": ""}
+    state_file.write_text(json.dumps(state))
+    stored = json.loads((results / "cnn_cpu_prune.json").read_text())
+    next(r for r in stored["rows"] if r["method"] == "l1")["note"] = "as stored"
+    (results / "cnn_cpu_prune.json").write_text(json.dumps(stored))
+    legacy = {r["method"]: r["note"] for r in cnn_cpu_prune.run(_args(tmp_path, "--note", "a later reading"))["rows"]}
+    assert legacy == {"baseline": "", "class_aware": "", "l1": "as stored", "taylor": ""}
     # Other settings are refused rather than mixed with the stored run.
     with pytest.raises(Exception, match="other settings"):
         cnn_cpu_prune.run(_args(tmp_path, "--max-fraction", "0.2"))
@@ -168,6 +179,9 @@ def test_class_aware_loop_prunes_past_a_floor_miss_as_the_paper_does(tmp_path, m
 
         def load_baseline(self, seed):
             return "baseline network"
+
+        def measured(self):
+            return {"device": "test", "note": ""}
 
     monkeypatch.setattr(cnn_cpu_prune, "_class_aware_iteration", fake_iteration)
     base = {"params": 100, "macs": 1000, "val_acc": 0.86, "test_acc": 0.86}
