@@ -1211,32 +1211,46 @@ def ablation_base(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["row"] == ABLATION_BASE), None)
 
 
+def heal_differences(r: dict, ref: dict) -> list[str]:
+    """What run `r` changes from run `ref`: the healing options that differ, then the conversion underneath."""
+    options, ref_options = r.get("heal_options", {}), ref.get("heal_options", {})
+    changed = [f"{key} {options[key]:g}" if isinstance(options[key], float) else f"{key} {options[key]}"
+               for key in options if key != "tokens" and options[key] != ref_options.get(key)]
+    if r.get("sequential", True) != ref.get("sequential", True):
+        changed.append("no sequential calibration" if ref.get("sequential", True) else "sequential calibration")
+    if r.get("calib_chat_fraction", 0.0) != ref.get("calib_chat_fraction", 0.0):
+        changed.append(f"calibration {r.get('calib_chat_fraction', 0.0):.0%} chat text")
+    return changed
+
+
 def heal_ablations(rows: list[dict]) -> list[str]:
-    """Each run at the ablation base's ratio and budget against the base (`ABLATION_BASE`): what it changes (options
-    that differ, or the conversion without sequential calibration) and its perplexities after healing, relative.
-    Only runs in the base's precision whose student is the base's (the same perplexity before healing) or its
-    conversion without sequential calibration: rows of an earlier conversion or another machine do not compare."""
+    """Each run at the ablation base's ratio and budget against the base (`ABLATION_BASE`), or against the run it
+    changes one thing of where that run is itself a change from the base (`--lr 5e-5` at two sequences a step
+    against two sequences a step): what it changes and its perplexities after healing, relative. Only runs in the
+    base's precision whose student is the base's (the same perplexity before healing) or another conversion of it
+    (without sequential calibration, with chat text): rows of an earlier conversion or another machine do not
+    compare."""
     base = ablation_base(rows)
     if base is None:
         return []
-    lines = []
+    comparable = []
     for r in rows:
         if r is base or not math.isclose(r["ratio"], base["ratio"]) or r["budget_tokens"] != base["budget_tokens"]:
             continue
         same_student = math.isclose(r["wikitext2_before"], base["wikitext2_before"])
         other_conversion = not r.get("sequential", True) or r.get("calib_chat_fraction", 0.0) > 0
-        if r.get("heal_dtype") != base.get("heal_dtype") or not (same_student or other_conversion):
-            continue
-        options, base_options = r.get("heal_options", {}), base.get("heal_options", {})
-        changed = [f"{key} {options[key]:g}" if isinstance(options[key], float) else f"{key} {options[key]}"
-                   for key in options if key != "tokens" and options[key] != base_options.get(key)]
-        if r.get("sequential", True) != base.get("sequential", True):
-            changed.append("no sequential calibration" if base.get("sequential", True) else "sequential calibration")
-        if r.get("calib_chat_fraction", 0.0) != base.get("calib_chat_fraction", 0.0):
-            changed.append(f"calibration {r.get('calib_chat_fraction', 0.0):.0%} chat text")
-        lines.append(f"{r['row']} ({', '.join(changed) or 'same options'}): WikiText-2 {r['wikitext2_after']:.2f} "
-                     f"({change(r['wikitext2_after'], base['wikitext2_after'], 1)}), C4 validation "
-                     f"{r['c4_after']:.2f} ({change(r['c4_after'], base['c4_after'], 1)})")
+        if r.get("heal_dtype") == base.get("heal_dtype") and (same_student or other_conversion):
+            comparable.append(r)
+    lines = []
+    for r in comparable:
+        # The closest run on the way from the base: fewer changes from the base than this one, and fewer from it.
+        ref = min([base] + [c for c in comparable if c is not r
+                            and len(heal_differences(c, base)) < len(heal_differences(r, base))],
+                  key=lambda c: len(heal_differences(r, c)))
+        against = "" if ref is base else f" against {ref['row']}"
+        lines.append(f"{r['row']} ({', '.join(heal_differences(r, ref)) or 'same options'}{against}): WikiText-2 "
+                     f"{r['wikitext2_after']:.2f} ({change(r['wikitext2_after'], ref['wikitext2_after'], 1)}), C4 "
+                     f"validation {r['c4_after']:.2f} ({change(r['c4_after'], ref['c4_after'], 1)})")
     return lines
 
 
@@ -1348,6 +1362,8 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
                                           f"{pct(chat_share(r))} chat text" if chat_share(r) else None,
                                           f"batch {options['batch_size']}" if options.get("batch_size", 4) != 4
                                           else None,
+                                          f"temperature {options['temperature']:g}"
+                                          if options.get("temperature", 1.0) != 1.0 else None,
                                           None if r.get("sequential", True) else "no sequential calibration",
                                           f"calibration {pct(r['calib_chat_fraction'])} chat text"
                                           if r.get("calib_chat_fraction") else None]))
@@ -1376,7 +1392,8 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
         base = ablation_base(rows)
         out += ["", (f"Ablations at {pct(base['ratio'])} and {base['budget_tokens']:,} tokens, each against "
                      f"{ABLATION_BASE} (WikiText-2 {base['wikitext2_after']:.2f}, C4 validation "
-                     f"{base['c4_after']:.2f}):"), ""] + [f"- {line}" for line in ablations]
+                     f"{base['c4_after']:.2f}) unless the line names another run:"), ""] + [
+            f"- {line}" for line in ablations]
     calibration_chat = calibration_chat_lines(students, chat_rows)
     if calibration_chat:
         out += ["", "Calibration on the source's own chat text, before healing (`quick_heal_students.json`):", ""] + [
