@@ -369,6 +369,24 @@ def pick_models(models: list[BenchModel], names, work: Path) -> list[BenchModel]
     return [known[name] for name in names]
 
 
+def checkpoint_sha256(m: BenchModel) -> str | None:
+    """sha256 of a checkpoint's weight files (None for the dense source): what ties a measured row to the weights it
+    was measured on, since a student may be converted again under the same folder name."""
+    from hf_compress.provenance import file_sha256
+
+    if m.kind == "dense":
+        return None
+    weights = sorted(Path(m.spec).glob("*.safetensors"))
+    return hashlib.sha256("".join(file_sha256(path) for path in weights).encode()).hexdigest()
+
+
+def measured_elsewhere(models: list[BenchModel], digests: dict[str, str | None], *records: dict) -> list[str]:
+    """The models whose stored record (rows or answers, by model name) names other weights than their checkpoint
+    holds now. Records from before the digest was kept are taken as they are."""
+    return [m.name for m in models if any(record.get(m.name, {}).get("checkpoint_sha256") not in
+                                          (None, digests[m.name]) for record in records)]
+
+
 def load_prompts(path: Path) -> list[str]:
     prompts = json.loads(Path(path).read_text())
     if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) and p.strip() for p in prompts)):
@@ -387,11 +405,12 @@ def _finite(value: float) -> float | None:
 def chat_stage(work: Path, *, source: str = SOURCE, names=None, prompts_file: Path | None = None,
                rows_file: Path | None = None, answers_file: Path | None = None,
                max_new_tokens: int = CHAT_MAX_NEW_TOKENS, batch_size: int = CHAT_BATCH_SIZE, note: str = "",
-               log=print) -> list[dict]:
+               replace=(), log=print) -> list[dict]:
     """Greedy chat answers of every model (`bench_models`) to every prompt, scored against the dense model's; one
-    row per model appended to `rows_file`, the answers kept in `answers_file`. Models with a row are skipped, and
-    answers already in `answers_file` are not generated again (the dense ones are generated once). Returns the rows
-    this call appended."""
+    row per model appended to `rows_file`, the answers kept in `answers_file`, each with the sha256 of the weights.
+    Models with a row are skipped, and answers already in `answers_file` are not generated again (the dense ones are
+    generated once); a model whose row or answers name other weights than its checkpoint holds now is refused, unless
+    named in `replace`: its row and answers are dropped and measured again. Returns the rows this call appended."""
     from hf_compress.evaluation.chat import chat_metrics, generate_chat_outputs
     from hf_compress.sources import load_causal_lm
 
@@ -411,6 +430,21 @@ def chat_stage(work: Path, *, source: str = SOURCE, names=None, prompts_file: Pa
                          f"({'; '.join(f'{k}: {old!r}, now {new!r}' for k, (old, new) in stale.items())}); move both "
                          "away to measure again.")
     models = pick_models(bench_models(work, source), names, work)
+    replace = set(replace)
+    if replace - {m.name for m in models}:
+        raise SystemExit(f"--replace {', '.join(sorted(replace - {m.name for m in models}))}: not among the models "
+                         f"of this call ({', '.join(m.name for m in models)})")
+    kept_rows = [r for r in read_jsonl(rows_file) if r["model"] not in replace]
+    if len(kept_rows) < len(read_jsonl(rows_file)):
+        atomic_write_text(rows_file, "".join(json.dumps(r) + "\n" for r in kept_rows))
+    if replace & set(store["models"]):
+        store["models"] = {name: kept for name, kept in store["models"].items() if name not in replace}
+        atomic_write_json(answers_file, store)
+    digests = {m.name: checkpoint_sha256(m) for m in models}
+    elsewhere = measured_elsewhere(models, digests, {r["model"]: r for r in read_jsonl(rows_file)}, store["models"])
+    if elsewhere:
+        raise SystemExit(f"{', '.join(elsewhere)}: measured on other weights than the work dir holds now (converted "
+                         f"or healed again); measure again with --replace {' '.join(elsewhere)}")
     todo = [m for m in models if not any(r["model"] == m.name for r in read_jsonl(rows_file))]
     for m in models:
         if m not in todo:
@@ -435,7 +469,7 @@ def chat_stage(work: Path, *, source: str = SOURCE, names=None, prompts_file: Pa
                                        "answers": [o["answer"] for o in outputs],
                                        "tokens": [o["tokens"] for o in outputs],
                                        "finished": [o["finished"] for o in outputs], "wall_time_s": wall,
-                                       "threads": torch.get_num_threads()}
+                                       "threads": torch.get_num_threads(), "checkpoint_sha256": digests[m.name]}
             atomic_write_json(answers_file, store)
             log(f"chat {m.name}: {len(prompts)} answers in {wall:.0f} s")
         return store["models"][m.name]
@@ -452,7 +486,7 @@ def chat_stage(work: Path, *, source: str = SOURCE, names=None, prompts_file: Pa
                "generated_tokens": sum(got["tokens"]), "generation_wall_time_s": got["wall_time_s"],
                "generated_tokens_per_s": sum(got["tokens"]) / got["wall_time_s"] if got["wall_time_s"] else None,
                "metrics_wall_time_s": time.perf_counter() - started, "hf_compress_version": __version__,
-               "threads": got["threads"], "note": note}
+               "threads": got["threads"], "checkpoint_sha256": digests[m.name], "note": note}
         append_jsonl(rows_file, row)
         appended.append(row)
         nll = "-" if row["teacher_nll"] is None else f"{row['teacher_nll']:.3f}"
@@ -508,14 +542,20 @@ def zeroshot_stage(work: Path, *, source: str = SOURCE, names=None, limit: int =
     rows_file = rows_file or ZEROSHOT_ROWS_FILE
     appended = []
     models = bench_models(work, source)
-    for m in pick_models(models, names, work) if names else zeroshot_models(models):
+    models = pick_models(models, names, work) if names else zeroshot_models(models)
+    digests = {m.name: checkpoint_sha256(m) for m in models}
+    elsewhere = measured_elsewhere(models, digests, *({r["model"]: r} for r in read_jsonl(rows_file)))
+    if elsewhere:
+        raise SystemExit(f"{', '.join(elsewhere)}: zero-shot rows in {rows_file.name} measured on other weights than "
+                         "the work dir holds now (converted or healed again); move those rows away to measure again")
+    for m in models:
         if any(r["model"] == m.name and r["limit"] == limit for r in read_jsonl(rows_file)):
             log(f"zeroshot {m.name}: already measured (limit {limit})")
             continue
         path, gguf_file = resolve_source(m.spec)
         results = run_lm_eval(path, [ZEROSHOT_GROUP], limit=limit, gguf_file=gguf_file, batch_size=batch_size,
                               device=device)
-        row = {**zeroshot_row(m, results, limit), "note": note}
+        row = {**zeroshot_row(m, results, limit), "checkpoint_sha256": digests[m.name], "note": note}
         append_jsonl(rows_file, row)
         appended.append(row)
         log(f"zeroshot {m.name}: mean acc {row['mean_acc']:.3f} ({row['wall_time_s']:.0f} s)")
@@ -629,11 +669,16 @@ def main() -> None:
                              "models healed with 262,144 tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=CHAT_MAX_NEW_TOKENS, help="chat: tokens per answer")
     parser.add_argument("--chat-batch-size", type=int, default=CHAT_BATCH_SIZE, help="chat: prompts per batch")
+    parser.add_argument("--replace", nargs="+", default=(),
+                        help="chat: drop these models' stored rows and answers and measure them again (a student "
+                             "converted again since)")
     parser.add_argument("--zeroshot-limit", type=int, default=ZEROSHOT_LIMIT, help="zeroshot: items per set")
     parser.add_argument("--zeroshot-batch-size", type=int, default=ZEROSHOT_BATCH_SIZE)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 is much faster while other jobs hold the cores")
     args = parser.parse_args()
+    if args.replace and args.stage != "chat":
+        parser.error("--replace is an option of the chat stage")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
@@ -643,7 +688,7 @@ def main() -> None:
         return
     if args.stage == "chat":
         chat_stage(work, names=args.models, max_new_tokens=args.max_new_tokens, batch_size=args.chat_batch_size,
-                   note=args.note, log=lambda line: print(line, flush=True))
+                   note=args.note, replace=args.replace, log=lambda line: print(line, flush=True))
         return
     if args.stage == "positions":
         positions_stage(work, names=args.models, note=args.note, log=lambda line: print(line, flush=True))

@@ -166,6 +166,52 @@ def test_chat_stage_resumes_without_recomputing(chat_run, work, source, monkeypa
         bench.chat_stage(work, source=str(source), max_new_tokens=12, batch_size=3, **paths)
 
 
+def test_chat_stage_refuses_rows_of_other_weights_until_replaced(chat_run, work, source, tmp_path, monkeypatch):
+    """A student converted again under the same name: its stored row and answers are refused until `replace` drops
+    and measures them again; the other models' rows stay as they were."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_compress.evaluation import chat
+
+    paths, rows, _ = chat_run
+    models = bench.bench_models(work, str(source))
+    # Each row names the weights it was measured on (the dense source has no checkpoint folder).
+    assert [r["checkpoint_sha256"] for r in rows] == [None] + [bench.checkpoint_sha256(m) for m in models[1:]]
+    assert rows[1]["checkpoint_sha256"] != rows[2]["checkpoint_sha256"]
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    results = {key: tmp_path / path.name for key, path in paths.items()}
+    for key, path in paths.items():
+        shutil.copy(path, results[key])
+    before = bench.read_jsonl(results["rows_file"])
+    weights = copy / "student-r0.2" / "model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    run = lambda **kw: bench.chat_stage(copy, source=str(source), max_new_tokens=10, batch_size=3,
+                                        log=lambda _: None, **results, **kw)
+    with pytest.raises(SystemExit, match="^student-r0.2: measured on other weights .* --replace student-r0.2$"):
+        run()
+    with pytest.raises(SystemExit, match="--replace student-r0.9: not among the models"):
+        run(replace=["student-r0.9"])
+    assert [r["model"] for r in bench.read_jsonl(results["rows_file"])] == MODELS  # nothing dropped by a refusal
+
+    generated = []
+    real = chat.generate_chat_outputs
+    monkeypatch.setattr(chat, "generate_chat_outputs",
+                        lambda model, *a, **kw: generated.append(model.name_or_path) or real(model, *a, **kw))
+    again = run(replace=["student-r0.2"])
+    digest = bench.checkpoint_sha256(bench.bench_models(copy, str(source))[1])
+    assert [r["model"] for r in again] == ["student-r0.2"] and again[0]["checkpoint_sha256"] == digest
+    assert generated == [str(copy / "student-r0.2")]  # the dense answers were kept, not generated again
+    assert digest != rows[1]["checkpoint_sha256"]
+    assert bench.read_jsonl(results["rows_file"]) == [before[0], before[2], again[0]]
+    store = json.loads(results["answers_file"].read_text())
+    assert store["models"]["student-r0.2"]["checkpoint_sha256"] == digest
+    assert store["models"]["dense"] == json.loads(paths["answers_file"].read_text())["models"]["dense"]
+
+
 def fake_results(accs: dict[str, float], limit: int, wall: float) -> dict:
     """What run_lm_eval returns for `hfc_zeroshot`, with the given acc per set (acc_norm = acc / 2 where the set
     has it) and a group figure that is deliberately not the plain mean (the rows must compute their own)."""
@@ -210,6 +256,15 @@ def test_zeroshot_rows_and_resume(work, source, tmp_path, monkeypatch):
     assert run(7) == [] and calls == []  # resumed: every model already there with this limit
     assert [r["model"] for r in run(9)] == MODELS and len(calls) == 3  # another limit is another measurement
     assert len(bench.read_jsonl(rows_file)) == 6
+    # Each row names the weights it was measured on; a row of other weights under the same name is refused.
+    models = bench.bench_models(work, str(source))
+    assert [r["checkpoint_sha256"] for r in rows] == [None] + [bench.checkpoint_sha256(m) for m in models[1:]]
+    stored = bench.read_jsonl(rows_file)
+    stored[1]["checkpoint_sha256"] = "0" * 64
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in stored))
+    with pytest.raises(SystemExit, match="^student-r0.2: zero-shot rows in quick_heal_zeroshot.jsonl measured on "
+                                         "other weights"):
+        run(7)
 
 
 @pytest.mark.slow
