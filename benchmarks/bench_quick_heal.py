@@ -24,12 +24,15 @@ tokens, float32; the answers are scored against the dense model's (`hf_compress.
 of non-empty answers, first-sentence exact match, the dense model's mean NLL per token of the answers). One row per
 model goes to `results/quick_heal_chat.jsonl` as soon as it is measured, the answers themselves to
 `results/quick_heal_chat_answers.json` (the dense answers are generated once and kept there); a rerun skips the
-models already measured and never generates kept answers again.
+models already measured and never generates kept answers again. Rows and answers name the sha256 of the weights they
+were measured on: a student converted again under the same name is refused until `--replace NAME` drops its row and
+answers and measures it again.
 
 Stage "zeroshot": lm-eval 0-shot on the six local sets (`hfc_zeroshot`, `--zeroshot-limit` items per set, batch 8,
 float32) for `--models` (default: dense, student-r0.2 and every 20% model healed with 262,144 tokens and the KL on
 the factors, plain or with chat text), one row per model (per-set acc / acc_norm,
-their plain means) to `results/quick_heal_zeroshot.jsonl`; a model already there with the same limit is skipped.
+their plain means, the sha256 of the weights) to `results/quick_heal_zeroshot.jsonl`; a model already there with
+the same limit is skipped, and one there with other weights under the same name is refused.
 
 `--threads 1` for chat and zeroshot while other jobs hold the cores: on a loaded 2-core machine two threads that
 wait on each other made one forward of a student over 20x slower. The rows record the thread count.
