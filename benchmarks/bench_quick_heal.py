@@ -437,18 +437,20 @@ def chat_stage(work: Path, *, source: str = SOURCE, names=None, prompts_file: Pa
     if replace - {m.name for m in models}:
         raise SystemExit(f"--replace {', '.join(sorted(replace - {m.name for m in models}))}: not among the models "
                          f"of this call ({', '.join(m.name for m in models)})")
-    kept_rows = [r for r in read_jsonl(rows_file) if r["model"] not in replace]
-    if len(kept_rows) < len(read_jsonl(rows_file)):
+    stored = read_jsonl(rows_file)
+    kept_rows = [r for r in stored if r["model"] not in replace]
+    if len(kept_rows) < len(stored):
         atomic_write_text(rows_file, "".join(json.dumps(r) + "\n" for r in kept_rows))
     if replace & set(store["models"]):
         store["models"] = {name: kept for name, kept in store["models"].items() if name not in replace}
         atomic_write_json(answers_file, store)
     digests = {m.name: checkpoint_sha256(m) for m in models}
-    elsewhere = measured_elsewhere(models, digests, {r["model"]: r for r in read_jsonl(rows_file)}, store["models"])
+    measured = {r["model"]: r for r in kept_rows}
+    elsewhere = measured_elsewhere(models, digests, measured, store["models"])
     if elsewhere:
         raise SystemExit(f"{', '.join(elsewhere)}: measured on other weights than the work dir holds now (converted "
                          f"or healed again); measure again with --replace {' '.join(elsewhere)}")
-    todo = [m for m in models if not any(r["model"] == m.name for r in read_jsonl(rows_file))]
+    todo = [m for m in models if m.name not in measured]
     for m in models:
         if m not in todo:
             log(f"chat {m.name}: already measured")
