@@ -1211,9 +1211,14 @@ def ablation_base(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["row"] == ABLATION_BASE), None)
 
 
+# Healing options added after the first rows were written, with the value those rows trained with.
+LATER_HEAL_OPTIONS = {"hidden_weight": 0.0}
+
+
 def heal_differences(r: dict, ref: dict) -> list[str]:
     """What run `r` changes from run `ref`: the healing options that differ, then the conversion underneath."""
-    options, ref_options = r.get("heal_options", {}), ref.get("heal_options", {})
+    options = {**LATER_HEAL_OPTIONS, **r.get("heal_options", {})}
+    ref_options = {**LATER_HEAL_OPTIONS, **ref.get("heal_options", {})}
     changed = [f"{key} {options[key]:g}" if isinstance(options[key], float) else f"{key} {options[key]}"
                for key in options if key != "tokens" and options[key] != ref_options.get(key)]
     if r.get("sequential", True) != ref.get("sequential", True):
@@ -1364,6 +1369,8 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
                                           else None,
                                           f"temperature {options['temperature']:g}"
                                           if options.get("temperature", 1.0) != 1.0 else None,
+                                          f"layer term {options['hidden_weight']:g}"
+                                          if options.get("hidden_weight", 0.0) else None,
                                           None if r.get("sequential", True) else "no sequential calibration",
                                           f"calibration {pct(r['calib_chat_fraction'])} chat text"
                                           if r.get("calib_chat_fraction") else None]))

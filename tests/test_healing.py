@@ -17,13 +17,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_compress.errors import HFCompressError
 from hf_compress.healing import HealConfig, HealResult, heal
-from hf_compress.healing.losses import chunked_kl_loss, chunked_lm_loss, frozen_head_kl_sum, kl_lm_loss
+from hf_compress.healing.losses import (
+    chunked_kl_loss,
+    chunked_lm_loss,
+    frozen_head_kl_sum,
+    hidden_state_loss,
+    kl_lm_loss,
+)
 from hf_compress.healing.trainer import (
     HealingObjective,
+    _set_checkpointing,
     mark_trainable,
     relink_bases,
     state_dir_for,
     teacher_hidden_states,
+    teacher_states,
 )
 
 HELD_OUT = ("Every layer keeps its own useful coefficients, and the lazy fox shares a basis with the quick dog. "
@@ -436,9 +444,14 @@ def test_bad_inputs_fail_with_one_line(tiny_shared_basis_checkpoint, tiny_source
     _one_line_error(r"tokenizer cuts text differently", lambda: run(teacher=str(other)))
     for field, value, flag in (("tokens", 0, "--tokens"), ("seq_len", 1, "--seq-len"), ("batch_size", 0, "--batch-size"),
                                ("lr", 0.0, "--lr"), ("loss", "mse", "--loss"), ("trainable", "all", "--trainable"),
-                               ("schedule", "linear", "--schedule"), ("temperature", 0.0, "--temperature")):
+                               ("schedule", "linear", "--schedule"), ("temperature", 0.0, "--temperature"),
+                               ("hidden_weight", -0.5, "--hidden-weight")):
         bad = small_config(calib_file, **{field: value})
         _one_line_error(flag, lambda config=bad: run(config=config))
+    shallow = tiny_llama(vocab_size=len(make_tokenizer()), num_hidden_layers=3)
+    _one_line_error(r"--hidden-weight compares the decoder layers.*teacher has 3 layers of width 32, the student 4",
+                    lambda: run(teacher=shallow, config=small_config(calib_file, hidden_weight=1.0)))
+    run(teacher=shallow, config=small_config(calib_file, tokens=4 * 32, loss="lm"), output=tmp_path / "lm-only")
     tiny_text = tmp_path / "tiny.txt"
     tiny_text.write_text("Too short.\n")
     _one_line_error(r"tiny.txt.*fewer than one batch of 4 x 32", lambda: run(config=small_config(tiny_text)))
@@ -600,3 +613,112 @@ def test_cli_convert_heal_tokens(tiny_source_dir, calib_file, tmp_path):
     too_small = runner.invoke(app, base + ["--heal-tokens", "100"])
     assert isinstance(too_small.exception, HFCompressError) and "fewer than one batch" in str(too_small.exception)
     assert not (tmp_path / "out").exists()
+
+
+# --- (8) the decoder layers' outputs matched to the teacher's ----------------------------------------------------
+
+
+def relative_layer_distance(student_states, teacher_states) -> float:
+    """Mean over layers and positions of |s - t|^2 / |t|^2, one position at a time in float64."""
+    per_layer = []
+    for s, t in zip(student_states, teacher_states):
+        s, t = s.double().reshape(-1, s.shape[-1]), t.double().reshape(-1, t.shape[-1])
+        per_layer.append(sum(float((s[i] - t[i]).norm() ** 2 / t[i].norm() ** 2) for i in range(len(t))) / len(t))
+    return sum(per_layer) / len(per_layer)
+
+
+def decoder_layer_outputs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every decoder layer's output through transformers' own `output_hidden_states` (whose last entry is the final
+    norm's output: the norm is taken out of a copy to get the last layer's)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    model.model.norm = nn.Identity()
+    with torch.no_grad():
+        states = model.model(input_ids=ids, output_hidden_states=True).hidden_states
+    return list(states[1:])
+
+
+def test_hidden_state_loss_is_the_relative_distance_per_position():
+    torch.manual_seed(6)
+    student = [torch.randn(2, 5, 8) for _ in range(3)]
+    teacher = [torch.randn(2, 5, 8) for _ in range(3)]
+    want = relative_layer_distance(student, teacher)
+    assert float(hidden_state_loss(student, teacher)) == pytest.approx(want, rel=1e-6)
+    # A position a thousand times larger (an attention sink) weighs as much as any other.
+    for s, t in zip(student, teacher):
+        s[0, 0] *= 1000.0
+        t[0, 0] *= 1000.0
+    assert float(hidden_state_loss(student, teacher)) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="one teacher state per student state"):
+        hidden_state_loss(student, teacher[:2])
+
+
+def test_objective_adds_the_layer_distance_and_checkpointing_keeps_its_gradient(tiny_shared_basis_checkpoint,
+                                                                                 tiny_source_dir, calib_file):
+    student, teacher = load_student(tiny_shared_basis_checkpoint), AutoModelForCausalLM.from_pretrained(tiny_source_dir)
+    mark_trainable(student)
+    torch.manual_seed(0)
+    ids = torch.randint(0, student.config.vocab_size, (2, 24))
+    final, layers = teacher_states(teacher, ids, layers=True)
+    assert torch.equal(final, teacher_hidden_states(teacher, ids))
+    want_layers = decoder_layer_outputs(teacher, ids)
+    assert len(layers) == len(want_layers) == 4
+    assert all(torch.equal(got, want) for got, want in zip(layers, want_layers))
+
+    plain = HealingObjective(student, teacher.get_output_embeddings(), small_config(calib_file, loss="kl+lm"))
+    weighted = HealingObjective(student, teacher.get_output_embeddings(),
+                                small_config(calib_file, loss="kl+lm", hidden_weight=0.5))
+    distance = relative_layer_distance(decoder_layer_outputs(student, ids), want_layers)
+    assert distance > 1e-3
+    with torch.no_grad():
+        gap = float(weighted(ids, final, layers) - plain(ids, final, layers))
+    assert gap == pytest.approx(0.5 * distance, rel=1e-4)  # float32 losses of about 5, subtracted
+    with pytest.raises(ValueError, match="teacher's layer outputs"):
+        weighted(ids, final)
+
+    student.train()
+    grads = []
+    for checkpointing in (False, True):
+        _set_checkpointing(student, checkpointing)
+        student.zero_grad(set_to_none=True)
+        weighted(ids, final, layers).backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad})
+    _set_checkpointing(student, False)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    # The first layer's coefficients get a gradient from the layer term alone (with the LM loss off and no KL).
+    student.zero_grad(set_to_none=True)
+    only_layers = HealingObjective(student, teacher.get_output_embeddings(),
+                                   small_config(calib_file, loss="kl+lm", hidden_weight=1.0))
+    (only_layers(ids, final, layers) - plain(ids, final, layers)).backward()
+    assert student.model.layers[0].mlp.down_proj.coefficients.grad.abs().sum() > 0
+
+
+def test_heal_trains_on_the_layer_term_and_records_it(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file,
+                                                       tmp_path):
+    from hf_compress.healing.data import load_healing_data
+
+    losses = {}
+    for weight in (0.0, 2.0):
+        out = tmp_path / f"healed-layers-{weight:g}"
+        config = small_config(calib_file, hidden_weight=weight, tokens=3 * 4 * 32, lr=1e-4)
+        losses[weight] = heal(tiny_shared_basis_checkpoint, out, teacher=str(tiny_source_dir), config=config,
+                              device="cpu", progress=False).losses
+    # The first step's loss is the unhealed student's: with the layer term it exceeds the KL alone by the weight
+    # times the layer distance on the first batch, computed here from transformers' own hidden states.
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_source_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_source_dir)
+    data, _ = load_healing_data(tokenizer, small_config(calib_file).resolve("cpu", chat_template=False), teacher,
+                                device=torch.device("cpu"), progress=False)
+    ids = data.batch(0, 0, 1)
+    distance = relative_layer_distance(decoder_layer_outputs(load_student(tiny_shared_basis_checkpoint), ids),
+                                       decoder_layer_outputs(teacher, ids))
+    assert distance > 1e-3
+    assert losses[2.0][0] - losses[0.0][0] == pytest.approx(2.0 * distance, rel=1e-3)
+    assert losses[2.0][1:] != losses[0.0][1:]  # and it changes what trains
+    options = json.loads((out / "config.json").read_text())["compression"]["healing"]["options"]
+    assert options["hidden_weight"] == 2.0 and options["loss"] == "kl"
+    # A record written before the option existed reads back as healed without it.
+    assert HealConfig.from_dict({k: v for k, v in options.items() if k != "hidden_weight"}).hidden_weight == 0.0

@@ -508,13 +508,17 @@ def test_ablations_name_what_they_change_against_the_base_run():
     elsewhere = {**both, "row": "r0.2-131k-old", "heal_dtype": "float32"}  # trained in another precision
     longer = {**both, "row": "r0.2-262k-kl+lm", "budget_tokens": 262144}  # another budget: not an ablation
     wider = {**both, "row": "r0.3-131k-kl+lm", "ratio": 0.3}  # another ratio: not an ablation
-    steps = {**base, "row": "r0.2-131k-b2", "heal_options": {**options, "batch_size": 2}, "wikitext2_after": 48.0}
+    # Written after the layer term existed: its 0 is what the base (which has no such option) trained with.
+    steps = {**base, "row": "r0.2-131k-b2", "heal_options": {**options, "batch_size": 2, "hidden_weight": 0.0},
+             "wikitext2_after": 48.0}
+    layered = {**base, "row": "r0.2-131k-h5", "heal_options": {**options, "hidden_weight": 5.0},
+               "wikitext2_after": 47.5, "c4_after": 42.0}
     # Two changes from the base, one from `steps`: compared with `steps`.
     slower = {**base, "row": "r0.2-131k-b2-lr5e-5", "heal_options": {**options, "batch_size": 2, "lr": 5e-5},
               "wikitext2_after": 52.8, "c4_after": 36.0}
     assert report.heal_ablations([both, longer, wider]) == []  # no base run: nothing to compare with
     assert report.heal_ablations([longer, earlier, both, base, faster, wider, elsewhere, unsequential,
-                                  chat_calibrated, slower, steps]) == [
+                                  chat_calibrated, slower, steps, layered]) == [
         "r0.2-131k-kl+lm (loss kl+lm): WikiText-2 45.00 (10.0% lower), C4 validation 41.00 (2.5% higher)",
         "r0.2-131k-lr3e-4 (lr 0.0003): WikiText-2 55.00 (10.0% higher), C4 validation 40.00 (0.0% higher)",
         "r0.2-131k-nosequential (no sequential calibration): WikiText-2 50.00 (0.0% higher), C4 validation 40.00 "
@@ -524,6 +528,7 @@ def test_ablations_name_what_they_change_against_the_base_run():
         "r0.2-131k-b2-lr5e-5 (lr 5e-05 against r0.2-131k-b2): WikiText-2 52.80 (10.0% higher), C4 validation 36.00 "
         "(10.0% lower)",
         "r0.2-131k-b2 (batch_size 2): WikiText-2 48.00 (4.0% lower), C4 validation 40.00 (0.0% higher)",
+        "r0.2-131k-h5 (hidden_weight 5): WikiText-2 47.50 (5.0% lower), C4 validation 42.00 (5.0% higher)",
     ]
 
 

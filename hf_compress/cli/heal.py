@@ -44,6 +44,9 @@ def heal_command(
     loss: str = typer.Option(_H.loss, "--loss", help=f"{', '.join(LOSSES)}: KL from the teacher, cross-entropy on the text, or both."),
     temperature: float = typer.Option(_H.temperature, "--temperature", help="Softening of the distributions in the KL."),
     lm_weight: float = typer.Option(_H.lm_weight, "--lm-weight", help="Weight of the cross-entropy term of --loss kl+lm."),
+    hidden_weight: float = typer.Option(_H.hidden_weight, "--hidden-weight",
+                                        help="Weight of a term matching each decoder layer's output to the "
+                                             "teacher's (0: off)."),
     trainable: str = typer.Option(_H.trainable, "--trainable",
                                   help=f"{', '.join(TRAINABLE)}: the bases, coefficients and norms, or LoRA adapters "
                                        "on them (merged before saving)."),

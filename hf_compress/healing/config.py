@@ -45,6 +45,9 @@ class HealConfig(MethodConfig):
             or `"kl+lm"` (the KL plus `lm_weight` times the cross-entropy).
         temperature: softening of both distributions in the KL (the KL is scaled by `temperature**2`).
         lm_weight: weight of the cross-entropy term of `"kl+lm"`.
+        hidden_weight: weight of a term added to `loss`: the student's decoder-layer outputs against the teacher's,
+            layer by layer (`losses.hidden_state_loss`: squared distance relative to the teacher's, per position).
+            0 (the default) leaves it out; the teacher must have the student's depth and width.
         trainable: `"factors"` (the shared bases, coefficients, factorised biases and RMSNorm weights) or
             `"lora"` (LoRA adapters on the bases and dense projections, plus the RMSNorm weights, merged at the end).
         lora_rank, lora_alpha: rank and scaling of the LoRA adapters.
@@ -82,6 +85,7 @@ class HealConfig(MethodConfig):
     loss: str = "kl+lm"
     temperature: float = 1.0
     lm_weight: float = 1.0
+    hidden_weight: float = 0.0
     trainable: str = "factors"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -111,7 +115,7 @@ class HealConfig(MethodConfig):
             if not value > 0:
                 raise HFCompressError(f"{flag} must be > 0; got {value}.")
         for flag, value in (("--weight-decay", self.weight_decay), ("--lm-weight", self.lm_weight),
-                            ("--chat-temperature", self.chat_temperature)):
+                            ("--hidden-weight", self.hidden_weight), ("--chat-temperature", self.chat_temperature)):
             if not value >= 0:
                 raise HFCompressError(f"{flag} must be >= 0; got {value}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -186,6 +190,15 @@ class HealConfig(MethodConfig):
     @property
     def uses_lm(self) -> bool:
         return self.loss in ("lm", "kl+lm")
+
+    @property
+    def uses_hidden(self) -> bool:
+        return self.hidden_weight > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether each step runs the teacher (for its next-token distribution or its layers' outputs)."""
+        return self.uses_kl or self.uses_hidden
 
 
 def parse_chat_fraction(text: str) -> float | str:

@@ -192,3 +192,24 @@ def kl_lm_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, stude
     return _FrozenHeadLoss.apply(student_hidden, teacher_hidden.detach(), next_token_targets(labels), student_head,
                                  teacher_head, temperature, temperature**2 / positions,
                                  lm_weight / _predicted_count(labels), chunk)
+
+
+def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Mean over the layers and positions of `||s - t||^2 / ||t||^2`: how far each of the student's decoder-layer
+    outputs `s` is from the teacher's `t` at the same layer and position, relative to the teacher's (float32).
+
+    Relative per position because the residual stream of a Llama grows through the depth and carries a few
+    positions of far larger norm than the rest (the first tokens, where attention parks): a plain squared error
+    would be the error of those positions of the last layers alone.
+    """
+    if len(student_states) != len(teacher_states) or not student_states:
+        raise ValueError(f"hidden_state_loss needs one teacher state per student state; got {len(student_states)} "
+                         f"and {len(teacher_states)}")
+    total = None
+    for student, teacher in zip(student_states, teacher_states):
+        _check_positions(student, teacher)
+        teacher = _upcast(teacher.detach())
+        error = (_upcast(student) - teacher).square().sum(-1) / teacher.square().sum(-1).clamp(min=eps)
+        total = error.mean() if total is None else total + error.mean()
+    return total / len(student_states)

@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from ..errors import HFCompressError
 from ..provenance import DataRef, SourceRef
 from .config import HealConfig
 from .data import HealingData, has_chat_template, load_healing_data, recorded_options
-from .losses import chunked_kl_loss, chunked_lm_loss, kl_lm_loss
+from .losses import chunked_kl_loss, chunked_lm_loss, hidden_state_loss, kl_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +229,18 @@ def check_compatible(student: PreTrainedModel, teacher: PreTrainedModel,
                 "the student was compressed from (or one with the same tokenizer).")
 
 
+def check_same_layers(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    """`hidden_weight` compares the decoder layers one to one: the teacher needs the student's depth and width."""
+    base = getattr(teacher, teacher.base_model_prefix, None)
+    depth = len(getattr(base, "layers", ()))
+    width = getattr(teacher.config, "hidden_size", None)
+    want = (len(student.model.layers), student.config.hidden_size)
+    if (depth, width) != want:
+        raise HFCompressError(
+            f"--hidden-weight compares the decoder layers one to one: the teacher has {depth} layers of width "
+            f"{width}, the student {want[0]} of width {want[1]}; use --hidden-weight 0 with this teacher.")
+
+
 # --- what trains --------------------------------------------------------------------------------------------------
 
 
@@ -302,8 +315,10 @@ def merge_lora(peft_model) -> PreTrainedModel:
 class HealingObjective(nn.Module):
     """The student and its loss against the teacher's final hidden states, as one module (what accelerate wraps).
 
-    `forward(input_ids, teacher_hidden)` runs the student's base model and returns the KL (and/or LM) loss computed
-    chunk by chunk from the student's and the teacher's heads; the teacher's head is referenced, not registered.
+    `forward(input_ids, teacher_hidden, teacher_layers)` runs the student's base model and returns the KL (and/or
+    LM) loss computed chunk by chunk from the student's and the teacher's heads, plus `hidden_weight` times the
+    distance of the student's decoder-layer outputs from `teacher_layers` where `hidden_weight` > 0; the teacher's
+    head is referenced, not registered.
     """
 
     def __init__(self, student: PreTrainedModel, teacher_head: nn.Module | None, config: HealConfig):
@@ -311,10 +326,26 @@ class HealingObjective(nn.Module):
         self.student = student
         object.__setattr__(self, "teacher_head", teacher_head)
         self.loss_name, self.temperature, self.lm_weight = config.loss, config.temperature, config.lm_weight
+        self.hidden_weight = config.hidden_weight
         self.chunk = config.kl_chunk
 
-    def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
+                teacher_layers: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if self.hidden_weight > 0:
+            if teacher_layers is None:
+                raise ValueError("hidden_weight > 0 needs the teacher's layer outputs (teacher_states(..., layers=True))")
+            # the hooks are gone by the backward pass: layers recomputed there (gradient checkpointing) add nothing
+            with layer_outputs(self.student.model.layers) as student_layers:
+                hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        else:
+            hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        loss = self._output_loss(hidden, input_ids, teacher_hidden)
+        if self.hidden_weight > 0:
+            loss = loss + self.hidden_weight * hidden_state_loss(student_layers, teacher_layers)
+        return loss
+
+    def _output_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                     teacher_hidden: torch.Tensor | None) -> torch.Tensor:
         head = self.student.lm_head
         if self.loss_name == "lm":
             return chunked_lm_loss(hidden, head, input_ids, self.chunk)
@@ -324,11 +355,39 @@ class HealingObjective(nn.Module):
         return chunked_kl_loss(hidden, teacher_hidden, head, self.teacher_head, self.temperature, self.chunk)
 
 
+@contextmanager
+def layer_outputs(layers: nn.ModuleList):
+    """Collects the output of each of `layers` as the forward pass computes it (a forward hook on each, removed
+    on exit); yields the list, in layer order."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def teacher_hidden_states(teacher: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """The teacher's final hidden states (before its head), without gradients."""
+    return teacher_states(teacher, input_ids)[0]
+
+
+def teacher_states(teacher: PreTrainedModel, input_ids: torch.Tensor, *, layers: bool = False,
+                   ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The teacher's final hidden states (before its head) and, with `layers`, the output of each decoder layer
+    (else None), without gradients."""
+    base = getattr(teacher, teacher.base_model_prefix)
     with torch.no_grad():
-        base = getattr(teacher, teacher.base_model_prefix)
-        return base(input_ids=input_ids, use_cache=False).last_hidden_state
+        if not layers:
+            return base(input_ids=input_ids, use_cache=False).last_hidden_state, None
+        with layer_outputs(base.layers) as outputs:
+            final = base(input_ids=input_ids, use_cache=False).last_hidden_state
+        return final, outputs
 
 
 # --- resumable state ----------------------------------------------------------------------------------------------
@@ -535,6 +594,8 @@ def heal(
     # The one resolution of the run: the tokenizer that would write the chat text decides "auto" (the record then
     # holds the number the run trained with).
     config = config.resolve(compute_device, chat_template=has_chat_template(tokenizer))
+    if config.uses_hidden:
+        check_same_layers(student_model, teacher_model)
     data, data_ref = load_healing_data(tokenizer, config, teacher_model, device=compute_device, progress=progress)
     with PeakMemory() as peak:
         result = _train(student_model, teacher_model, tokenizer, data, data_ref, teacher_ref, config, compute_device,
@@ -643,7 +704,7 @@ def _prepare_run(student: PreTrainedModel, peft_model, teacher: PreTrainedModel,
         _set_checkpointing(student, True)
     student.train()
     teacher.eval()
-    if config.uses_kl:
+    if config.needs_teacher:
         teacher.to(accelerator.device)
     objective = accelerator.prepare(HealingObjective(student, teacher.get_output_embeddings(), config))
     named_params = [(name, p) for name, p in accelerator.unwrap_model(objective).named_parameters() if p.requires_grad]
@@ -678,7 +739,7 @@ def _run_steps(run: _Run, teacher: PreTrainedModel, data: HealingData, config: H
     started = time.perf_counter()
     for step in range(run.start_step, data.steps):
         ids = data.batch(step, accelerator.process_index, accelerator.num_processes).to(accelerator.device)
-        value = _step(run, teacher, ids, config.uses_kl, accelerator)
+        value = _step(run, teacher, ids, config, accelerator)
         run.losses.append(value)
         done = step + 1
         elapsed = time.perf_counter() - started
@@ -694,11 +755,12 @@ def _run_steps(run: _Run, teacher: PreTrainedModel, data: HealingData, config: H
     return time.perf_counter() - started
 
 
-def _step(run: _Run, teacher: PreTrainedModel, ids: torch.Tensor, uses_kl: bool, accelerator) -> float:
+def _step(run: _Run, teacher: PreTrainedModel, ids: torch.Tensor, config: HealConfig, accelerator) -> float:
     """One optimizer step on the sequences `ids`; returns its loss (the mean over the processes)."""
     with accelerator.autocast():
-        teacher_hidden = teacher_hidden_states(teacher, ids) if uses_kl else None
-        loss = run.objective(ids, teacher_hidden)
+        teacher_hidden, teacher_layers = (teacher_states(teacher, ids, layers=config.uses_hidden)
+                                          if config.needs_teacher else (None, None))
+        loss = run.objective(ids, teacher_hidden, teacher_layers)
     accelerator.backward(loss)
     run.prepared_optimizer.step()
     run.scheduler.step()
