@@ -1246,11 +1246,11 @@ def heal_ablations(rows: list[dict]) -> list[str]:
         other_conversion = not r.get("sequential", True) or r.get("calib_chat_fraction", 0.0) > 0
         if r.get("heal_dtype") == base.get("heal_dtype") and (same_student or other_conversion):
             comparable.append(r)
+    from_base = {id(c): len(heal_differences(c, base)) for c in comparable}
     lines = []
     for r in comparable:
         # The closest run on the way from the base: fewer changes from the base than this one, and fewer from it.
-        ref = min([base] + [c for c in comparable if c is not r
-                            and len(heal_differences(c, base)) < len(heal_differences(r, base))],
+        ref = min([base] + [c for c in comparable if c is not r and from_base[id(c)] < from_base[id(r)]],
                   key=lambda c: len(heal_differences(r, c)))
         against = "" if ref is base else f" against {ref['row']}"
         lines.append(f"{r['row']} ({', '.join(heal_differences(r, ref)) or 'same options'}{against}): WikiText-2 "
