@@ -1041,7 +1041,8 @@ MAIN_TRAINING = (("kl", 4), ("kl+lm", 2))
 def main_training(options: dict) -> bool:
     """Healing options (whole, or only those a row changes from the protocol's base) of a main setting."""
     return ((options.get("loss", "kl"), options.get("batch_size", 4)) in MAIN_TRAINING
-            and options.get("trainable", "factors") == "factors" and options.get("lr", 1e-4) == 1e-4)
+            and options.get("trainable", "factors") == "factors" and options.get("lr", 1e-4) == 1e-4
+            and not options.get("hidden_weight", 0.0))
 
 
 def is_main_heal(r: dict) -> bool:

@@ -452,8 +452,12 @@ def test_readme_summary_shows_one_healing_row_per_ratio():
             {**base, "ratio": 0.2, "wikitext2_after": 50.0, "heal_options": {"chat_fraction": 0.25, "loss": "lm"}},
             {**base, "ratio": 0.2, "wikitext2_after": 49.0, "heal_options": {"chat_fraction": 0.25,
                                                                             "chat_batch_size": 64}},
-            {**base, "ratio": 0.2, "wikitext2_after": 48.0, "heal_options": {}, "budget_tokens": 131072}]
-    assert [r["wikitext2_after"] for r in report.summary_heal_rows(rows)] == [49.0, 68.0]
+            {**base, "ratio": 0.2, "wikitext2_after": 48.0, "heal_options": {}, "budget_tokens": 131072},
+            {**base, "ratio": 0.2, "wikitext2_after": 52.8, "heal_options": {"chat_fraction": 0.25, "hidden_weight": 5.0,
+                                                                            "chat_batch_size": 64}},
+            {**base, "ratio": 0.3, "wikitext2_after": 62.5, "heal_options": {"chat_fraction": 0.25, "hidden_weight": 0.0,
+                                                                            "loss": "kl+lm", "batch_size": 2}}]
+    assert [r["wikitext2_after"] for r in report.summary_heal_rows(rows)] == [49.0, 62.5]
 
 
 @pytest.mark.parametrize("resumed_from", [0, 40])
