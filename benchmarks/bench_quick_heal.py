@@ -84,6 +84,9 @@ ZEROSHOT_RATIO, ZEROSHOT_BUDGET = 0.2, 262144
 # What a row heals with unless it says otherwise: plain text, the KL alone, four sequences a step (the library's
 # defaults when the rows were defined; it now defaults to `kl+lm`, two a step, and chat text for a chat model).
 PROTOCOL_HEAL = {"chat_fraction": 0.0, "loss": "kl", "batch_size": 4}
+# The library's defaults (`HealConfig`) as changes from `PROTOCOL_HEAL`, for this chat model: a quarter chat text
+# (64 conversations at a time), the KL plus the cross-entropy, two sequences a step.
+LIBRARY_HEAL = {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2}
 # Row options that change only the healing data (the teacher's chat text), not what trains or the loss.
 DATA_OPTIONS = {"chat_fraction", "chat_batch_size"}
 
@@ -139,7 +142,7 @@ ROWS = {
         Row("r0.2-262k-chat25-b64-kl+lm", 0.2, 262144, {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm"}),
         # The same with two sequences a step (256 steps).
         Row("r0.2-262k-chat25-b64-kl+lm-b2", 0.2, 262144,
-            {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2}),
+            LIBRARY_HEAL),
     ],
     # The learning rate at 20% and 131,072 tokens (1e-4 in the main rows); the loss still falls at the end of
     # every 1e-4 run. 3e-4 came out worse than 1e-4 (68.1 against 57.4 WikiText-2), so 1e-3 was not run.
@@ -159,18 +162,18 @@ ROWS = {
     # source) at 30%, 40% and 10%; at 20% they are the row `r0.2-262k-chat25-b64-kl+lm-b2`.
     "defaults": [
         Row("r0.3-262k-chat25-b64-kl+lm-b2", 0.3, 262144,
-            {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2}),
+            LIBRARY_HEAL),
         Row("r0.4-262k-chat25-b64-kl+lm-b2", 0.4, 262144,
-            {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2}),
+            LIBRARY_HEAL),
         Row("r0.1-262k-chat25-b64-kl+lm-b2", 0.1, 262144,
-            {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2}),
+            LIBRARY_HEAL),
     ],
     # The defaults at 20% plus the decoder layers' outputs matched to the teacher's (`hidden_weight`): at 5 the layer
     # term starts at about 0.77 (its mean relative distance 0.153 on the first batch), the KL at 1.14. It came out
     # worse than the defaults (WikiText-2 52.76 against 48.83), so no other weight was run.
     "layers": [
         Row("r0.2-262k-chat25-b64-kl+lm-b2-h5", 0.2, 262144,
-            {"chat_fraction": 0.25, "chat_batch_size": 64, "loss": "kl+lm", "batch_size": 2, "hidden_weight": 5.0}),
+            {**LIBRARY_HEAL, "hidden_weight": 5.0}),
     ],
     "extra": [
         Row("r0.1-262k", 0.1, 262144),
@@ -379,7 +382,7 @@ def pick_models(models: list[BenchModel], names, work: Path) -> list[BenchModel]
     missing = [name for name in names if name not in known]
     if missing:
         raise SystemExit(f"no finished checkpoint {', '.join(missing)} in {work} (present: {', '.join(known)})")
-    return [known[name] for name in names]
+    return [known[name] for name in dict.fromkeys(names)]  # a name given twice is measured once
 
 
 def checkpoint_sha256(m: BenchModel) -> str | None:
@@ -559,12 +562,13 @@ def zeroshot_stage(work: Path, *, source: str = SOURCE, names=None, limit: int =
     models = bench_models(work, source)
     models = pick_models(models, names, work) if names else zeroshot_models(models)
     digests = {m.name: checkpoint_sha256(m) for m in models}
-    elsewhere = measured_elsewhere(models, digests, *({r["model"]: r} for r in read_jsonl(rows_file)))
+    stored = read_jsonl(rows_file)
+    elsewhere = measured_elsewhere(models, digests, *({r["model"]: r} for r in stored))
     if elsewhere:
         raise SystemExit(f"{', '.join(elsewhere)}: zero-shot rows in {rows_file.name} measured on other weights than "
                          "the work dir holds now (converted or healed again); move those rows away to measure again")
-    for m in models:
-        if any(r["model"] == m.name and r["limit"] == limit for r in read_jsonl(rows_file)):
+    for m in models:  # each model once: the rows this loop appends never answer for a later model
+        if any(r["model"] == m.name and r["limit"] == limit for r in stored):
             log(f"zeroshot {m.name}: already measured (limit {limit})")
             continue
         path, gguf_file = resolve_source(m.spec)

@@ -22,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,16 +331,14 @@ class HealingObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
                 teacher_layers: list[torch.Tensor] | None = None) -> torch.Tensor:
-        if self.hidden_weight > 0:
-            if teacher_layers is None:
-                raise ValueError("hidden_weight > 0 needs the teacher's layer outputs (teacher_states(..., layers=True))")
-            # the hooks are gone by the backward pass: layers recomputed there (gradient checkpointing) add nothing
-            with layer_outputs(self.student.model.layers) as student_layers:
-                hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        else:
+        layered = self.hidden_weight > 0
+        if layered and teacher_layers is None:
+            raise ValueError("hidden_weight > 0 needs the teacher's layer outputs (teacher_states(..., layers=True))")
+        # the hooks are gone by the backward pass: layers recomputed there (gradient checkpointing) add nothing
+        with (layer_outputs(self.student.model.layers) if layered else nullcontext()) as student_layers:
             hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
         loss = self._output_loss(hidden, input_ids, teacher_hidden)
-        if self.hidden_weight > 0:
+        if layered:
             loss = loss + self.hidden_weight * hidden_state_loss(student_layers, teacher_layers)
         return loss
 
@@ -372,22 +370,14 @@ def layer_outputs(layers: nn.ModuleList):
             handle.remove()
 
 
-def teacher_hidden_states(teacher: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """The teacher's final hidden states (before its head), without gradients."""
-    return teacher_states(teacher, input_ids)[0]
-
-
 def teacher_states(teacher: PreTrainedModel, input_ids: torch.Tensor, *, layers: bool = False,
                    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """The teacher's final hidden states (before its head) and, with `layers`, the output of each decoder layer
     (else None), without gradients."""
     base = getattr(teacher, teacher.base_model_prefix)
-    with torch.no_grad():
-        if not layers:
-            return base(input_ids=input_ids, use_cache=False).last_hidden_state, None
-        with layer_outputs(base.layers) as outputs:
-            final = base(input_ids=input_ids, use_cache=False).last_hidden_state
-        return final, outputs
+    with torch.no_grad(), (layer_outputs(base.layers) if layers else nullcontext()) as outputs:
+        final = base(input_ids=input_ids, use_cache=False).last_hidden_state
+    return final, outputs
 
 
 # --- resumable state ----------------------------------------------------------------------------------------------
