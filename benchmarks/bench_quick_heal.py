@@ -175,6 +175,24 @@ ROWS = {
         Row("r0.2-262k-chat25-b64-kl+lm-b2-h5", 0.2, 262144,
             {**LIBRARY_HEAL, "hidden_weight": 5.0}),
     ],
+    # The defaults at 20% with one sequence a step: the same tokens in twice the optimizer steps (512); two a step
+    # healed better than four at 131,072 tokens (55.45 against 57.38 WikiText-2). One came out worse than two (49.84
+    # against 48.83).
+    "steps": [
+        Row("r0.2-262k-chat25-b64-kl+lm-b1", 0.2, 262144,
+            {**LIBRARY_HEAL, "batch_size": 1}),
+    ],
+    # The defaults at 20% with the factors balanced before training (`balance_factors`): the conversion leaves the
+    # basis entries 2-30 times the coefficients' (median 6), and AdamW moves every entry by about the learning rate.
+    "balance": [
+        Row("r0.2-262k-chat25-b64-kl+lm-b2-bal", 0.2, 262144,
+            {**LIBRARY_HEAL, "balance_factors": True}),
+        # The same at twice the peak learning rate: balanced, the coefficients no longer take the largest relative
+        # steps (unbalanced, 3e-4 made the loss rise in its first steps). At 1e-4 balanced came out worse than the
+        # defaults (49.70 against 48.83), at 2e-4 a little better (48.23).
+        Row("r0.2-262k-chat25-b64-kl+lm-b2-bal-lr2e-4", 0.2, 262144,
+            {**LIBRARY_HEAL, "balance_factors": True, "lr": 2e-4}),
+    ],
     "extra": [
         Row("r0.1-262k", 0.1, 262144),
         Row("r0.5-262k", 0.5, 262144),

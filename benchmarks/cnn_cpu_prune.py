@@ -154,9 +154,13 @@ class _Run:
         """The machine and the note of this invocation, recorded in the states it starts."""
         return {"device": device_note(), "note": self.args.note}
 
-    def stored_rows(self) -> list[dict[str, Any]]:
+    def stored_report(self) -> dict[str, Any]:
+        """The results file as the last run wrote it ({} before the first)."""
         path = self.results / f"{STEM}.json"
-        return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def stored_rows(self) -> list[dict[str, Any]]:
+        return self.stored_report().get("rows", [])
 
     def seed_dir(self, seed: int) -> Path:
         return Path(self.args.work_dir).expanduser() / f"prune-resnet20-seed{seed}"
@@ -716,8 +720,7 @@ def _merged(previous: list[dict[str, Any]], new: list[dict[str, Any]], *fields: 
 
 def _write_outputs(run: _Run, rows: list[dict[str, Any]], points: list[dict[str, Any]] = ()) -> dict[str, Any]:
     a = run.args
-    path = run.results / f"{STEM}.json"
-    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored = run.stored_report()
     rows = _merged(stored.get("rows", []), rows, "method", "seed")
     points = _merged(stored.get("points", []), list(points), "method", "seed", "point")
     report = {
@@ -737,7 +740,7 @@ def _write_outputs(run: _Run, rows: list[dict[str, Any]], points: list[dict[str,
         "compare_at": a.compare_at, "target": TARGET, "rows": rows, "points": points,
     }
     run.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, report)
+    atomic_write_json(run.results / f"{STEM}.json", report)
     atomic_write_text(run.results / f"{STEM}.md", _markdown(report))
     _plot(rows, run.results / f"{STEM}_curve.png", points)
     entries = _summary_entries(rows)

@@ -1042,7 +1042,7 @@ def main_training(options: dict) -> bool:
     """Healing options (whole, or only those a row changes from the protocol's base) of a main setting."""
     return ((options.get("loss", "kl"), options.get("batch_size", 4)) in MAIN_TRAINING
             and options.get("trainable", "factors") == "factors" and options.get("lr", 1e-4) == 1e-4
-            and not options.get("hidden_weight", 0.0))
+            and not options.get("hidden_weight", 0.0) and not options.get("balance_factors", False))
 
 
 def is_main_heal(r: dict) -> bool:
@@ -1213,7 +1213,7 @@ def ablation_base(rows: list[dict]) -> dict | None:
 
 
 # Healing options added after the first rows were written, with the value those rows trained with.
-LATER_HEAL_OPTIONS = {"hidden_weight": 0.0}
+LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False}
 
 
 def heal_differences(r: dict, ref: dict) -> list[str]:
@@ -1372,6 +1372,7 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
                                           if options.get("temperature", 1.0) != 1.0 else None,
                                           f"layer term {options['hidden_weight']:g}"
                                           if options.get("hidden_weight", 0.0) else None,
+                                          "balanced factors" if options.get("balance_factors") else None,
                                           None if r.get("sequential", True) else "no sequential calibration",
                                           f"calibration {pct(r['calib_chat_fraction'])} chat text"
                                           if r.get("calib_chat_fraction") else None]))

@@ -26,6 +26,7 @@ from hf_compress.healing.losses import (
 )
 from hf_compress.healing.trainer import (
     HealingObjective,
+    balance_factors,
     _set_checkpointing,
     mark_trainable,
     relink_bases,
@@ -233,8 +234,9 @@ class Interrupt:
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_shared_basis_checkpoint, tiny_source_dir, calib_file,
                                                      tmp_path):
+    # Balanced factors: a resumed session balances the loaded student again before the saved weights replace them.
     config = small_config(calib_file, tokens=8 * 4 * 32, lr=1e-3, warmup_ratio=0.25, save_steps=3, loss="kl+lm",
-                          lm_weight=0.3)
+                          lm_weight=0.3, balance_factors=True)
     run = {"teacher": str(tiny_source_dir), "device": "cpu", "progress": False}
     out, state = tmp_path / "healed", state_dir_for(tmp_path / "healed")
 
@@ -721,3 +723,87 @@ def test_heal_trains_on_the_layer_term_and_records_it(tiny_shared_basis_checkpoi
     assert options["hidden_weight"] == 2.0 and options["loss"] == "kl"
     # A record written before the option existed reads back as healed without it.
     assert HealConfig.from_dict({k: v for k, v in options.items() if k != "hidden_weight"}).hidden_weight == 0.0
+
+
+# --- (9) balanced factors -----------------------------------------------------------------------------------------
+
+
+def _factor_groups(student) -> list[tuple[nn.Linear, list[nn.Module]]]:
+    """Every basis with the projections that use it, from the config's groups."""
+    return [(student.model.shared_bases[name][g], _members(student, name, g))
+            for name, groups in student.config.basis_groups.items() for g in range(len(groups))]
+
+
+def test_balance_factors_keeps_the_function_and_equalises_each_component(tiny_shared_basis_checkpoint):
+    student = load_student(tiny_shared_basis_checkpoint)
+    groups = _factor_groups(student)
+    products = [[m.dense_weight().double() for m in members] for _, members in groups]
+    torch.manual_seed(0)
+    ids = torch.randint(0, student.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        logits = student(ids).logits
+    # The conversion leaves the singular values on the basis side: the rows of a basis outweigh its coefficients.
+    assert all(float(basis.weight.norm(dim=1).min()) > 0 for basis, _ in groups)
+
+    assert balance_factors(student) == len(groups) == sum(len(g) for g in student.config.basis_groups.values())
+    for (basis, members), before in zip(groups, products):
+        rows = basis.weight.double().norm(dim=1)
+        columns = torch.cat([m.coefficients.double() for m in members]).norm(dim=0)
+        torch.testing.assert_close(rows, columns, rtol=1e-5, atol=0)
+        for member, product in zip(members, before):
+            assert member.basis is basis  # still one tensor for the group
+            torch.testing.assert_close(member.dense_weight().double(), product, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    # Balanced twice: nothing moves (every scale is 1).
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    balance_factors(student)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=1e-6, atol=0)
+
+
+def _relative_moves(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Mean relative change `|end - start| / |start|` of the bases and of the coefficients."""
+    def mean_move(keys: list[str]) -> float:
+        return sum(float((end[k].double() - start[k].double()).norm() / start[k].double().norm()) for k in keys) / len(keys)
+
+    return (mean_move([k for k in start if k.startswith("model.shared_bases.")]),
+            mean_move([k for k in start if k.endswith(".coefficients")]))
+
+
+def lopsided_student(checkpoint: Path, factor: float = 10.0) -> SharedBasisLlamaForCausalLM:
+    """The tiny student with its bases `factor` times larger and its coefficients as much smaller (the same model),
+    as the conversion leaves a real model's factors (on SmolLM2 the basis entries are 2-30 times the others)."""
+    student = load_student(checkpoint)
+    with torch.no_grad():
+        for basis, members in _factor_groups(student):
+            basis.weight.mul_(factor)
+            for member in members:
+                member.coefficients.div_(factor)
+    return student
+
+
+def test_heal_with_balanced_factors_starts_from_the_same_loss_and_moves_the_bases(
+        tiny_shared_basis_checkpoint, tiny_source_dir, calib_file, tmp_path):
+    run = {"teacher": str(tiny_source_dir), "device": "cpu", "progress": False}
+    moves = {}
+    for balance in (False, True):
+        student = lopsided_student(tiny_shared_basis_checkpoint)
+        start = {k: v.clone() for k, v in student.state_dict().items()}
+        if balance:
+            balance_factors(student)  # what the run starts from (heal balances again: every scale is then 1)
+            start = {k: v.clone() for k, v in student.state_dict().items()}
+        result = heal(student, None, tokenizer=AutoTokenizer.from_pretrained(
+            tiny_source_dir), config=small_config(calib_file, tokens=4 * 4 * 32, balance_factors=balance), **run)
+        moves[balance] = (result.losses[0], *_relative_moves(start, student.state_dict()))
+        if balance:
+            assert student.config.compression["healing"]["options"]["balance_factors"] is True
+    # The first loss is taken before any update: the balanced student is the same function.
+    assert moves[True][0] == pytest.approx(moves[False][0], rel=1e-3)
+    # AdamW moves every entry by about the learning rate: lopsided (ten times larger against ten times smaller),
+    # the basis entries change about a hundred times less, relative to their size, than the coefficients;
+    # balanced, the two change alike.
+    (_, plain_bases, plain_coefficients), (_, balanced_bases, balanced_coefficients) = moves[False], moves[True]
+    assert plain_bases < 0.05 * plain_coefficients
+    assert 0.5 < balanced_bases / balanced_coefficients < 2.0
+    assert HealConfig.from_dict({"tokens": 8}).balance_factors is False  # older records: not balanced

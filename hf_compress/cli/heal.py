@@ -47,6 +47,9 @@ def heal_command(
     hidden_weight: float = typer.Option(_H.hidden_weight, "--hidden-weight",
                                         help="Weight of a term matching each decoder layer's output to the "
                                              "teacher's (0: off)."),
+    balance_factors: bool = typer.Option(_H.balance_factors, "--balance-factors/--no-balance-factors",
+                                         help="Before training the factors, give each rank component's basis row "
+                                              "and coefficients the same norm (the model is unchanged)."),
     trainable: str = typer.Option(_H.trainable, "--trainable",
                                   help=f"{', '.join(TRAINABLE)}: the bases, coefficients and norms, or LoRA adapters "
                                        "on them (merged before saving)."),

@@ -278,6 +278,29 @@ def mark_trainable(student: PreTrainedModel) -> None:
                 parameter.requires_grad_(True)
 
 
+@torch.no_grad()
+def balance_factors(student: PreTrainedModel) -> int:
+    """Rescales every rank component `j` of each basis and of its members' coefficients, `B[j] / d_j` and
+    `C_i[:, j] * d_j`, with `d_j` chosen so that both then have the norm `sqrt(|B[j]| |C[:, j]|)` (`C` stacking the
+    members); the products `B C_i`, and so the model, are unchanged. Returns how many bases were balanced.
+
+    A component whose basis row or coefficients are all zero is left as it is.
+    """
+    groups: dict[int, tuple[nn.Linear, list[nn.Module]]] = {}
+    for module in student.modules():
+        if _is_factorised(module):
+            groups.setdefault(id(module.basis), (module.basis, []))[1].append(module)
+    for basis, members in groups.values():
+        basis_norms = basis.weight.norm(dim=1)
+        coefficient_norms = torch.stack([m.coefficients.norm(dim=0) for m in members]).norm(dim=0)
+        scale = (basis_norms / coefficient_norms).sqrt()
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+        basis.weight.div_(scale[:, None])
+        for member in members:
+            member.coefficients.mul_(scale)
+    return len(groups)
+
+
 def add_lora(student: PreTrainedModel, config: HealConfig):
     """`"lora"`: peft LoRA adapters on every shared basis and dense projection (the factorised layers' bases are
     re-pointed at the wrapped modules), RMSNorm weights trainable; returns the `PeftModel` (for `merge_and_unload`)."""
@@ -689,6 +712,8 @@ def _prepare_run(student: PreTrainedModel, peft_model, teacher: PreTrainedModel,
     """The student in training mode with what trains marked, the teacher on the device (for a KL), the objective
     and the optimizer prepared by accelerate, and the learning-rate schedule of `steps` steps."""
     if peft_model is None:
+        if config.balance_factors:
+            balance_factors(student)
         mark_trainable(student)
     if config.gradient_checkpointing:
         _set_checkpointing(student, True)
