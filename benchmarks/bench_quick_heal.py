@@ -183,7 +183,7 @@ ROWS = {
             {**LIBRARY_HEAL, "batch_size": 1}),
     ],
     # The defaults at 20% with the factors balanced before training (`balance_factors`): the conversion leaves the
-    # basis entries 2-30 times the coefficients' (median 6), and AdamW moves every entry by about the learning rate.
+    # basis entries several times the coefficients', and AdamW moves every entry by about the learning rate.
     "balance": [
         Row("r0.2-262k-chat25-b64-kl+lm-b2-bal", 0.2, 262144,
             {**LIBRARY_HEAL, "balance_factors": True}),

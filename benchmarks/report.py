@@ -1036,13 +1036,16 @@ EXCHANGE_PROMPT = 0
 # The training settings whose rows count as main rows: the protocol's base (the KL alone, 4 sequences a step) and
 # the library's default (`HealConfig`: the KL plus the cross-entropy, 2 a step); both on the factors at lr 1e-4.
 MAIN_TRAINING = (("kl", 4), ("kl+lm", 2))
+# Healing options added after the first rows were written, with the value those rows trained with (and the library
+# still defaults to): a row with any other value is not a main row.
+LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False}
 
 
 def main_training(options: dict) -> bool:
     """Healing options (whole, or only those a row changes from the protocol's base) of a main setting."""
     return ((options.get("loss", "kl"), options.get("batch_size", 4)) in MAIN_TRAINING
             and options.get("trainable", "factors") == "factors" and options.get("lr", 1e-4) == 1e-4
-            and not options.get("hidden_weight", 0.0) and not options.get("balance_factors", False))
+            and all(options.get(key, value) == value for key, value in LATER_HEAL_OPTIONS.items()))
 
 
 def is_main_heal(r: dict) -> bool:
@@ -1210,10 +1213,6 @@ def heal_targets(rows: list[dict], dense: dict | None, chat_rows: list[dict], ze
 
 def ablation_base(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["row"] == ABLATION_BASE), None)
-
-
-# Healing options added after the first rows were written, with the value those rows trained with.
-LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False}
 
 
 def heal_differences(r: dict, ref: dict) -> list[str]:

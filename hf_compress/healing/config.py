@@ -51,8 +51,8 @@ class HealConfig(MethodConfig):
         balance_factors: before training `"factors"`, rescale each rank component of every factorised projection so
             that its row of the basis and its columns of the coefficients (over the group's members) have the same
             norm; the model computes the same function. The conversion leaves the singular values on the basis side
-            (on SmolLM2 at 20% the basis entries are 2-30 times the coefficients', median 6), and AdamW, which moves
-            every entry by about the learning rate, then changes the coefficients far faster than the bases. Off: on
+            (the basis entries typically several times the coefficients'), and AdamW, which moves every entry by
+            about the learning rate, then changes the coefficients far faster than the bases. Off: on
             SmolLM2 it healed no better at lr 1e-4, 1.2% better at 2e-4 (docs/healing.md). LoRA leaves the factors
             as they are.
         trainable: `"factors"` (the shared bases, coefficients, factorised biases and RMSNorm weights) or
