@@ -1167,6 +1167,49 @@ def zeroshot_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def gap_closed(before: float, after: float, dense: float) -> float:
+    """Share of the student's log-perplexity gap to the dense model that healing removed: `log(before / after) /
+    log(before / dense)` (1: healed to the dense model's perplexity; 0: no change)."""
+    return math.log(before / after) / math.log(before / dense)
+
+
+def same_run_but_budget(r: dict, ref: dict) -> bool:
+    """`r` heals the student of `ref` with the same options and precision, on another budget (an option missing
+    from a row written before it existed counts at its first value)."""
+    def options(row: dict) -> dict:
+        return {key: value for key, value in {**LATER_HEAL_OPTIONS, **row.get("heal_options", {})}.items()
+                if key != "tokens"}
+    return (math.isclose(r["ratio"], ref["ratio"]) and r["budget_tokens"] != ref["budget_tokens"]
+            and options(r) == options(ref) and r.get("heal_dtype") == ref.get("heal_dtype")
+            and r.get("sequential", True) == ref.get("sequential", True)
+            and r.get("calib_chat_fraction") == ref.get("calib_chat_fraction")
+            and math.isclose(r["wikitext2_before"], ref["wikitext2_before"]))
+
+
+def heal_gap_lines(rows: list[dict], dense: dict | None) -> list[str]:
+    """How much of the log-perplexity gap to the dense model healing removes (`gap_closed`): the README's row per
+    ratio, what each WikiText-2 target asks of it, and the same healing on other budgets."""
+    summary = summary_heal_rows(rows)
+    if not (dense and summary):
+        return []
+    def closed(r: dict, name: str) -> str:
+        return pct(gap_closed(r[f"{name}_before"], r[f"{name}_after"], dense[name]))
+    lines = ["At " + ", ".join(f"{pct(r['ratio'])} ({r['row']})" for r in summary) + ": "
+             + " / ".join(closed(r, "wikitext2") for r in summary) + " of the WikiText-2 gap, "
+             + " / ".join(closed(r, "c4") for r in summary) + " of the C4-validation gap"]
+    for r in summary:
+        goal = WIKITEXT_TARGETS.get(r["ratio"])
+        if goal is not None and r["budget_tokens"] == HEAL_BUDGET:
+            lines.append(f"WikiText-2 at most {goal:.0f} at {pct(r['ratio'])} asks for "
+                         f"{pct(gap_closed(r['wikitext2_before'], goal, dense['wikitext2']))} of its gap")
+    for ref in summary:
+        for r in sorted((r for r in rows if same_run_but_budget(r, ref)), key=lambda r: r["budget_tokens"]):
+            lines.append(f"{r['row']} ({r['budget_tokens']:,} tokens, otherwise as {ref['row']}): WikiText-2 "
+                         f"{r['wikitext2_after']:.2f}, {closed(r, 'wikitext2')} of the gap; C4 validation "
+                         f"{r['c4_after']:.2f}, {closed(r, 'c4')}")
+    return lines
+
+
 def heal_targets(rows: list[dict], dense: dict | None, chat_rows: list[dict], zeroshot_rows: list[dict]) -> list[str]:
     """One verdict per target and run, each naming its run: the row of `quick_heal.jsonl` (its name says the ratio,
     the budget and the data), or the model of a chat or zero-shot row (`healed-<row>`)."""
@@ -1395,6 +1438,11 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
     checks = heal_targets(rows, dense, chat_rows, zeroshot_rows)
     if checks:
         out += ["", "Targets, one line per run:", ""] + [f"- {check}" for check in checks]
+    gaps = heal_gap_lines(rows, dense)
+    if gaps:
+        out += ["", ("Share of the log-perplexity gap to the dense model that healing removes, "
+                     "`log(before / after) / log(before / dense)` (100%: the dense model's perplexity):"), ""] + [
+            f"- {line}" for line in gaps]
     ablations = heal_ablations(rows)
     if ablations:
         base = ablation_base(rows)

@@ -626,3 +626,39 @@ def test_students_stage_keeps_each_student_once(tmp_path, monkeypatch):
                                    "c4": 80.0, "conversion": {"wall_time_s": 1.0}, "note": "idle"}}
     bench.students_stage(tmp_path, rows, None, out_file=out)
     assert len(calls) == 2  # measured once
+
+
+def test_heal_table_gap_closed(tmp_path, monkeypatch):
+    """The table's gap-closed columns: log(before / after) / log(before / dense), here 1/2 and 1/3 exactly."""
+    monkeypatch.setattr(bench, "ROWS_FILE", tmp_path / "rows.jsonl")
+    monkeypatch.setattr(bench, "TABLE_FILE", tmp_path / "table.md")
+    (tmp_path / "dense_eval.json").write_text(json.dumps({"wikitext2": 10.0, "c4": 8.0}))
+    bench.append_row({"row": "r0.2-x", "ratio": 0.2, "budget_tokens": 1024, "heal_trainable_params": 7,
+                      "wikitext2_before": 100.0, "wikitext2_after": math.sqrt(1000.0),
+                      "c4_before": 64.0, "c4_after": 32.0,
+                      "heal_wall_time_s": 5.0, "heal_tokens_per_s": 2.0, "heal_peak_rss_mb": 3.0})
+    assert bench.gap_closed(100.0, 10.0, 10.0) == 1.0 and bench.gap_closed(100.0, 100.0, 10.0) == 0.0
+    bench.write_table(tmp_path)
+    row = (tmp_path / "table.md").read_text().splitlines()[6]
+    assert row == ("| r0.2-x | 20% | 1,024 | 7 | 100.00 -> 31.62 | 50% | 64.00 -> 32.00 | 4.00x | 33% "
+                   "| 5 | 2 | 3 |")
+
+
+def test_report_gap_lines_per_ratio_target_and_budget():
+    """The share of the log-perplexity gap: the README row per ratio, what the 20% target asks, the same healing on
+    another budget (a row with other options at that budget is left out)."""
+    dense = {"wikitext2": 10.0, "c4": 8.0}
+    options = {"tokens": 262144, "loss": "kl+lm", "batch_size": 2, "lr": 1e-4, "trainable": "factors",
+               "chat_fraction": 0.25}
+    main = {"row": "r0.2-a", "ratio": 0.2, "budget_tokens": 262144, "heal_options": options, "heal_dtype": "bfloat16",
+            "wikitext2_before": 100.0, "wikitext2_after": math.sqrt(1000.0), "c4_before": 64.0, "c4_after": 32.0}
+    # written after `hidden_weight` and `balance_factors` existed: it names them, at their first values
+    longer = {**main, "row": "r0.2-b", "budget_tokens": 524288,
+              "heal_options": {**options, "tokens": 524288, "hidden_weight": 0.0, "balance_factors": False},
+              "wikitext2_after": 100.0 * 0.1 ** 0.6, "c4_after": 16.0}
+    other = {**longer, "row": "r0.2-c", "heal_options": {**longer["heal_options"], "lr": 2e-4}}
+    assert report.heal_gap_lines([main, longer, other], dense) == [
+        "At 20% (r0.2-a): 50% of the WikiText-2 gap, 33% of the C4-validation gap",
+        "WikiText-2 at most 45 at 20% asks for 35% of its gap",  # log(100 / 45) / log(10) = 0.347
+        "r0.2-b (524,288 tokens, otherwise as r0.2-a): WikiText-2 25.12, 60% of the gap; C4 validation 16.00, 67%"]
+    assert report.heal_gap_lines([main], None) == [] and report.heal_gap_lines([longer], dense) == []

@@ -53,8 +53,8 @@ class HealConfig(MethodConfig):
             norm; the model computes the same function. The conversion leaves the singular values on the basis side
             (the basis entries typically several times the coefficients'), and AdamW, which moves every entry by
             about the learning rate, then changes the coefficients far faster than the bases. Off: on
-            SmolLM2 it healed no better at lr 1e-4, 1.2% better at 2e-4 (docs/healing.md). LoRA leaves the factors
-            as they are.
+            SmolLM2 it healed no better at lr 1e-4, 1.2% better at 2e-4, worse at 3e-4 (docs/healing.md). LoRA
+            leaves the factors as they are.
         trainable: `"factors"` (the shared bases, coefficients, factorised biases and RMSNorm weights) or
             `"lora"` (LoRA adapters on the bases and dense projections, plus the RMSNorm weights, merged at the end).
         lora_rank, lora_alpha: rank and scaling of the LoRA adapters.
@@ -94,8 +94,8 @@ class HealConfig(MethodConfig):
     lm_weight: float = 1.0
     # Off: at 5 it healed SmolLM2 at 20% worse than the output alone (docs/healing.md).
     hidden_weight: float = 0.0
-    # Off: balanced, SmolLM2 at 20% healed no better at lr 1e-4 and 1.2% better at 2e-4, one run each
-    # (docs/healing.md).
+    # Off: balanced, SmolLM2 at 20% healed no better at lr 1e-4, 1.2% better at 2e-4 and 4.3% worse at 3e-4, one
+    # run each (docs/healing.md).
     balance_factors: bool = False
     trainable: str = "factors"
     lora_rank: int = 8
