@@ -1174,15 +1174,9 @@ def gap_closed(before: float, after: float, dense: float) -> float:
 
 
 def same_run_but_budget(r: dict, ref: dict) -> bool:
-    """`r` heals the student of `ref` with the same options and precision, on another budget (an option missing
-    from a row written before it existed counts at its first value)."""
-    def options(row: dict) -> dict:
-        return {key: value for key, value in {**LATER_HEAL_OPTIONS, **row.get("heal_options", {})}.items()
-                if key != "tokens"}
+    """`r` heals the student of `ref` with the same options (`heal_differences`) and precision, on another budget."""
     return (math.isclose(r["ratio"], ref["ratio"]) and r["budget_tokens"] != ref["budget_tokens"]
-            and options(r) == options(ref) and r.get("heal_dtype") == ref.get("heal_dtype")
-            and r.get("sequential", True) == ref.get("sequential", True)
-            and r.get("calib_chat_fraction") == ref.get("calib_chat_fraction")
+            and not heal_differences(r, ref) and r.get("heal_dtype") == ref.get("heal_dtype")
             and math.isclose(r["wikitext2_before"], ref["wikitext2_before"]))
 
 
