@@ -96,7 +96,7 @@ def test_the_dataset_holds_the_images_and_labels_unchanged():
     dataset = image_classification_dataset(data)
     assert dataset.features["label"].names == ["a", "b"] and dataset["label"] == data.labels.tolist()
     for i, image in enumerate(dataset["image"]):
-        assert torch.equal(torch.from_numpy(np.asarray(image)).permute(2, 0, 1), data.images[i])
+        assert torch.equal(torch.from_numpy(np.array(image)).permute(2, 0, 1), data.images[i])
 
 
 def test_pipeline_accuracy_refuses_a_checkpoint_without_processor_or_with_other_labels(tmp_path):

@@ -269,7 +269,9 @@ def test_latency_costs_change_what_is_cheapest(rule):
 
 
 def test_measured_latency_is_charged_to_the_module_that_spends_it(monkeypatch):
-    """A unit made 20 ms slower per batch is charged about 20 ms / batch per image; the others are not."""
+    """A unit made 50 ms slower per batch is charged at least 50 ms / batch per image; no other part is charged a
+    sizeable share of it. (The bound on the others is loose on purpose: on a shared machine a preempted stem can take
+    a few ms of one batch, and a ratio to those microsecond-scale parts would fail on that alone.)"""
     import time
 
     torch.manual_seed(0)
@@ -280,16 +282,17 @@ def test_measured_latency_is_charged_to_the_module_that_spends_it(monkeypatch):
     forward = slow.forward
 
     def slowed(hidden):
-        time.sleep(0.02)
+        time.sleep(0.05)
         return forward(hidden)
 
     monkeypatch.setattr(slow, "forward", slowed)
     data = ImageClassificationData(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32) % 4,
                                    ["a", "b", "c", "d"])
-    costs = measure_exit_costs(model, data, batch_size=16, max_batches=2, rounds=1)
+    costs = measure_exit_costs(model, data, batch_size=16, max_batches=2, rounds=2)
     assert len(costs.units) == 3 and len(costs.heads) == 1 and costs.unit == "ns"
-    assert costs.units[1] >= 0.02e9 / 16  # at least the sleep, per image
-    assert costs.units[1] > 10 * max(costs.units[0], costs.units[2], costs.heads[0], costs.classifier)
+    sleep_per_image = 0.05e9 / 16
+    assert costs.units[1] >= sleep_per_image
+    assert max(costs.units[0], costs.units[2], costs.heads[0], costs.classifier) < sleep_per_image / 4
 
 
 def test_exclusion_at_one_exit_is_credited_with_the_savings_at_the_next():
