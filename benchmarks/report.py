@@ -1021,8 +1021,8 @@ HEAL_BUDGET = 262144
 WIKITEXT_TARGETS = {0.2: 45.0, 0.3: 65.0}
 CHAT_TARGET_RATIO, CHAT_NON_EMPTY_TARGET = 0.2, 0.9
 ZEROSHOT_TARGET_RATIO = 0.2
-# Healing options that change only the data (the teacher's chat text), as in bench_quick_heal.py.
-DATA_OPTIONS = {"chat_fraction", "chat_batch_size"}
+# Healing options that change only the data (the teacher's chat text and free text), as in bench_quick_heal.py.
+DATA_OPTIONS = {"chat_fraction", "chat_batch_size", "free_text_fraction"}
 # `convert --heal-tokens 262144` at 20% as a user runs it: with the data a chat source gets by default (HealConfig's
 # chat_fraction "auto" for a tokenizer with a chat template), in under this many minutes.
 PIPELINE_RATIO, PIPELINE_CHAT_SHARE, PIPELINE_MINUTES = 0.2, 0.25, 40.0
@@ -1038,7 +1038,7 @@ EXCHANGE_PROMPT = 0
 MAIN_TRAINING = (("kl", 4), ("kl+lm", 2))
 # Healing options added after the first rows were written, with the value those rows trained with (and the library
 # still defaults to): a row with any other value is not a main row.
-LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False}
+LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False, "free_text_fraction": 0.0}
 
 
 def main_training(options: dict) -> bool:
@@ -1402,6 +1402,8 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
         options = r.get("heal_options", {})
         setting = ", ".join(filter(None, [options.get("trainable", "factors"), options.get("loss", "kl"),
                                           f"{pct(chat_share(r))} chat text" if chat_share(r) else None,
+                                          f"{pct(options['free_text_fraction'])} free text"
+                                          if options.get("free_text_fraction") else None,
                                           f"batch {options['batch_size']}" if options.get("batch_size", 4) != 4
                                           else None,
                                           f"temperature {options['temperature']:g}"

@@ -249,7 +249,12 @@ def _healing_rows(healing: dict) -> list[str]:
     teacher = (healing.get("teacher") or {}).get("model_id") or "the source model"
     what = f"{options.get('trainable', 'factors')}, {_fmt_int(healing.get('trainable_params'))} trainable parameters"
     schedule = f"lr {_cell(options.get('lr'))} {options.get('schedule', '')}".strip()
-    rows = [f"| Healing | distillation from {teacher} ({options.get('loss', 'kl')} loss) on {options.get('dataset')}: "
+    # The share of the sequences the teacher wrote itself: what the model healed on is more than the dataset named.
+    written = [f"{share * 100:g}% {what}" for share, what in ((options.get("chat_fraction"), "chat text"),
+                                                         (options.get("free_text_fraction"), "free text"))
+               if isinstance(share, (int, float)) and share > 0]
+    data = f"{options.get('dataset')}" + (f" and the teacher's own {' and '.join(written)}" if written else "")
+    rows = [f"| Healing | distillation from {teacher} ({options.get('loss', 'kl')} loss) on {data}: "
             f"{_fmt_int(healing.get('tokens'))} tokens in {_fmt_int(healing.get('steps'))} steps, {schedule}; {what} |",
             f"| Healing loss, first / last steps | {_cell(healing.get('initial_loss'))} / "
             f"{_cell(healing.get('final_loss'))} |"]

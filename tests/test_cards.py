@@ -91,6 +91,26 @@ def test_metadata_and_tables_of_a_basis_sharing_checkpoint(folder, hub):
     HfApi(endpoint=hub.url)._validate_yaml(str(card))
 
 
+@pytest.mark.parametrize("shares, expected", [
+    ({"chat_fraction": 0.25, "free_text_fraction": 0.0}, "on c4-calibration and the teacher's own 25% chat text: "),
+    ({"chat_fraction": 0.25, "free_text_fraction": 0.125},
+     "on c4-calibration and the teacher's own 25% chat text and 12.5% free text: "),
+    ({"chat_fraction": 0.0}, "on c4-calibration: "),
+    ({}, "on c4-calibration: "),  # a record from before the teacher wrote text
+])
+def test_healing_row_names_the_text_the_teacher_wrote(folder, shares, expected):
+    config = json.loads((folder / "config.json").read_text())
+    config["compression"]["healing"] = {
+        "teacher": {"model_id": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "tokens": 262144, "steps": 256,
+        "trainable_params": 1000, "initial_loss": 2.5, "final_loss": 1.25,
+        "options": {"dataset": "c4-calibration", "loss": "kl+lm", "lr": 1e-4, "schedule": "cosine", **shares}}
+    (folder / "config.json").write_text(json.dumps(config))
+    body = _load(write_model_card(folder).parent).text
+    row = next(line for line in body.splitlines() if line.startswith("| Healing |"))
+    assert row == ("| Healing | distillation from HuggingFaceTB/SmolLM2-135M-Instruct (kl+lm loss) " + expected
+                   + "262,144 tokens in 256 steps, lr 0.0001 cosine; factors, 1,000 trainable parameters |")
+
+
 def test_eval_results_become_model_index_and_are_merged(folder, hub):
     write_model_card(folder, license="mit", base_model="someone/base")
     record_eval_results(folder, [PPL, ACC])

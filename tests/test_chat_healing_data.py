@@ -133,7 +133,7 @@ def test_mixed_data_has_the_requested_share_of_chat(calib_file):
     teacher = chat_model(tokenizer, ends_after=None)
     config = mixed_config(calib_file)
     data, ref = load_healing_data(tokenizer, config, teacher, progress=False)
-    assert ref.name == calib_file.name and data.steps == 10 and data.chat_chunks == 12
+    assert ref.name == calib_file.name and data.steps == 10 and data.written_chunks == 12
 
     rows = token_rows(torch.cat([data.batch(step) for step in range(data.steps)]))
     text_ids = tokenize_joined(tokenizer, calib_file.read_text().split("\n"))
@@ -196,7 +196,7 @@ def test_plain_text_data_is_unchanged(calib_file):
     ids = tokenize_joined(tokenizer, calib_file.read_text().split("\n"))
     n = ids.numel() // 16
     torch.manual_seed(config.seed)
-    assert torch.equal(data.order, torch.randperm(n)) and data.chat_chunks == 0
+    assert torch.equal(data.order, torch.randperm(n)) and data.written_chunks == 0
     assert torch.equal(data.chunks, ids[: n * 16].view(n, 16))
 
 

@@ -81,6 +81,9 @@ def heal_command(
                                            help="Sampling temperature of the chat text (0: greedy answers)."),
     chat_batch_size: int = typer.Option(_H.chat_batch_size, "--chat-batch-size",
                                         help="Conversations the teacher writes at a time."),
+    free_text_fraction: float = typer.Option(_H.free_text_fraction, "--free-text-fraction",
+                                             help="Share of the training sequences that are plain text the teacher "
+                                                  "writes freely from a document start, in [0, 1)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),

@@ -139,7 +139,7 @@ def _decode(model: PreTrainedModel, prompts: list[list[int]], *, pad_id: int, st
 def generate_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
+    texts: Sequence[str] | Sequence[list[int]],
     *,
     max_new_tokens: int,
     batch_size: int = 8,
@@ -147,8 +147,9 @@ def generate_ids(
     seed: int = 0,
     stop_ids: Sequence[int] | None = None,
 ) -> list[tuple[list[int], bool]]:
-    """Continues every text (tokenized without special tokens: templates write their own) in batches with left
-    padding; returns, for each, the new tokens before the first stop token and whether a stop token came.
+    """Continues every text (tokenized without special tokens: templates write their own; or given as token ids) in
+    batches with left padding; returns, for each, the new tokens before the first stop token and whether a stop
+    token came.
 
     `temperature` 0 decodes greedily; above 0 it samples from the plain softened distribution (no top-k, no top-p),
     each text under its own seed derived from `seed` and the text's position in `texts`, without touching the
@@ -158,7 +159,8 @@ def generate_ids(
     """
     stops = list(stop_ids) if stop_ids is not None else end_of_turn_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    encoded = [list(text) if not isinstance(text, str) else tokenizer(text, add_special_tokens=False).input_ids
+               for text in texts]
     by_length = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     generators = ([torch.Generator().manual_seed(derived_seed(seed, i)) for i in range(len(texts))]
                   if temperature > 0 else [])

@@ -1,4 +1,4 @@
-"""Chat text written by the teacher, for healing an instruct model.
+"""Text written by the teacher, for healing: chat text for an instruct model, and free plain text.
 
 Plain text alone does not show the student the contexts an instruct model works in (its chat template, the end of
 its turn), and a healed student can still stop chatting. The teacher writes chat text itself:
@@ -9,6 +9,9 @@ its turn), and a healed student can still stop chatting. The teacher writes chat
 
 Either way a sample is a whole chat-template text (system turn, user turn, assistant turn). `chat_chunks` packs as
 many as a run needs back to back into `seq_len` chunks.
+
+One dataset also shows the student only its own kind of text. `free_text_chunks` packs plain text the teacher writes
+from a document start (`document_start_id`), as data-free distillation does: text of the teacher's own distribution.
 """
 
 from __future__ import annotations
@@ -105,6 +108,82 @@ def load_chat_prompts(path: str | Path, eval_prompts: Path | None = EVAL_PROMPTS
     return prompts
 
 
+def document_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token a document starts after in pretraining: BOS where the tokenizer has one, else EOS (which then
+    separates the documents of the pretraining stream)."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise HFCompressError("--free-text-fraction: the tokenizer has neither a BOS nor an EOS token to start a "
+                          "document from.")
+
+
+def free_texts(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, count: int, *, max_new_tokens: int,
+               temperature: float, seed: int = 0, batch_size: int = 16) -> list[list[int]]:
+    """Up to `count` documents the teacher writes from `document_start_id` at `temperature`, as token ids that begin
+    with the start token (as the documents of a pretraining stream do); an empty one is dropped. A document ends at
+    EOS or after `max_new_tokens`. Deterministic given `seed` and `count`."""
+    if temperature <= 0:
+        raise HFCompressError("free text needs a temperature > 0 (greedy decoding writes one document).")
+    start = document_start_id(tokenizer)
+    stops = [token for token in (tokenizer.eos_token_id,) if token is not None and token != start] or [start]
+    outputs = generate_ids(teacher, tokenizer, [[start]] * count,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+                           seed=derived_seed(seed, "free text"), stop_ids=stops)
+    return [[start, *ids] for ids, _ in outputs if ids]
+
+
+class _Packer:
+    """Token ids added back to back up to `num_chunks x seq_len`, with a progress bar."""
+
+    def __init__(self, num_chunks: int, seq_len: int, desc: str, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.shape = (num_chunks, seq_len)
+        self.target = num_chunks * seq_len
+        self.stream: list[int] = []
+        self.bar = tqdm(total=self.target, desc=desc, unit="tok", disable=not progress)
+
+    @property
+    def full(self) -> bool:
+        return len(self.stream) >= self.target
+
+    def add(self, ids: list[int]) -> None:
+        before = len(self.stream)
+        self.stream.extend(ids)
+        self.bar.update(min(len(self.stream), self.target) - min(before, self.target))
+
+    def chunks(self, what: str) -> torch.Tensor:
+        """The chunks; what was written is repeated if it is shorter."""
+        self.bar.close()
+        if not self.stream:
+            raise HFCompressError(f"the teacher wrote no {what}.")
+        repeated = self.stream * math.ceil(self.target / len(self.stream))
+        return torch.tensor(repeated[:self.target], dtype=torch.long).view(*self.shape)
+
+
+def free_text_chunks(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: HealConfig,
+                     num_chunks: int, *, progress: bool = True) -> torch.Tensor:
+    """`num_chunks x seq_len` token ids of documents the teacher writes freely (`free_texts`: `chat_batch_size` a
+    round, up to `seq_len` tokens each, at `chat_temperature`, seeded by `config.seed` and the round) packed back to
+    back."""
+    packer = _Packer(num_chunks, config.seq_len, "free text", progress)
+    empty_rounds = 0
+    for round_idx in itertools.count():
+        if packer.full:
+            break
+        documents = free_texts(teacher, tokenizer, config.chat_batch_size, max_new_tokens=config.seq_len,
+                               temperature=config.chat_temperature, batch_size=config.chat_batch_size,
+                               seed=derived_seed(config.seed, "free text", round_idx))
+        empty_rounds = 0 if documents else empty_rounds + 1
+        if empty_rounds == MAX_EMPTY_ROUNDS:
+            raise HFCompressError(f"the teacher ended {MAX_EMPTY_ROUNDS * config.chat_batch_size} documents in a row "
+                                  "at once; it writes no free text.")
+        for ids in documents:
+            packer.add(ids)
+    return packer.chunks("free text")
+
+
 def chat_chunks(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: HealConfig, num_chunks: int,
                 *, progress: bool = True) -> torch.Tensor:
     """`num_chunks x seq_len` token ids of teacher-written conversations packed back to back.
@@ -115,24 +194,18 @@ def chat_chunks(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
     source gave is shorter than the chunks, it is repeated. Every batch samples under a seed derived from
     `config.seed`: the chunks are a function of the config, the teacher and the device.
     """
-    from tqdm.auto import tqdm
-
-    target = num_chunks * config.seq_len
     options = {"max_new_tokens": config.chat_max_new_tokens, "temperature": config.chat_temperature,
                "batch_size": config.chat_batch_size}
-    stream: list[int] = []
-    bar = tqdm(total=target, desc="chat data", unit="tok", disable=not progress)
+    packer = _Packer(num_chunks, config.seq_len, "chat data", progress)
 
     def add(texts: list[str]) -> None:
-        before = len(stream)
         for text in texts:
-            stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
-        bar.update(min(len(stream), target) - min(before, target))
+            packer.add(tokenizer(text, add_special_tokens=False).input_ids)
 
     if config.chat_source == "free":
         empty_rounds = 0
         for round_idx in itertools.count():
-            if len(stream) >= target:
+            if packer.full:
                 break
             texts = free_chat_texts(teacher, tokenizer, config.chat_batch_size,
                                     seed=derived_seed(config.seed, round_idx), **options)
@@ -147,15 +220,11 @@ def chat_chunks(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
         random.Random(config.seed).shuffle(prompts)
         passes = 1 if config.chat_temperature == 0 else math.inf
         done = 0
-        while len(stream) < target and done < passes:
+        while not packer.full and done < passes:
             for start in range(0, len(prompts), config.chat_batch_size):
-                if len(stream) >= target:
+                if packer.full:
                     break
                 add(teacher_chat_texts(teacher, tokenizer, prompts[start:start + config.chat_batch_size],
                                        seed=derived_seed(config.seed, done, start), **options))
             done += 1
-    bar.close()
-    if not stream:
-        raise HFCompressError("the teacher wrote no chat text.")
-    repeated = stream * math.ceil(target / len(stream))
-    return torch.tensor(repeated[:target], dtype=torch.long).view(num_chunks, config.seq_len)
+    return packer.chunks("chat text")

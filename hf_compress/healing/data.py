@@ -1,5 +1,6 @@
 """The healing tokens: a text dataset cut into training sequences, in a seeded order, cycled to fill the budget; for
-an instruct teacher, mixed with chat text the teacher writes (`HealConfig.chat_fraction`)."""
+an instruct teacher, mixed with chat text the teacher writes (`HealConfig.chat_fraction`), and on request with plain
+text it writes freely (`HealConfig.free_text_fraction`)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,16 @@ class HealingData:
 
     Step `s` takes the positions `s * batch_size ... (s + 1) * batch_size - 1` of `order`, modulo `n`: one pass over
     the text after another, in the same order, so that a batch depends on its step alone (what a resumed run needs).
-    With chat text mixed in, the last `chat_chunks` rows of `chunks` are the teacher's conversations and `order`
-    lists every training sequence of the run (`steps * batch_size`), so that the share of chat is exact.
+    With text the teacher wrote mixed in, the last `written_chunks` rows of `chunks` are the teacher's (its
+    conversations, then its free text) and `order` lists every training sequence of the run (`steps * batch_size`),
+    so that the shares are exact.
     """
 
     chunks: torch.Tensor
     order: torch.Tensor
     batch_size: int
     steps: int
-    chat_chunks: int = 0
+    written_chunks: int = 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -61,11 +63,19 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase | None) -> bool:
     return isinstance(template, str) and bool(template.strip())
 
 
+def _sequences(share: float, config: HealConfig) -> int:
+    return 0 if share <= 0 else max(1, round(share * training_steps(config) * config.batch_size))
+
+
 def chat_sequences(config: HealConfig) -> int:
     """How many of the run's training sequences are chat: `chat_fraction` of them, rounded, at least one."""
-    if config.chat_share <= 0:
-        return 0
-    return max(1, round(config.chat_share * training_steps(config) * config.batch_size))
+    return _sequences(config.chat_share, config)
+
+
+def free_text_sequences(config: HealConfig) -> int:
+    """How many of the run's training sequences are the teacher's free text: `free_text_fraction` of them, rounded,
+    at least one."""
+    return _sequences(config.free_text_fraction, config)
 
 
 def text_chunks(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: HealConfig) -> torch.Tensor:
@@ -89,24 +99,25 @@ def healing_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: He
     return HealingData(chunks, order, config.batch_size, training_steps(config))
 
 
-def mixed_healing_data(text: torch.Tensor, chat: torch.Tensor, config: HealConfig) -> HealingData:
-    """Plain-text chunks and chat chunks in one order of every training sequence of the run.
+def mixed_healing_data(text: torch.Tensor, written: torch.Tensor, config: HealConfig) -> HealingData:
+    """The dataset's chunks and the teacher's (`written`: its chat text, then its free text) in one order of every
+    training sequence of the run.
 
-    A generator seeded with `seed` draws which positions take chat (`chat.shape[0]` of them, each chat chunk once)
-    and the order of the text chunks, which fill the other positions (cycled if there are fewer).
+    A generator seeded with `seed` draws which positions take the teacher's (`written.shape[0]` of them, each of its
+    chunks once) and the order of the text chunks, which fill the other positions (cycled if there are fewer).
     """
     total = training_steps(config) * config.batch_size
-    num_text, num_chat = text.shape[0], chat.shape[0]
-    if num_chat > total:
-        raise HFCompressError(f"{num_chat} chat chunks for a run of {total} training sequences.")
+    num_text, num_written = text.shape[0], written.shape[0]
+    if num_written > total:
+        raise HFCompressError(f"{num_written} chunks of the teacher's text for a run of {total} training sequences.")
     generator = torch.Generator().manual_seed(config.seed)
-    is_chat = torch.zeros(total, dtype=torch.bool)
-    is_chat[torch.randperm(total, generator=generator)[:num_chat]] = True
+    is_written = torch.zeros(total, dtype=torch.bool)
+    is_written[torch.randperm(total, generator=generator)[:num_written]] = True
     text_order = torch.randperm(num_text, generator=generator)
     order = torch.empty(total, dtype=torch.long)
-    order[~is_chat] = text_order[torch.arange(total - num_chat) % num_text]
-    order[is_chat] = num_text + torch.randperm(num_chat, generator=generator)
-    return HealingData(torch.cat([text, chat]), order, config.batch_size, training_steps(config), num_chat)
+    order[~is_written] = text_order[torch.arange(total - num_written) % num_text]
+    order[is_written] = num_text + torch.randperm(num_written, generator=generator)
+    return HealingData(torch.cat([text, written]), order, config.batch_size, training_steps(config), num_written)
 
 
 @contextmanager
@@ -135,21 +146,27 @@ def load_healing_data(tokenizer: PreTrainedTokenizerBase, config: HealConfig, te
 
     With `config.chat_fraction > 0`, the `teacher` (moved to `device` meanwhile; a bfloat16 copy of it where
     `config.dtype` is "bfloat16") first writes the chat text of `chat_sequences(config)` chunks
-    (`chat_data.chat_chunks`), mixed in by `mixed_healing_data`. A fraction still
-    "auto" is refused (`HealConfig.chat_share`): `config` must be resolved with the tokenizer's chat template.
+    (`chat_data.chat_chunks`), and with `config.free_text_fraction > 0` the free text of `free_text_sequences(config)`
+    chunks (`chat_data.free_text_chunks`), mixed in by `mixed_healing_data`. A chat fraction still "auto" is refused
+    (`HealConfig.chat_share`): `config` must be resolved with the tokenizer's chat template.
     """
-    with_chat = config.chat_share > 0  # an unresolved "auto" is refused before the text loads
+    num_chat, num_free = chat_sequences(config), free_text_sequences(config)  # an unresolved "auto" is refused here
     source = resolve_text_source(config.dataset, column=config.dataset_column)
     texts = load_texts(source)
-    if with_chat:
+    if num_chat or num_free:
         if teacher is None:
-            raise HFCompressError("--chat-fraction > 0 needs the teacher, which writes the chat text.")
-        from .chat_data import chat_chunks
+            flag = "--chat-fraction" if num_chat else "--free-text-fraction"
+            raise HFCompressError(f"{flag} > 0 needs the teacher, which writes that text.")
+        from .chat_data import chat_chunks, free_text_chunks
 
         text = text_chunks(tokenizer, texts, config)  # a too-short dataset is refused before any generation
+        written = []
         with chat_writer(teacher, device, bfloat16=config.dtype == "bfloat16") as writer:
-            chat = chat_chunks(writer, tokenizer, config, chat_sequences(config), progress=progress)
-        data = mixed_healing_data(text, chat, config)
+            if num_chat:
+                written.append(chat_chunks(writer, tokenizer, config, num_chat, progress=progress))
+            if num_free:
+                written.append(free_text_chunks(writer, tokenizer, config, num_free, progress=progress))
+        data = mixed_healing_data(text, torch.cat(written), config)
     else:
         data = healing_ids(tokenizer, texts, config)
     preset = preset_hub_source(config.dataset)
