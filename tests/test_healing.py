@@ -217,6 +217,36 @@ def test_shared_bases_remain_one_parameter_after_training(tiny_shared_basis_chec
                            initial["model.layers.1.mlp.up_proj.coefficients"])
 
 
+def test_all_trains_the_embeddings_and_tied_head_as_one_tensor_with_the_factors(
+        tiny_shared_basis_checkpoint, tiny_source_dir, calib_file, tmp_path):
+    """`trainable="all"`: every parameter moves, the tied head stays the embeddings' one tensor (saved once), the
+    bases stay shared, and the KL to the teacher on held-out text falls."""
+    student = load_student(tiny_shared_basis_checkpoint)
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # tied in the tiny checkpoint
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_source_dir).eval()
+    ids = held_out_ids(AutoTokenizer.from_pretrained(tiny_source_dir))
+    kl_before = full_kl(student, teacher, ids)
+    result = heal(student, tmp_path / "healed", teacher=str(tiny_source_dir),
+                  config=small_config(calib_file, tokens=32 * 4 * 32, trainable="all"),
+                  device="cpu", progress=False)
+    assert result.trainable_params == sum(p.numel() for p in student.parameters())  # tied: counted once
+    state = student.state_dict()
+    moved = [k for k in state if not torch.equal(state[k], initial[k])]
+    assert set(moved) == set(initial)  # every weight trained, the embeddings among them
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+    for name, groups in student.config.basis_groups.items():
+        for group_idx in range(len(groups)):
+            assert all(m.basis is student.model.shared_bases[name][group_idx]
+                       for m in _members(student, name, group_idx))
+    saved = safetensors_of(tmp_path / "healed")
+    assert saved.keys() == safetensors_of(tiny_shared_basis_checkpoint).keys()  # the head is not saved apart
+    assert torch.equal(saved["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+    assert full_kl(student, teacher, ids) < 0.8 * kl_before
+    record = json.loads((tmp_path / "healed" / "config.json").read_text())["compression"]["healing"]
+    assert record["options"]["trainable"] == "all" and record["trainable_params"] == result.trainable_params
+
+
 # --- (4) resume ---------------------------------------------------------------------------------------------------
 
 
@@ -444,7 +474,7 @@ def test_bad_inputs_fail_with_one_line(tiny_shared_basis_checkpoint, tiny_source
     lowercase.save_pretrained(other)
     _one_line_error(r"tokenizer cuts text differently", lambda: run(teacher=str(other)))
     for field, value, flag in (("tokens", 0, "--tokens"), ("seq_len", 1, "--seq-len"), ("batch_size", 0, "--batch-size"),
-                               ("lr", 0.0, "--lr"), ("loss", "mse", "--loss"), ("trainable", "all", "--trainable"),
+                               ("lr", 0.0, "--lr"), ("loss", "mse", "--loss"), ("trainable", "everything", "--trainable"),
                                ("schedule", "linear", "--schedule"), ("temperature", 0.0, "--temperature"),
                                ("hidden_weight", -0.5, "--hidden-weight")):
         bad = small_config(calib_file, **{field: value})

@@ -51,8 +51,8 @@ def heal_command(
                                          help="Before training the factors, give each rank component's basis row "
                                               "and coefficients the same norm (the model is unchanged)."),
     trainable: str = typer.Option(_H.trainable, "--trainable",
-                                  help=f"{', '.join(TRAINABLE)}: the bases, coefficients and norms, or LoRA adapters "
-                                       "on them (merged before saving)."),
+                                  help=f"{', '.join(TRAINABLE)}: the bases, coefficients and norms; every weight "
+                                       "(embeddings and head too); or LoRA adapters on them (merged before saving)."),
     lora_rank: int = typer.Option(_H.lora_rank, "--lora-rank"),
     lora_alpha: float = typer.Option(_H.lora_alpha, "--lora-alpha"),
     kl_chunk: int = typer.Option(_H.kl_chunk, "--kl-chunk", help="Positions whose vocabulary-wide logits are computed at a time."),

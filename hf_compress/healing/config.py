@@ -17,7 +17,7 @@ from ..device import calibration_dtype, dtype_name, pick_device
 from ..errors import HFCompressError
 
 LOSSES = ("kl", "lm", "kl+lm")
-TRAINABLE = ("factors", "lora")
+TRAINABLE = ("factors", "all", "lora")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
 # What `chat_fraction` "auto" means for a teacher whose tokenizer has a chat template (0.0 for one without).
@@ -55,8 +55,12 @@ class HealConfig(MethodConfig):
             about the learning rate, then changes the coefficients far faster than the bases. Off: on
             SmolLM2 it healed no better at lr 1e-4, 1.2% better at 2e-4, worse at 3e-4 (docs/healing.md). LoRA
             leaves the factors as they are.
-        trainable: `"factors"` (the shared bases, coefficients, factorised biases and RMSNorm weights) or
-            `"lora"` (LoRA adapters on the bases and dense projections, plus the RMSNorm weights, merged at the end).
+        trainable: `"factors"` (the shared bases, coefficients, factorised biases and RMSNorm weights), `"all"`
+            (every weight: the factors and norms, and the embeddings, the head and any dense projection; full
+            fine-tuning, as in the Basis Sharing paper's Table 7) or `"lora"` (LoRA adapters on the bases and dense
+            projections, plus the RMSNorm weights, merged at the end). A trainable head costs time: each chunk's
+            logits are computed again in the backward pass. On SmolLM2 at 20% `"all"` healed no better than
+            `"factors"` and 22% slower, LoRA far worse (docs/healing.md).
         lora_rank, lora_alpha: rank and scaling of the LoRA adapters.
         kl_chunk: sequence positions whose vocabulary-wide logits are computed at a time.
         dataset: preset (`c4-calibration`, `wikitext2`, ...), local parquet/jsonl/txt file or Hub dataset name.

@@ -267,9 +267,13 @@ def relink_bases(student: PreTrainedModel) -> None:
                 object.__setattr__(module, "basis", decoder.shared_bases[name][config.group_of(name, layer_idx)])
 
 
-def mark_trainable(student: PreTrainedModel) -> None:
+def mark_trainable(student: PreTrainedModel, everything: bool = False) -> None:
     """`"factors"`: the shared bases, every layer's coefficients (and bias) and the RMSNorm weights train; the
-    embeddings, the head and any dense projection stay frozen. A shared basis is one parameter for its whole group."""
+    embeddings, the head and any dense projection stay frozen. A shared basis is one parameter for its whole group.
+    With `everything` (`"all"`), every parameter trains (a tied head is the embeddings' one parameter)."""
+    if everything:
+        student.requires_grad_(True)
+        return
     student.requires_grad_(False)
     student.model.shared_bases.requires_grad_(True)
     for module in student.modules():
@@ -714,7 +718,7 @@ def _prepare_run(student: PreTrainedModel, peft_model, teacher: PreTrainedModel,
     if peft_model is None:
         if config.balance_factors:
             balance_factors(student)
-        mark_trainable(student)
+        mark_trainable(student, everything=config.trainable == "all")
     if config.gradient_checkpointing:
         _set_checkpointing(student, True)
     student.train()
