@@ -250,7 +250,7 @@ def _healing_rows(healing: dict) -> list[str]:
     what = f"{options.get('trainable', 'factors')}, {_fmt_int(healing.get('trainable_params'))} trainable parameters"
     schedule = f"lr {_cell(options.get('lr'))} {options.get('schedule', '')}".strip()
     # The share of the sequences the teacher wrote itself: what the model healed on is more than the dataset named.
-    written = [f"{share * 100:g}% {what}" for share, what in ((options.get("chat_fraction"), "chat text"),
+    written = [f"{share * 100:g}% {kind}" for share, kind in ((options.get("chat_fraction"), "chat text"),
                                                          (options.get("free_text_fraction"), "free text"))
                if isinstance(share, (int, float)) and share > 0]
     data = f"{options.get('dataset')}" + (f" and the teacher's own {' and '.join(written)}" if written else "")

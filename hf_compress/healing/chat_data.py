@@ -20,7 +20,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -126,7 +126,8 @@ def free_texts(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cou
     if temperature <= 0:
         raise HFCompressError("free text needs a temperature > 0 (greedy decoding writes one document).")
     start = document_start_id(tokenizer)
-    stops = [token for token in (tokenizer.eos_token_id,) if token is not None and token != start] or [start]
+    eos = tokenizer.eos_token_id
+    stops = [eos] if eos is not None and eos != start else [start]  # a start token that is EOS also ends documents
     outputs = generate_ids(teacher, tokenizer, [[start]] * count,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
                            seed=derived_seed(seed, "free text"), stop_ids=stops)
@@ -153,6 +154,20 @@ class _Packer:
         self.stream.extend(ids)
         self.bar.update(min(len(self.stream), self.target) - min(before, self.target))
 
+    def fill_in_rounds(self, write: Callable[[int], list[list[int]]], nothing_written: str) -> None:
+        """Adds what `write(round)` returns (samples as token ids) for rounds 0, 1, ... until full; after
+        `MAX_EMPTY_ROUNDS` rounds in a row that gave nothing, raises `nothing_written`."""
+        empty_rounds = 0
+        for round_idx in itertools.count():
+            if self.full:
+                return
+            samples = write(round_idx)
+            empty_rounds = 0 if samples else empty_rounds + 1
+            if empty_rounds == MAX_EMPTY_ROUNDS:
+                raise HFCompressError(nothing_written)
+            for ids in samples:
+                self.add(ids)
+
     def chunks(self, what: str) -> torch.Tensor:
         """The chunks; what was written is repeated if it is shorter."""
         self.bar.close()
@@ -168,19 +183,12 @@ def free_text_chunks(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     round, up to `seq_len` tokens each, at `chat_temperature`, seeded by `config.seed` and the round) packed back to
     back."""
     packer = _Packer(num_chunks, config.seq_len, "free text", progress)
-    empty_rounds = 0
-    for round_idx in itertools.count():
-        if packer.full:
-            break
-        documents = free_texts(teacher, tokenizer, config.chat_batch_size, max_new_tokens=config.seq_len,
-                               temperature=config.chat_temperature, batch_size=config.chat_batch_size,
-                               seed=derived_seed(config.seed, "free text", round_idx))
-        empty_rounds = 0 if documents else empty_rounds + 1
-        if empty_rounds == MAX_EMPTY_ROUNDS:
-            raise HFCompressError(f"the teacher ended {MAX_EMPTY_ROUNDS * config.chat_batch_size} documents in a row "
-                                  "at once; it writes no free text.")
-        for ids in documents:
-            packer.add(ids)
+    packer.fill_in_rounds(
+        lambda round_idx: free_texts(teacher, tokenizer, config.chat_batch_size, max_new_tokens=config.seq_len,
+                                     temperature=config.chat_temperature, batch_size=config.chat_batch_size,
+                                     seed=derived_seed(config.seed, "free text", round_idx)),
+        f"the teacher ended {MAX_EMPTY_ROUNDS * config.chat_batch_size} documents in a row at once; it writes no "
+        "free text.")
     return packer.chunks("free text")
 
 
@@ -198,23 +206,15 @@ def chat_chunks(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
                "batch_size": config.chat_batch_size}
     packer = _Packer(num_chunks, config.seq_len, "chat data", progress)
 
-    def add(texts: list[str]) -> None:
-        for text in texts:
-            packer.add(tokenizer(text, add_special_tokens=False).input_ids)
+    def ids(texts: list[str]) -> list[list[int]]:
+        return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
 
     if config.chat_source == "free":
-        empty_rounds = 0
-        for round_idx in itertools.count():
-            if packer.full:
-                break
-            texts = free_chat_texts(teacher, tokenizer, config.chat_batch_size,
-                                    seed=derived_seed(config.seed, round_idx), **options)
-            empty_rounds = 0 if texts else empty_rounds + 1
-            if empty_rounds == MAX_EMPTY_ROUNDS:
-                raise HFCompressError(f"the teacher wrote {MAX_EMPTY_ROUNDS * config.chat_batch_size} empty user "
-                                      "turns in a row; free chat samples need a chat model (or give --chat-source "
-                                      "PROMPTS.json).")
-            add(texts)
+        packer.fill_in_rounds(
+            lambda round_idx: ids(free_chat_texts(teacher, tokenizer, config.chat_batch_size,
+                                                  seed=derived_seed(config.seed, round_idx), **options)),
+            f"the teacher wrote {MAX_EMPTY_ROUNDS * config.chat_batch_size} empty user turns in a row; free chat "
+            "samples need a chat model (or give --chat-source PROMPTS.json).")
     else:
         prompts = load_chat_prompts(config.chat_source)
         random.Random(config.seed).shuffle(prompts)
@@ -224,7 +224,8 @@ def chat_chunks(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
             for start in range(0, len(prompts), config.chat_batch_size):
                 if packer.full:
                     break
-                add(teacher_chat_texts(teacher, tokenizer, prompts[start:start + config.chat_batch_size],
-                                       seed=derived_seed(config.seed, done, start), **options))
+                for sample in ids(teacher_chat_texts(teacher, tokenizer, prompts[start:start + config.chat_batch_size],
+                                                     seed=derived_seed(config.seed, done, start), **options)):
+                    packer.add(sample)
             done += 1
     return packer.chunks("chat text")
