@@ -1038,7 +1038,7 @@ EXCHANGE_PROMPT = 0
 MAIN_TRAINING = (("kl", 4), ("kl+lm", 2))
 # Healing options added after the first rows were written, with the value those rows trained with (and the library
 # still defaults to): a row with any other value is not a main row.
-LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False, "free_text_fraction": 0.0}
+LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False, "free_text_fraction": 0.0, "block_tokens": 0}
 
 
 def main_training(options: dict) -> bool:
@@ -1411,6 +1411,9 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
                                           f"layer term {options['hidden_weight']:g}"
                                           if options.get("hidden_weight", 0.0) else None,
                                           "balanced factors" if options.get("balance_factors") else None,
+                                          f"block-wise first ({options['block_tokens']:,} tokens x "
+                                          f"{options.get('block_epochs', 1)}, lr {options.get('block_lr', 1e-4):g})"
+                                          if options.get("block_tokens") else None,
                                           None if r.get("sequential", True) else "no sequential calibration",
                                           f"calibration {pct(r['calib_chat_fraction'])} chat text"
                                           if r.get("calib_chat_fraction") else None]))

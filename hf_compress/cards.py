@@ -258,6 +258,16 @@ def _healing_rows(healing: dict) -> list[str]:
             f"{_fmt_int(healing.get('tokens'))} tokens in {_fmt_int(healing.get('steps'))} steps, {schedule}; {what} |",
             f"| Healing loss, first / last steps | {_cell(healing.get('initial_loss'))} / "
             f"{_cell(healing.get('final_loss'))} |"]
+    blockwise = healing.get("blockwise")
+    if isinstance(blockwise, dict) and blockwise.get("blocks"):
+        # first, before the end-to-end training: each block of layers fitted alone to the teacher's hidden states
+        blocks = blockwise["blocks"]
+        before = sum(b.get("error_before", 0.0) for b in blocks) / len(blocks)
+        after = sum(b.get("error_after", 0.0) for b in blocks) / len(blocks)
+        rows.insert(1, f"| Block-wise distillation first | {len(blocks)} blocks of layers, each trained to the teacher's "
+                       f"hidden states on {_fmt_int(blockwise.get('tokens'))} tokens x {blockwise.get('epochs')}, lr "
+                       f"{_cell(options.get('block_lr'))}; mean relative error at the blocks' outputs "
+                       f"{_cell(before)} -> {_cell(after)} |")
     perplexity = healing.get("perplexity")
     if isinstance(perplexity, dict) and perplexity.get("after") is not None:
         windows = perplexity.get("max_windows") or "all"

@@ -111,6 +111,22 @@ def test_healing_row_names_the_text_the_teacher_wrote(folder, shares, expected):
                    + "262,144 tokens in 256 steps, lr 0.0001 cosine; factors, 1,000 trainable parameters |")
 
 
+def test_healing_rows_name_the_block_wise_stage_and_its_mean_errors(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["compression"]["healing"] = {
+        "teacher": {"model_id": "t"}, "tokens": 1024, "steps": 4, "trainable_params": 10, "initial_loss": 2.0,
+        "final_loss": 1.0, "options": {"dataset": "c4-calibration", "loss": "kl", "lr": 1e-4, "block_lr": 2e-4},
+        "blockwise": {"tokens": 512, "epochs": 2, "blocks": [
+            {"layers": [0, 1], "error_before": 0.25, "error_after": 0.125},
+            {"layers": [2, 3], "error_before": 0.5, "error_after": 0.25}]}}
+    (folder / "config.json").write_text(json.dumps(config))
+    lines = _load(write_model_card(folder).parent).text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| Healing |"))
+    assert lines[at + 1] == ("| Block-wise distillation first | 2 blocks of layers, each trained to the teacher's "
+                             "hidden states on 512 tokens x 2, lr 0.0002; mean relative error at the blocks' outputs "
+                             "0.375 -> 0.1875 |")
+
+
 def test_eval_results_become_model_index_and_are_merged(folder, hub):
     write_model_card(folder, license="mit", base_model="someone/base")
     record_eval_results(folder, [PPL, ACC])

@@ -483,7 +483,8 @@ def test_heal_row_times_the_calls_a_user_waits_for(tmp_path, monkeypatch, resume
     def fake_heal(student, output, teacher, config, overwrite):
         time.sleep(0.3)
         return SimpleNamespace(wall_time_s=0.02, tokens_per_s=1.0, resumed_from=resumed_from, trainable_params=7,
-                               steps=2, tokens=config.tokens, initial_loss=2.0, final_loss=1.0, losses=[2.0, 1.0])
+                               steps=2, tokens=config.tokens, initial_loss=2.0, final_loss=1.0, losses=[2.0, 1.0],
+                               provenance={"healing": {"blockwise": {"tokens": 64, "wall_time_s": 0.5}}})
 
     monkeypatch.setattr(basis_sharing, "convert", fake_convert)
     monkeypatch.setattr(healing, "heal", fake_heal)
@@ -499,6 +500,7 @@ def test_heal_row_times_the_calls_a_user_waits_for(tmp_path, monkeypatch, resume
     else:
         assert 0.3 <= row["heal_call_wall_time_s"] < 5
     assert row["heal_options"]["chat_fraction"] == 0.25 and row["heal_options"]["tokens"] == 262144
+    assert row["heal_blockwise"] == {"tokens": 64, "wall_time_s": 0.5}  # the block-wise stage's record, as heal gave it
 
 
 def test_ablations_name_what_they_change_against_the_base_run():

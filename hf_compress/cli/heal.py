@@ -55,6 +55,13 @@ def heal_command(
                                        "(embeddings and head too); or LoRA adapters on them (merged before saving)."),
     lora_rank: int = typer.Option(_H.lora_rank, "--lora-rank"),
     lora_alpha: float = typer.Option(_H.lora_alpha, "--lora-alpha"),
+    block_tokens: int = typer.Option(_H.block_tokens, "--block-tokens",
+                                     help="Tokens of block-wise distillation before the end-to-end training: each "
+                                          "block of layers trained to the teacher's hidden states (0: off)."),
+    block_epochs: int = typer.Option(_H.block_epochs, "--block-epochs", help="Passes of each block over its tokens."),
+    block_lr: float = typer.Option(_H.block_lr, "--block-lr", help="Peak learning rate of the block-wise stage."),
+    block_batch_size: int = typer.Option(_H.block_batch_size, "--block-batch-size",
+                                         help="Sequences per step of the block-wise stage."),
     kl_chunk: int = typer.Option(_H.kl_chunk, "--kl-chunk", help="Positions whose vocabulary-wide logits are computed at a time."),
     seed: int = typer.Option(_H.seed, "--seed"),
     dtype: str = typer.Option(_H.dtype, "--dtype",

@@ -6,6 +6,7 @@ The CLI (`hf-compress heal`) reads its defaults from `HealConfig`, so a default 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,15 @@ class HealConfig(MethodConfig):
             logits are computed again in the backward pass. On SmolLM2 at 20% `"all"` healed no better than
             `"factors"` and 22% slower, LoRA far worse (docs/healing.md).
         lora_rank, lora_alpha: rank and scaling of the LoRA adapters.
+        block_tokens: tokens of block-wise distillation before the end-to-end training (`blockwise.py`): the
+            student's blocks of layers (the shortest runs of layers that share no basis with others), one after the
+            other, trained so that each turns the student's hidden states at its input into the teacher's at its
+            output, on the first `ceil(block_tokens / seq_len)` sequences of the run's data. It trains the factors
+            and norms whatever `trainable` is, and needs a teacher of the student's depth and width. 0 leaves it
+            out.
+        block_epochs: passes of each block over those sequences.
+        block_lr: peak learning rate of each block's AdamW (decayed to 0 on a cosine, no warmup).
+        block_batch_size: sequences per step of the block-wise stage.
         kl_chunk: sequence positions whose vocabulary-wide logits are computed at a time.
         dataset: preset (`c4-calibration`, `wikitext2`, ...), local parquet/jsonl/txt file or Hub dataset name.
         dataset_column: its text column (default: the preset's, else "text").
@@ -109,6 +119,10 @@ class HealConfig(MethodConfig):
     trainable: str = "factors"
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    block_tokens: int = 0
+    block_epochs: int = 1
+    block_lr: float = 1e-4
+    block_batch_size: int = 4
     kl_chunk: int = 128
     dataset: str = "c4-calibration"
     dataset_column: str | None = None
@@ -130,10 +144,13 @@ class HealConfig(MethodConfig):
                                      ("--batch-size", self.batch_size, 1), ("--lora-rank", self.lora_rank, 1),
                                      ("--kl-chunk", self.kl_chunk, 1), ("--save-steps", self.save_steps, 1),
                                      ("--chat-max-new-tokens", self.chat_max_new_tokens, 1),
-                                     ("--chat-batch-size", self.chat_batch_size, 1)):
+                                     ("--chat-batch-size", self.chat_batch_size, 1),
+                                     ("--block-tokens", self.block_tokens, 0), ("--block-epochs", self.block_epochs, 1),
+                                     ("--block-batch-size", self.block_batch_size, 1)):
             if value < minimum:
                 raise HFCompressError(f"{flag} must be >= {minimum}; got {value}.")
-        for flag, value in (("--lr", self.lr), ("--temperature", self.temperature), ("--lora-alpha", self.lora_alpha)):
+        for flag, value in (("--lr", self.lr), ("--temperature", self.temperature), ("--lora-alpha", self.lora_alpha),
+                            ("--block-lr", self.block_lr)):
             if not value > 0:
                 raise HFCompressError(f"{flag} must be > 0; got {value}.")
         for flag, value in (("--weight-decay", self.weight_decay), ("--lm-weight", self.lm_weight),
@@ -230,6 +247,15 @@ class HealConfig(MethodConfig):
     @property
     def uses_hidden(self) -> bool:
         return self.hidden_weight > 0
+
+    @property
+    def uses_blocks(self) -> bool:
+        return self.block_tokens > 0
+
+    @property
+    def block_sequences(self) -> int:
+        """How many of the run's first sequences the block-wise stage trains on."""
+        return math.ceil(self.block_tokens / self.seq_len)
 
     @property
     def needs_teacher(self) -> bool:

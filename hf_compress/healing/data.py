@@ -52,6 +52,10 @@ class HealingData:
         positions = (step * self.batch_size + torch.arange(self.batch_size)) % self.order.numel()
         return self.chunks[self.order[positions[process_index::num_processes]]]
 
+    def first_sequences(self, count: int) -> torch.Tensor:
+        """The run's first `count` sequences in training order (`count x seq_len`), cycling as the steps do."""
+        return self.chunks[self.order[torch.arange(count) % self.order.numel()]]
+
 
 def training_steps(config: HealConfig) -> int:
     return math.ceil(config.tokens / (config.batch_size * config.seq_len))

@@ -46,6 +46,7 @@ from ..device import PeakMemory, pick_device
 from ..errors import HFCompressError
 from ..provenance import DataRef, SourceRef
 from .config import HealConfig
+from .blockwise import blockwise_distill, check_blockwise_teacher
 from .data import HealingData, has_chat_template, load_healing_data, recorded_options
 from .losses import chunked_kl_loss, chunked_lm_loss, hidden_state_loss, kl_lm_loss
 
@@ -435,8 +436,9 @@ def run_fingerprint(config: HealConfig, student: nn.Module, teacher: nn.Module, 
 
 
 def save_state(state_dir: Path, *, step: int, named_params: list[tuple[str, nn.Parameter]], optimizer, scheduler,
-               losses: list[float], fingerprint: str, wall_time_s: float) -> None:
-    """Writes the training state as a whole into `state_dir` (a staging folder, then a swap)."""
+               losses: list[float], fingerprint: str, wall_time_s: float, blockwise: dict | None = None) -> None:
+    """Writes the training state as a whole into `state_dir` (a staging folder, then a swap); `blockwise` is the
+    record of the block-wise stage the weights went through."""
     from safetensors.torch import save_file
 
     state_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -450,11 +452,26 @@ def save_state(state_dir: Path, *, step: int, named_params: list[tuple[str, nn.P
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, staging / "rng.pt")
         (staging / "state.json").write_text(json.dumps(
-            {"step": step, "fingerprint": fingerprint, "losses": losses, "wall_time_s": wall_time_s}, indent=1))
+            {"step": step, "fingerprint": fingerprint, "losses": losses, "wall_time_s": wall_time_s,
+             "blockwise": blockwise}, indent=1))
         swap_into_place(staging, state_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def saved_meta(state_dir: Path | None, fingerprint: str, *, warn: bool = True) -> dict[str, Any] | None:
+    """The `state.json` of a saved state of this run (same fingerprint); None where there is none."""
+    meta_path = state_dir / "state.json" if state_dir is not None else None
+    if meta_path is None or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("fingerprint") != fingerprint:
+        if warn:
+            logger.warning("%s holds the state of a run with other settings or models; starting afresh.",
+                           state_dir)
+        return None
+    return meta
 
 
 def load_state(state_dir: Path, *, fingerprint: str, named_params: list[tuple[str, nn.Parameter]], optimizer,
@@ -463,12 +480,8 @@ def load_state(state_dir: Path, *, fingerprint: str, named_params: list[tuple[st
 
     Tensors are read with safetensors and `torch.load(weights_only=True)`: nothing is unpickled.
     """
-    meta_path = state_dir / "state.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("fingerprint") != fingerprint:
-        logger.warning("%s holds the state of a run with other settings or models; starting afresh.", state_dir)
+    meta = saved_meta(state_dir, fingerprint)
+    if meta is None:
         return None
     from safetensors.torch import load_file
 
@@ -613,6 +626,8 @@ def heal(
     config = config.resolve(compute_device, chat_template=has_chat_template(tokenizer))
     if config.uses_hidden:
         check_same_layers(student_model, teacher_model)
+    if config.uses_blocks:
+        check_blockwise_teacher(student_model, teacher_model, config)
     data, data_ref = load_healing_data(tokenizer, config, teacher_model, device=compute_device, progress=progress)
     with PeakMemory() as peak:
         result = _train(student_model, teacher_model, tokenizer, data, data_ref, teacher_ref, config, compute_device,
@@ -660,15 +675,38 @@ def _train(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTra
         clean_stale_staging(state_dir)  # what a killed state save left
     fingerprint = run_fingerprint(config, student, teacher, data, teacher_ref, accelerator.num_processes)
     torch.manual_seed(config.seed)
+    blockwise = _blockwise_stage(student, teacher, data, config, accelerator, state_dir, fingerprint, progress)
     peft_model = add_lora(student, config) if config.trainable == "lora" else None
     try:
         return _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, teacher_ref, config,
-                               accelerator, state_dir, fingerprint, output, overwrite, progress, on_step, evaluation)
+                               accelerator, state_dir, fingerprint, output, overwrite, progress, on_step, evaluation,
+                               blockwise)
     except BaseException:
         if peft_model is not None:  # a student given in memory is not left with adapters in it
             peft_model.unload()
             relink_bases(student)
         raise
+
+
+def _blockwise_stage(student: PreTrainedModel, teacher: PreTrainedModel, data: HealingData, config: HealConfig,
+                     accelerator, state_dir: Path | None, fingerprint: str, progress: bool) -> dict[str, Any] | None:
+    """The block-wise stage (`config.block_tokens` > 0) on the run's first sequences; returns its record.
+
+    A resumed run whose saved weights include everything the stage trained (`trainable` "factors" or "all") takes
+    the record from the saved state instead of training the blocks again; under LoRA the stage's bases are not in
+    the saved state and it runs again (it is deterministic for a seed). Under several processes each process runs
+    the same stage, and accelerate's DDP wrapper then starts every process from the main process's weights.
+    """
+    if not config.uses_blocks:
+        return None
+    meta = saved_meta(state_dir, fingerprint, warn=False)  # load_state warns
+    if meta and meta.get("blockwise") and config.trainable != "lora":
+        return meta["blockwise"]
+    student.to(accelerator.device)
+    teacher.to(accelerator.device)
+    result = blockwise_distill(student, teacher, data.first_sequences(config.block_sequences), config,
+                               accelerator.device, progress=progress and accelerator.is_main_process)
+    return result.record()
 
 
 @dataclass
@@ -683,6 +721,7 @@ class _Run:
     start_step: int = 0
     losses: list[float] = field(default_factory=list)
     earlier_time: float = 0.0  # seconds of training of the sessions before this one
+    blockwise: dict[str, Any] | None = None  # the record of the block-wise stage before the loop
 
     @property
     def trainable_params(self) -> int:
@@ -690,8 +729,10 @@ class _Run:
 
 
 def _train_prepared(student, peft_model, teacher, tokenizer, data, data_ref, teacher_ref, config, accelerator,
-                    state_dir, fingerprint, output, overwrite, progress, on_step, evaluation) -> HealResult:
+                    state_dir, fingerprint, output, overwrite, progress, on_step, evaluation,
+                    blockwise) -> HealResult:
     run = _prepare_run(student, peft_model, teacher, config, accelerator, data.steps)
+    run.blockwise = blockwise
     _resume(run, state_dir, fingerprint, data.steps)
     train_time = _run_steps(run, teacher, data, config, accelerator, state_dir, fingerprint, progress, on_step)
     student = _finish_student(student, peft_model, config, tokenizer, accelerator.device, evaluation)
@@ -767,7 +808,7 @@ def _run_steps(run: _Run, teacher: PreTrainedModel, data: HealingData, config: H
         if state_dir is not None and done % config.save_steps == 0 and done < data.steps and accelerator.is_main_process:
             save_state(state_dir, step=done, named_params=run.named_params, optimizer=run.optimizer,
                        scheduler=run.scheduler, losses=run.losses, fingerprint=fingerprint,
-                       wall_time_s=run.earlier_time + elapsed)
+                       wall_time_s=run.earlier_time + elapsed, blockwise=run.blockwise)
         if on_step is not None:
             on_step(done, value)
     bar.close()
@@ -823,6 +864,8 @@ def _healing_figures(config: HealConfig, data: HealingData, data_ref: DataRef, t
         "trainable_params": run.trainable_params,
         "wall_time_s": round(wall_time_s, 3),
     }
+    if run.blockwise is not None:
+        figures["blockwise"] = run.blockwise
     if evaluation is not None:
         figures["perplexity"] = evaluation.record()
     figures["hf_compress_version"] = __version__

@@ -1,0 +1,235 @@
+"""Block-wise distillation: the first stage of healing, before the end-to-end distillation.
+
+The student's decoder is cut into blocks, the shortest runs of consecutive layers that share no basis with a layer
+outside the run (with the default group size of 2: layers 0-1, 2-3, ...). Block by block, from the first, the
+block's factors and norms are trained to turn the student's own hidden states at the block's input into the
+teacher's hidden states at its output, on the first sequences of the healing data; the trained block's outputs are
+then the next block's inputs. Each step runs one block alone, so the stage costs about a pass of the whole model per
+epoch, and each block learns to correct the error that the blocks before it leave (the inputs are the student's,
+the targets the teacher's).
+
+The loss is `losses.hidden_state_loss` (the squared distance per position, relative to the teacher's norm there).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..errors import HFCompressError
+from .config import HealConfig
+from .losses import hidden_state_loss
+
+
+@dataclass
+class BlockRecord:
+    """One block: its layers (first and last index) and the relative error of its output from the teacher's,
+    over all the stage's sequences, before and after its training."""
+
+    layers: tuple[int, int]
+    error_before: float
+    error_after: float
+
+
+@dataclass
+class BlockwiseResult:
+    """What the stage did (the `blockwise` entry of the healing record)."""
+
+    sequences: int
+    tokens: int
+    epochs: int
+    steps_per_block: int
+    blocks: list[BlockRecord] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["blocks"] = [{"layers": list(b.layers), "error_before": round(b.error_before, 6),
+                          "error_after": round(b.error_after, 6)} for b in self.blocks]
+        out["wall_time_s"] = round(self.wall_time_s, 3)
+        return out
+
+
+def layer_blocks(config) -> list[tuple[int, int]]:
+    """The blocks of a SharedBasisLlama config as `(first, end)` layer ranges (end exclusive): consecutive layers
+    joined wherever a basis group spans them, so that no basis is shared across two blocks."""
+    reach = list(range(config.num_hidden_layers))  # reach[i]: the last layer that layer i's groups tie it to
+    for groups in config.basis_groups.values():
+        for group in groups:
+            first, last = min(group), max(group)
+            for layer in range(first, last + 1):
+                reach[layer] = max(reach[layer], last)
+    blocks, start, end = [], 0, -1
+    for layer in range(config.num_hidden_layers):
+        end = max(end, reach[layer])
+        if layer == end:
+            blocks.append((start, end + 1))
+            start = layer + 1
+    return blocks
+
+
+def check_blockwise_teacher(student: PreTrainedModel, teacher: PreTrainedModel, config: HealConfig) -> None:
+    """The stage matches the teacher's hidden states layer for layer: the same depth and width, and attention over
+    the whole sequence (a sliding window shorter than `seq_len` is another mask than the one the stage builds)."""
+    base = getattr(teacher, teacher.base_model_prefix, None)
+    depth = len(getattr(base, "layers", ()))
+    width = getattr(teacher.config, "hidden_size", None)
+    want = (len(student.model.layers), student.config.hidden_size)
+    if (depth, width) != want:
+        raise HFCompressError(
+            f"--block-tokens trains the student's layers to the teacher's, block by block: the teacher has {depth} "
+            f"layers of width {width}, the student {want[0]} of width {want[1]}; use --block-tokens 0 with this "
+            "teacher.")
+    for model in (student, teacher):
+        window = getattr(model.config, "sliding_window", None)
+        if window and getattr(model.config, "use_sliding_window", True) and window < config.seq_len:
+            raise HFCompressError(
+                f"--block-tokens runs each block with full causal attention, but the model's sliding window "
+                f"({window}) is shorter than --seq-len {config.seq_len}; use a --seq-len of at most {window}.")
+
+
+class _Decoder:
+    """Runs a span of a Llama-family decoder's layers alone on given hidden states (no cache, causal attention)."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.base = getattr(model, model.base_model_prefix)
+        self.config = model.config
+
+    def _mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        # sdpa and flash attention are causal when given no mask; eager attention adds the mask it is given.
+        if getattr(self.config, "_attn_implementation", "eager") != "eager":
+            return None
+        length = hidden.shape[1]
+        blocked = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
+        mask = torch.zeros(length, length, dtype=hidden.dtype, device=hidden.device)
+        return mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None]
+
+    def __call__(self, hidden: torch.Tensor, first: int, end: int) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        rotary = self.base.rotary_emb(hidden, positions)
+        mask = self._mask(hidden)
+        for layer in self.base.layers[first:end]:
+            out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary,
+                        use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+def block_parameters(student: PreTrainedModel, first: int, end: int) -> list[nn.Parameter]:
+    """What a block trains: its layers' coefficients, factorised biases and RMSNorm weights, and the bases those
+    layers use (each once); dense projections stay as they are."""
+    params: dict[int, nn.Parameter] = {}
+    for layer in student.model.layers[first:end]:
+        for module in layer.modules():
+            if type(module).__name__ == "SharedBasisLinear":
+                for p in (module.basis.weight, module.coefficients, module.bias):
+                    if p is not None:
+                        params.setdefault(id(p), p)
+            elif type(module).__name__.endswith("RMSNorm"):
+                params.setdefault(id(module.weight), module.weight)
+    return list(params.values())
+
+
+def _error(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    return hidden_state_loss([student_out], [teacher_out])
+
+
+def blockwise_distill(student: PreTrainedModel, teacher: PreTrainedModel, sequences: torch.Tensor,
+                      config: HealConfig, device: torch.device, *, progress: bool = True) -> BlockwiseResult:
+    """Trains `student`'s blocks in place, one after the other, on `sequences` (`n x seq_len` token ids).
+
+    Each block takes `config.block_epochs` passes over the sequences, `config.block_batch_size` a step (in an order
+    drawn from `config.seed` and the block's index), AdamW at `config.block_lr` decayed to 0 on a cosine; under a
+    bfloat16 run the blocks run in bfloat16 autocast and the hidden states between blocks are kept in bfloat16.
+    Gradients flow only through the block being trained: the student's and the teacher's hidden states at its
+    input are computed once, without gradients.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    started = time.perf_counter()
+    bf16 = config.dtype == "bfloat16"
+    store = torch.bfloat16 if bf16 else torch.float32
+    blocks = layer_blocks(student.config)
+    n, batch = sequences.shape[0], config.block_batch_size
+    steps = config.block_epochs * math.ceil(n / batch)
+    result = BlockwiseResult(sequences=n, tokens=sequences.numel(), epochs=config.block_epochs,
+                             steps_per_block=steps)
+    student_run, teacher_run = _Decoder(student), _Decoder(teacher)
+    was_training = student.training
+    student.train()
+    teacher.eval()
+    grad_flags = {id(p): p.requires_grad for p in student.parameters()}
+    student.requires_grad_(False)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def in_chunks(run: _Decoder, first: int, end: int, states: torch.Tensor, upcast: bool) -> torch.Tensor:
+        """`run`'s layers `first..end-1` over `states`, a batch at a time, without gradients (`upcast`: the
+        inputs in float32, as the student's are in training)."""
+        out = torch.empty_like(states)
+        with torch.no_grad(), autocast():
+            for i in range(0, n, batch):
+                x = states[i:i + batch].to(device)
+                out[i:i + batch] = run(x.float() if upcast else x, first, end).to(store).to(out.device)
+        return out
+
+    try:
+        with torch.no_grad():
+            ids = sequences.to(device)
+            # The stage's inputs: the student's embeddings (frozen, the teacher's own) and the teacher's.
+            student_in = torch.cat([student.get_input_embeddings()(ids[i:i + batch]).to(store)
+                                    for i in range(0, n, batch)])
+            teacher_in = torch.cat([teacher.get_input_embeddings()(ids[i:i + batch]).to(store)
+                                    for i in range(0, n, batch)])
+        bar = tqdm(total=len(blocks) * steps, desc="block-wise distillation", unit="step", disable=not progress)
+        for index, (first, end) in enumerate(blocks):
+            teacher_out = in_chunks(teacher_run, first, end, teacher_in, upcast=False)
+            before = _stored_error(in_chunks(student_run, first, end, student_in, upcast=True), teacher_out,
+                                   batch, device)
+            params = block_parameters(student, first, end)
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.AdamW(params, lr=config.block_lr, weight_decay=0.0)
+            scheduler = get_cosine_schedule_with_warmup(optimizer, 0, steps)
+            generator = torch.Generator().manual_seed(config.seed + index)
+            for _ in range(config.block_epochs):
+                for chosen in torch.randperm(n, generator=generator).split(batch):
+                    with autocast():
+                        out = student_run(student_in[chosen].to(device).float(), first, end)
+                    loss = _error(out, teacher_out[chosen].to(device))
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    bar.update(1)
+                    bar.set_postfix(block=f"{first}-{end - 1}", error=f"{loss.item():.4f}")
+            for p in params:
+                p.requires_grad_(False)
+            student_in = in_chunks(student_run, first, end, student_in, upcast=True)
+            after = _stored_error(student_in, teacher_out, batch, device)
+            result.blocks.append(BlockRecord((first, end - 1), before, after))
+            teacher_in = teacher_out
+        bar.close()
+    finally:
+        for p in student.parameters():
+            p.requires_grad_(grad_flags.get(id(p), False))
+        student.train(was_training)
+    result.wall_time_s = time.perf_counter() - started
+    return result
+
+
+def _stored_error(outputs: torch.Tensor, targets: torch.Tensor, batch: int, device: torch.device) -> float:
+    """The relative error of a block's stored outputs from the teacher's over all sequences (mean over positions)."""
+    total = 0.0
+    for i in range(0, outputs.shape[0], batch):
+        total += _error(outputs[i:i + batch].to(device), targets[i:i + batch].to(device)).item() * \
+            outputs[i:i + batch].shape[0]
+    return total / outputs.shape[0]
