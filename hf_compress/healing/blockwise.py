@@ -74,18 +74,25 @@ def layer_blocks(config) -> list[tuple[int, int]]:
     return blocks
 
 
-def check_blockwise_teacher(student: PreTrainedModel, teacher: PreTrainedModel, config: HealConfig) -> None:
-    """The stage matches the teacher's hidden states layer for layer: the same depth and width, and attention over
-    the whole sequence (a sliding window shorter than `seq_len` is another mask than the one the stage builds)."""
+def layer_mismatch(student: PreTrainedModel, teacher: PreTrainedModel) -> str | None:
+    """How the teacher's decoder differs from the student's in depth or width (None where it does not): what a
+    layer-for-layer comparison of their hidden states cannot get past."""
     base = getattr(teacher, teacher.base_model_prefix, None)
     depth = len(getattr(base, "layers", ()))
     width = getattr(teacher.config, "hidden_size", None)
     want = (len(student.model.layers), student.config.hidden_size)
-    if (depth, width) != want:
-        raise HFCompressError(
-            f"--block-tokens trains the student's layers to the teacher's, block by block: the teacher has {depth} "
-            f"layers of width {width}, the student {want[0]} of width {want[1]}; use --block-tokens 0 with this "
-            "teacher.")
+    if (depth, width) == want:
+        return None
+    return f"the teacher has {depth} layers of width {width}, the student {want[0]} of width {want[1]}"
+
+
+def check_blockwise_teacher(student: PreTrainedModel, teacher: PreTrainedModel, config: HealConfig) -> None:
+    """The stage matches the teacher's hidden states layer for layer: the same depth and width, and attention over
+    the whole sequence (a sliding window shorter than `seq_len` is another mask than the one the stage builds)."""
+    mismatch = layer_mismatch(student, teacher)
+    if mismatch:
+        raise HFCompressError(f"--block-tokens trains the student's layers to the teacher's, block by block: "
+                              f"{mismatch}; use --block-tokens 0 with this teacher.")
     for model in (student, teacher):
         window = getattr(model.config, "sliding_window", None)
         if window and getattr(model.config, "use_sliding_window", True) and window < config.seq_len:

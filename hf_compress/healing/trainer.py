@@ -46,7 +46,7 @@ from ..device import PeakMemory, pick_device
 from ..errors import HFCompressError
 from ..provenance import DataRef, SourceRef
 from .config import HealConfig
-from .blockwise import blockwise_distill, check_blockwise_teacher
+from .blockwise import blockwise_distill, check_blockwise_teacher, layer_mismatch
 from .data import HealingData, has_chat_template, load_healing_data, recorded_options
 from .losses import chunked_kl_loss, chunked_lm_loss, hidden_state_loss, kl_lm_loss
 
@@ -232,14 +232,10 @@ def check_compatible(student: PreTrainedModel, teacher: PreTrainedModel,
 
 def check_same_layers(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
     """`hidden_weight` compares the decoder layers one to one: the teacher needs the student's depth and width."""
-    base = getattr(teacher, teacher.base_model_prefix, None)
-    depth = len(getattr(base, "layers", ()))
-    width = getattr(teacher.config, "hidden_size", None)
-    want = (len(student.model.layers), student.config.hidden_size)
-    if (depth, width) != want:
-        raise HFCompressError(
-            f"--hidden-weight compares the decoder layers one to one: the teacher has {depth} layers of width "
-            f"{width}, the student {want[0]} of width {want[1]}; use --hidden-weight 0 with this teacher.")
+    mismatch = layer_mismatch(student, teacher)
+    if mismatch:
+        raise HFCompressError(f"--hidden-weight compares the decoder layers one to one: {mismatch}; use "
+                              "--hidden-weight 0 with this teacher.")
 
 
 # --- what trains --------------------------------------------------------------------------------------------------
