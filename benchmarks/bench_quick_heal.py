@@ -224,8 +224,7 @@ ROWS = {
     ],
     # The defaults at 20% after block-wise distillation (`block_tokens`): each pair of layers that shares bases first
     # trained alone to turn the student's hidden states into the teacher's, on the run's first 128 sequences, two
-    # passes at 2e-4. On its own (no end-to-end training after it) this stage took the student from 111.5 to 68.1
-    # WikiText-2 in a probe.
+    # passes at 2e-4.
     "block-wise": [
         Row("r0.2-262k-chat25-b64-kl+lm-b2-blk64k", 0.2, 262144,
             {**LIBRARY_HEAL, "block_tokens": 65536, "block_epochs": 2, "block_lr": 2e-4}),
