@@ -1018,6 +1018,9 @@ def save_dtype_section(report: dict | None) -> str:
 
 # The healing targets at the 262,144-token budget (WikiText-2 quick; C4 against dense; chat and zero-shot at 20%).
 HEAL_BUDGET = 262144
+# The conversion's default group size (`BasisSharingConfig.group_size`: layers that share one basis); rows and
+# students written before they recorded theirs used it.
+GROUP_SIZE = 2
 WIKITEXT_TARGETS = {0.2: 45.0, 0.3: 65.0}
 CHAT_TARGET_RATIO, CHAT_NON_EMPTY_TARGET = 0.2, 0.9
 ZEROSHOT_TARGET_RATIO = 0.2
@@ -1048,11 +1051,21 @@ def main_training(options: dict) -> bool:
             and all(options.get(key, value) == value for key, value in LATER_HEAL_OPTIONS.items()))
 
 
+def conversion_changes(r: dict) -> list[str]:
+    """How the conversion under a row (or a student of `quick_heal_students.json`) differs from the default one
+    (sequential calibration on text alone, bases shared by `GROUP_SIZE` layers): [] for the default."""
+    group_size = r.get("group_size", GROUP_SIZE)
+    return [change for change in (
+        None if r.get("sequential", True) else "no sequential calibration",
+        f"calibration {pct(r['calib_chat_fraction'])} chat text" if r.get("calib_chat_fraction") else None,
+        None if group_size == GROUP_SIZE else f"group size {group_size}") if change]
+
+
 def is_main_heal(r: dict) -> bool:
-    """A row healed as the main rows are: a `MAIN_TRAINING` setting on the factors, the default conversion
-    (sequential calibration on text alone), the 262,144-token budget."""
+    """A row healed as the main rows are: a `MAIN_TRAINING` setting on the factors, the default conversion, the
+    262,144-token budget."""
     return (r["budget_tokens"] == HEAL_BUDGET and main_training(r.get("heal_options", {}))
-            and r.get("sequential", True) and not r.get("calib_chat_fraction"))
+            and not conversion_changes(r))
 
 
 def chat_share(r: dict) -> float:
@@ -1080,8 +1093,8 @@ def healed_rows(rows: list[dict], ratio: float) -> list[dict]:
     found: dict[str, dict] = {}
     for r in rows:
         options = r.get("heal_options") or {}
-        if (r["kind"] == "healed" and math.isclose(r["ratio"], ratio) and r.get("sequential", True)
-                and not r.get("calib_chat_fraction") and r.get("budget_tokens") == HEAL_BUDGET
+        if (r["kind"] == "healed" and math.isclose(r["ratio"], ratio) and not conversion_changes(r)
+                and r.get("budget_tokens") == HEAL_BUDGET
                 and set(options) <= DATA_OPTIONS | {"loss", "batch_size"} and main_training(options)):
             if r["model"] not in found or r.get("limit", 0) > found[r["model"]].get("limit", 0):
                 found[r["model"]] = r
@@ -1092,7 +1105,7 @@ def bench_row(rows: list[dict], ratio: float, kind: str) -> dict | None:
     """The chat or zero-shot row of the dense model, the unhealed student (sequential calibration) at `ratio`, or
     the model healed as the main rows are at `ratio` (zero-shot: the row with the most items per set)."""
     found = [r for r in rows if r["kind"] == kind and (kind == "dense" or (
-        math.isclose(r["ratio"], ratio) and r.get("sequential", True) and not r.get("calib_chat_fraction")
+        math.isclose(r["ratio"], ratio) and not conversion_changes(r)
         and (kind == "unhealed" or (not r.get("heal_options") and r.get("budget_tokens") == HEAL_BUDGET))))]
     return max(found, key=lambda r: r.get("limit", 0)) if found else None
 
@@ -1104,11 +1117,7 @@ def bench_row_label(r: dict) -> str:
     if r["kind"] == "healed":
         options = ", ".join(f"{k} {v}" for k, v in (r.get("heal_options") or {}).items())
         text += f" ({r['budget_tokens']:,} tokens" + (f", {options}" if options else "") + ")"
-    if not r.get("sequential", True):
-        text += ", no sequential calibration"
-    if r.get("calib_chat_fraction"):
-        text += f", calibration {pct(r['calib_chat_fraction'])} chat text"
-    return text
+    return ", ".join([text] + conversion_changes(r))
 
 
 def model_order(r: dict) -> tuple:
@@ -1262,6 +1271,8 @@ def heal_differences(r: dict, ref: dict) -> list[str]:
         changed.append("no sequential calibration" if ref.get("sequential", True) else "sequential calibration")
     if r.get("calib_chat_fraction", 0.0) != ref.get("calib_chat_fraction", 0.0):
         changed.append(f"calibration {r.get('calib_chat_fraction', 0.0):.0%} chat text")
+    if r.get("group_size", GROUP_SIZE) != ref.get("group_size", GROUP_SIZE):
+        changed.append(f"group size {r.get('group_size', GROUP_SIZE)}")
     return changed
 
 
@@ -1280,7 +1291,7 @@ def heal_ablations(rows: list[dict]) -> list[str]:
         if r is base or not math.isclose(r["ratio"], base["ratio"]) or r["budget_tokens"] != base["budget_tokens"]:
             continue
         same_student = math.isclose(r["wikitext2_before"], base["wikitext2_before"])
-        other_conversion = not r.get("sequential", True) or r.get("calib_chat_fraction", 0.0) > 0
+        other_conversion = bool(conversion_changes(r))
         if r.get("heal_dtype") == base.get("heal_dtype") and (same_student or other_conversion):
             comparable.append(r)
     from_base = {id(c): len(heal_differences(c, base)) for c in comparable}
@@ -1369,7 +1380,8 @@ def calibration_chat_lines(students: dict | None, chat_rows: list[dict]) -> list
         if not s.get("calib_chat_fraction"):
             continue
         base_name = next((n for n, b in students.items() if not b.get("calib_chat_fraction")
-                          and math.isclose(b["ratio"], s["ratio"]) and b["sequential"] == s["sequential"]), None)
+                          and math.isclose(b["ratio"], s["ratio"]) and b["sequential"] == s["sequential"]
+                          and b.get("group_size", GROUP_SIZE) == s.get("group_size", GROUP_SIZE)), None)
         if base_name is None:
             continue
         base = students[base_name]
@@ -1414,9 +1426,7 @@ def heal_section(rows: list[dict], dense: dict | None, chat_rows: list[dict] | N
                                           f"block-wise first ({options['block_tokens']:,} tokens x "
                                           f"{options.get('block_epochs', 1)}, lr {options.get('block_lr', 1e-4):g})"
                                           if options.get("block_tokens") else None,
-                                          None if r.get("sequential", True) else "no sequential calibration",
-                                          f"calibration {pct(r['calib_chat_fraction'])} chat text"
-                                          if r.get("calib_chat_fraction") else None]))
+                                          *conversion_changes(r)]))
         body.append([r["row"], pct(r["ratio"]), f"{r['budget_tokens']:,}", setting, f"{options['lr']:g}" if "lr" in options else "-",
                      f"{r['heal_trainable_params']:,}",
                      f"{r['wikitext2_before']:.2f} -> **{r['wikitext2_after']:.2f}**",

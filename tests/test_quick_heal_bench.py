@@ -17,6 +17,7 @@ from test_chat import PROMPTS, chat_model, chat_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_compress  # noqa: F401  (registers SharedBasisLlama with the Auto classes)
+from hf_compress.basis_sharing import BasisSharingConfig
 from hf_compress.evaluation.chat import (
     answer_nll,
     first_sentence,
@@ -56,7 +57,7 @@ def source(tmp_path_factory):
 def work(tmp_path_factory, source, calib_file):
     """A work dir as the benchmark leaves it: the 20% student, it healed as row r0.2-262k (for a few steps), and
     what the stages must leave out: a healing state, an unfinished student and a healed model of no known row."""
-    from hf_compress.basis_sharing import BasisSharingConfig, CalibrationConfig, convert
+    from hf_compress.basis_sharing import CalibrationConfig, convert
     from hf_compress.healing import HealConfig, heal
 
     work = tmp_path_factory.mktemp("quick_heal")
@@ -359,18 +360,25 @@ def test_exchange_cells_and_missing_models():
 
 def test_students_are_named_and_found_by_their_conversion(tmp_path):
     rows = {row.name: row for rows in bench.ROWS.values() for row in rows}
-    names = {"student-r0.2": (0.2, True, 0.0), "student-r0.2-nosequential": (0.2, False, 0.0),
-             "student-r0.3-calchat25": (0.3, True, 0.25), "student-r0.2-nosequential-calchat10": (0.2, False, 0.1)}
+    names = {"student-r0.2": (0.2, True, 0.0, 2), "student-r0.2-nosequential": (0.2, False, 0.0, 2),
+             "student-r0.3-calchat25": (0.3, True, 0.25, 2), "student-r0.2-nosequential-calchat10": (0.2, False, 0.1, 2),
+             "student-r0.2-g1": (0.2, True, 0.0, 1), "student-r0.4-nosequential-g4": (0.4, False, 0.0, 4)}
     for name, args in names.items():
         assert bench.student_name(*args) == name
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
     (tmp_path / "healed-r0.2-131k-calchat25").mkdir()
     (tmp_path / "healed-r0.2-131k-calchat25" / "config.json").write_text("{}")
+    (tmp_path / "healed-r0.2-262k-chat25-b64-kl+lm-b2-g1").mkdir()
+    (tmp_path / "healed-r0.2-262k-chat25-b64-kl+lm-b2-g1" / "config.json").write_text("{}")
     assert rows["r0.2-131k-calchat25"].student == "student-r0.2-calchat25"
-    found = {m.name: (m.ratio, m.sequential, m.calib_chat, m.kind) for m in bench.bench_models(tmp_path)}
-    assert found == {"dense": (0.0, True, 0.0, "dense"), **{name: (*args, "unhealed") for name, args in names.items()},
-                     "healed-r0.2-131k-calchat25": (0.2, True, 0.25, "healed")}
+    assert rows["r0.2-262k-chat25-b64-kl+lm-b2-g1"].student == "student-r0.2-g1"
+    assert bench.student_name(0.2, group_size=BasisSharingConfig().group_size) == "student-r0.2"
+    found = {m.name: (m.ratio, m.sequential, m.calib_chat, m.group_size, m.kind) for m in bench.bench_models(tmp_path)}
+    assert found == {"dense": (0.0, True, 0.0, 2, "dense"),
+                     **{name: (*args, "unhealed") for name, args in names.items()},
+                     "healed-r0.2-131k-calchat25": (0.2, True, 0.25, 2, "healed"),
+                     "healed-r0.2-262k-chat25-b64-kl+lm-b2-g1": (0.2, True, 0.0, 1, "healed")}
     assert bench.BenchModel("x", "x", 0.2, "unhealed", calib_chat=0.25).describe()["calib_chat_fraction"] == 0.25
 
 
@@ -381,6 +389,7 @@ def test_zeroshot_default_models_take_every_data_mix():
     models = [M("dense", "smollm2", 0.0, "dense"), M("student-r0.2", "s", 0.2, "unhealed"),
               M("student-r0.2-nosequential", "s", 0.2, "unhealed", sequential=False),
               M("student-r0.2-calchat25", "s", 0.2, "unhealed", calib_chat=0.25),
+              M("student-r0.2-g1", "s", 0.2, "unhealed", group_size=1),
               M("student-r0.3", "s", 0.3, "unhealed"),
               M("healed-r0.2-131k", "h", 0.2, "healed", budget_tokens=131072),
               M("healed-r0.2-262k", "h", 0.2, "healed", budget_tokens=262144),
@@ -389,6 +398,7 @@ def test_zeroshot_default_models_take_every_data_mix():
               M("healed-r0.2-262k-chat25-b64", "h", 0.2, "healed", budget_tokens=262144,
                 heal_options={"chat_fraction": 0.25, "chat_batch_size": 64}),
               M("healed-r0.2-262k-lora", "h", 0.2, "healed", budget_tokens=262144, heal_options={"trainable": "lora"}),
+              M("healed-r0.2-262k-g1", "h", 0.2, "healed", budget_tokens=262144, group_size=1),
               M("healed-r0.3-262k", "h", 0.3, "healed", budget_tokens=262144)]
     assert [m.name for m in bench.zeroshot_models(models)] == [
         "dense", "student-r0.2", "healed-r0.2-262k", "healed-r0.2-262k-chat25", "healed-r0.2-262k-chat25-b64"]
@@ -513,6 +523,7 @@ def test_ablations_name_what_they_change_against_the_base_run():
     unsequential = {**base, "row": "r0.2-131k-nosequential", "sequential": False, "wikitext2_before": 130.0}
     chat_calibrated = {**base, "row": "r0.2-131k-calchat25", "calib_chat_fraction": 0.25, "wikitext2_before": 120.0,
                        "wikitext2_after": 52.0, "c4_after": 38.0}
+    unshared = {**base, "row": "r0.2-131k-g1", "group_size": 1, "wikitext2_before": 108.0, "wikitext2_after": 49.0}
     earlier = {**both, "row": "r0.2-131k-chat25", "wikitext2_before": 111.0}  # another conversion of the student
     elsewhere = {**both, "row": "r0.2-131k-old", "heal_dtype": "float32"}  # trained in another precision
     longer = {**both, "row": "r0.2-262k-kl+lm", "budget_tokens": 262144}  # another budget: not an ablation
@@ -527,7 +538,7 @@ def test_ablations_name_what_they_change_against_the_base_run():
               "wikitext2_after": 52.8, "c4_after": 36.0}
     assert report.heal_ablations([both, longer, wider]) == []  # no base run: nothing to compare with
     assert report.heal_ablations([longer, earlier, both, base, faster, wider, elsewhere, unsequential,
-                                  chat_calibrated, slower, steps, layered]) == [
+                                  chat_calibrated, slower, steps, layered, unshared]) == [
         "r0.2-131k-kl+lm (loss kl+lm): WikiText-2 45.00 (10.0% lower), C4 validation 41.00 (2.5% higher)",
         "r0.2-131k-lr3e-4 (lr 0.0003): WikiText-2 55.00 (10.0% higher), C4 validation 40.00 (0.0% higher)",
         "r0.2-131k-nosequential (no sequential calibration): WikiText-2 50.00 (0.0% higher), C4 validation 40.00 "
@@ -538,7 +549,24 @@ def test_ablations_name_what_they_change_against_the_base_run():
         "(10.0% lower)",
         "r0.2-131k-b2 (batch_size 2): WikiText-2 48.00 (4.0% lower), C4 validation 40.00 (0.0% higher)",
         "r0.2-131k-h5 (hidden_weight 5): WikiText-2 47.50 (5.0% lower), C4 validation 42.00 (5.0% higher)",
+        "r0.2-131k-g1 (group size 1): WikiText-2 49.00 (2.0% lower), C4 validation 40.00 (0.0% higher)",
     ]
+
+
+def test_conversion_changes_name_what_differs_from_the_default_conversion():
+    assert report.GROUP_SIZE == BasisSharingConfig().group_size  # the report's default is the library's
+    assert report.conversion_changes({"ratio": 0.2}) == []  # rows from before the fields: the default conversion
+    assert report.conversion_changes({"sequential": True, "calib_chat_fraction": 0.0, "group_size": 2}) == []
+    assert report.conversion_changes({"sequential": False, "calib_chat_fraction": 0.25, "group_size": 1}) == [
+        "no sequential calibration", "calibration 25% chat text", "group size 1"]
+    healed = {"model": "healed-r0.2-262k-g1", "kind": "healed", "ratio": 0.2, "budget_tokens": 262144,
+              "heal_options": {"loss": "kl+lm"}, "group_size": 1}
+    assert report.bench_row_label(healed) == "20% healed (262,144 tokens, loss kl+lm), group size 1"
+    unhealed = {"model": "student-r0.2-g1", "kind": "unhealed", "ratio": 0.2, "group_size": 1}
+    assert report.bench_row([unhealed], 0.2, "unhealed") is None  # not the default conversion
+    assert report.bench_row([{**unhealed, "group_size": 2}], 0.2, "unhealed")["model"] == "student-r0.2-g1"
+    assert report.is_main_heal({"budget_tokens": 262144, "heal_options": {}}) is True
+    assert report.is_main_heal({"budget_tokens": 262144, "heal_options": {}, "group_size": 1}) is False
 
 
 def test_position_nll_averages_to_the_window_perplexity(work):
@@ -617,17 +645,20 @@ def test_students_stage_keeps_each_student_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "student", fake_student)
     rows = [bench.Row("a", 0.2, 131072), bench.Row("b", 0.2, 131072, calib_chat=0.25),
-            bench.Row("c", 0.2, 262144)]  # the same student as "a"
+            bench.Row("c", 0.2, 262144),  # the same student as "a"
+            bench.Row("d", 0.2, 262144, group_size=1)]
     out = tmp_path / "students.json"
     store = bench.students_stage(tmp_path, rows, None, out_file=out, note="idle")
-    assert calls == ["student-r0.2", "student-r0.2-calchat25"]
+    assert calls == ["student-r0.2", "student-r0.2-calchat25", "student-r0.2-g1"]
     assert store == json.loads(out.read_text()) == {
-        "student-r0.2": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.0, "wikitext2": 101.0, "c4": 80.0,
-                         "conversion": {"wall_time_s": 1.0}, "note": "idle"},
-        "student-r0.2-calchat25": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.25, "wikitext2": 102.0,
-                                   "c4": 80.0, "conversion": {"wall_time_s": 1.0}, "note": "idle"}}
+        "student-r0.2": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.0, "group_size": 2,
+                         "wikitext2": 101.0, "c4": 80.0, "conversion": {"wall_time_s": 1.0}, "note": "idle"},
+        "student-r0.2-calchat25": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.25, "group_size": 2,
+                                   "wikitext2": 102.0, "c4": 80.0, "conversion": {"wall_time_s": 1.0}, "note": "idle"},
+        "student-r0.2-g1": {"ratio": 0.2, "sequential": True, "calib_chat_fraction": 0.0, "group_size": 1,
+                            "wikitext2": 103.0, "c4": 80.0, "conversion": {"wall_time_s": 1.0}, "note": "idle"}}
     bench.students_stage(tmp_path, rows, None, out_file=out)
-    assert len(calls) == 2  # measured once
+    assert len(calls) == 3  # measured once
 
 
 def test_heal_table_gap_closed(tmp_path, monkeypatch):
