@@ -244,6 +244,9 @@ ROWS = {
     # healing at about half of the gap. It is not: 50.24 WikiText-2, 49.55 C4 validation (shared: 48.83, 48.21).
     "sharing": [
         Row("r0.2-262k-chat25-b64-kl+lm-b2-g1", 0.2, 262144, LIBRARY_HEAL, group_size=1),
+        # The other way: bases shared by three layers (more rank per basis at the same parameter count), since one
+        # healed worse than two.
+        Row("r0.2-262k-chat25-b64-kl+lm-b2-g3", 0.2, 262144, LIBRARY_HEAL, group_size=3),
     ],
 }
 
