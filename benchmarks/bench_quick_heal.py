@@ -62,7 +62,7 @@ from hf_compress.evaluation.perplexity import window_losses
 from hf_compress.healing import HealConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py beside it, also when loaded by path
-from report import gap_closed
+from report import conversion_changes, gap_closed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS_FILE = RESULTS / "quick_heal.jsonl"
@@ -624,7 +624,7 @@ def zeroshot_models(models: list[BenchModel]) -> list[BenchModel]:
     model healed from it with the full budget and the default objective, whatever its data mix (plain text, or with
     the teacher's chat text: the library's default for a chat model)."""
     return [m for m in models if m.kind == "dense" or (
-        math.isclose(m.ratio, ZEROSHOT_RATIO) and m.sequential and not m.calib_chat and m.group_size == GROUP_SIZE
+        math.isclose(m.ratio, ZEROSHOT_RATIO) and not conversion_changes(m.describe())
         and (m.kind == "unhealed"
              or (m.budget_tokens == ZEROSHOT_BUDGET and set(m.heal_options) <= DATA_OPTIONS)))]
 
