@@ -217,6 +217,19 @@ def test_shared_bases_remain_one_parameter_after_training(tiny_shared_basis_chec
                            initial["model.layers.1.mlp.up_proj.coefficients"])
 
 
+def test_factors_mark_the_bases_coefficients_and_norms_trainable_and_nothing_else(tiny_shared_basis_checkpoint):
+    student = load_student(tiny_shared_basis_checkpoint)
+    mark_trainable(student)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    # Independently, by name: each basis once (stored in shared_bases), every coefficient matrix, every RMSNorm.
+    expected = {n for n, _ in student.named_parameters()
+                if n.startswith("model.shared_bases.") or n.endswith((".coefficients", "norm.weight"))}
+    assert trainable == expected
+    assert len([n for n in expected if n.endswith("norm.weight")]) == 2 * student.config.num_hidden_layers + 1
+    assert "model.embed_tokens.weight" not in trainable
+    assert student.get_input_embeddings().weight.requires_grad is False
+
+
 def test_all_trains_the_embeddings_and_tied_head_as_one_tensor_with_the_factors(
         tiny_shared_basis_checkpoint, tiny_source_dir, calib_file, tmp_path):
     """`trainable="all"`: every parameter moves, the tied head stays the embeddings' one tensor (saved once), the

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from ..errors import HFCompressError
 from .config import HealConfig
 from .losses import hidden_state_loss
+from .parts import factor_parameters
 
 
 @dataclass
@@ -131,16 +132,7 @@ class _Decoder:
 def block_parameters(student: PreTrainedModel, first: int, end: int) -> list[nn.Parameter]:
     """What a block trains: its layers' coefficients, factorised biases and RMSNorm weights, and the bases those
     layers use (each once); dense projections stay as they are."""
-    params: dict[int, nn.Parameter] = {}
-    for layer in student.model.layers[first:end]:
-        for module in layer.modules():
-            if type(module).__name__ == "SharedBasisLinear":
-                for p in (module.basis.weight, module.coefficients, module.bias):
-                    if p is not None:
-                        params.setdefault(id(p), p)
-            elif type(module).__name__.endswith("RMSNorm"):
-                params.setdefault(id(module.weight), module.weight)
-    return list(params.values())
+    return factor_parameters(student.model.layers[first:end].modules())
 
 
 def _error(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from .config import HealConfig
 from .blockwise import blockwise_distill, check_blockwise_teacher, layer_mismatch
 from .data import HealingData, has_chat_template, load_healing_data, recorded_options
 from .losses import chunked_kl_loss, chunked_lm_loss, hidden_state_loss, kl_lm_loss
+from .parts import factor_parameters, is_factorised, is_norm
 
 logger = logging.getLogger(__name__)
 
@@ -241,14 +242,6 @@ def check_same_layers(student: PreTrainedModel, teacher: PreTrainedModel) -> Non
 # --- what trains --------------------------------------------------------------------------------------------------
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("RMSNorm")
-
-
-def _is_factorised(module: nn.Module) -> bool:
-    return type(module).__name__ == "SharedBasisLinear"
-
-
 def _projection(layer: nn.Module, name: str) -> nn.Module:
     return getattr(layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp, name)
 
@@ -260,7 +253,7 @@ def relink_bases(student: PreTrainedModel) -> None:
     for layer_idx, layer in enumerate(decoder.layers):
         for name in config.basis_groups:
             module = _projection(layer, name)
-            if _is_factorised(module):
+            if is_factorised(module):
                 object.__setattr__(module, "basis", decoder.shared_bases[name][config.group_of(name, layer_idx)])
 
 
@@ -272,11 +265,8 @@ def mark_trainable(student: PreTrainedModel, everything: bool = False) -> None:
         student.requires_grad_(True)
         return
     student.requires_grad_(False)
-    student.model.shared_bases.requires_grad_(True)
-    for module in student.modules():
-        if _is_factorised(module) or _is_norm(module):
-            for parameter in module.parameters(recurse=False):
-                parameter.requires_grad_(True)
+    for parameter in factor_parameters(student.modules()):
+        parameter.requires_grad_(True)
 
 
 @torch.no_grad()
@@ -289,7 +279,7 @@ def balance_factors(student: PreTrainedModel) -> int:
     """
     groups: dict[int, tuple[nn.Linear, list[nn.Module]]] = {}
     for module in student.modules():
-        if _is_factorised(module):
+        if is_factorised(module):
             groups.setdefault(id(module.basis), (module.basis, []))[1].append(module)
     for basis, members in groups.values():
         basis_norms = basis.weight.norm(dim=1)
@@ -318,7 +308,7 @@ def add_lora(student: PreTrainedModel, config: HealConfig):
         peft_model = get_peft_model(student, lora)
     relink_bases(student)
     for module in student.modules():
-        if _is_norm(module):
+        if is_norm(module):
             module.weight.requires_grad_(True)
     return peft_model
 
