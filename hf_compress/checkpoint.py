@@ -144,6 +144,21 @@ def swap_into_place(staging: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_state(folder: Path, write: Callable[[Path], None]) -> None:
+    """Writes a resumable run's state folder as a whole: `write` fills a staging folder beside `folder`, which then
+    replaces it by a swap (`swap_into_place`), so that a save interrupted while writing leaves the previous state
+    (and a staging folder that `clean_stale_staging` removes). For the run's own state only: checkpoints go through
+    `write_checkpoint`, which guards what it replaces."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}{STAGING_MARK}", dir=folder.parent))
+    try:
+        write(staging)
+        swap_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_checkpoint(
     output_dir: str | os.PathLike,
     write: Callable[[Path], None],

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_compress.errors import HFCompressError
 from hf_compress.healing import HealConfig, heal
 from hf_compress.healing.blockwise import (
+    BlockRecord,
+    BlockwiseResult,
     _Decoder,
     block_parameters,
     blockwise_distill,
@@ -191,6 +193,103 @@ def test_heal_runs_the_stage_first_records_it_and_resumes_without_it(tiny_shared
     assert "blockwise" not in plain.provenance["healing"]
     c = load_file(tmp_path / "plain" / "model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def four_block_checkpoint(tmp_path_factory, tiny_source_dir, calib_file) -> Path:
+    """The tiny source converted with every layer its own bases: four blocks of one layer."""
+    from hf_compress.basis_sharing.api import convert
+    from hf_compress.basis_sharing.config import BasisSharingConfig, CalibrationConfig
+
+    out = tmp_path_factory.mktemp("converted") / "tiny-g1"
+    convert(str(tiny_source_dir), out, BasisSharingConfig(ratio=0.3, group_size=1),
+            calibration=CalibrationConfig(dataset=str(calib_file), samples=8, seq_len=32), progress=False)
+    return out
+
+
+def test_an_interrupted_stage_resumes_after_its_last_saved_block_to_the_same_weights(
+        four_block_checkpoint, tiny_source_dir, calib_file, tmp_path, monkeypatch):
+    from hf_compress.healing import trainer
+
+    saved, given = [], []  # blocks recorded at each save; what each stage was given as done
+    real_save, real_distill = trainer.save_stage, trainer.blockwise_distill
+
+    def save_then_maybe_stop(folder, student, result, fingerprint, stop_after=None):
+        real_save(folder, student, result, fingerprint)
+        saved.append(len(result.blocks))
+        if len(result.blocks) == stop_after:
+            raise KeyboardInterrupt
+
+    def stopping_after(blocks):
+        monkeypatch.setattr(trainer, "save_stage", lambda *a: save_then_maybe_stop(*a, stop_after=blocks))
+
+    monkeypatch.setattr(trainer, "blockwise_distill",
+                        lambda *a, **k: given.append(k["done"]) or real_distill(*a, **k))
+    student, run = str(four_block_checkpoint), {"teacher": str(tiny_source_dir), "device": "cpu", "progress": False}
+    config = small_config(calib_file, dtype="bfloat16")  # the training saves no state of its own (save_steps 1000)
+    out = tmp_path / "healed"
+    stage = state_dir_for(out) / "blockwise"
+    stopping_after(2)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, out, config=config, **run)
+    assert not out.exists() and saved == [1, 2] and given == [None]
+    record = json.loads((stage / "stage.json").read_text())["record"]
+    assert [b["layers"] for b in record["blocks"]] == [[0, 0], [1, 1]]
+    # Each block's file holds that layer's coefficients and norms and the bases of its groups, nothing else.
+    groups = json.loads((four_block_checkpoint / "config.json").read_text())["basis_groups"]
+    for layer in (0, 1):
+        keys = set(load_file(stage / f"block-{layer}-{layer}.safetensors"))
+        bases = {f"model.shared_bases.{kind}.{index}.weight" for kind, of_kind in groups.items()
+                 for index, group in enumerate(of_kind) if layer in group}
+        assert len(bases) == len(groups) and {k for k in keys if k.startswith("model.shared_bases.")} == bases
+        assert keys - bases and all(k.startswith(f"model.layers.{layer}.") for k in keys - bases)
+    assert sorted(p.name for p in stage.iterdir()) == ["block-0-0.safetensors", "block-1-1.safetensors", "stage.json"]
+
+    # The rerun trains blocks 2 and 3 alone, after recomputing what blocks 0 and 1 output; stopped in the training
+    # before it saves any state, it leaves the whole stage saved ...
+    stopping_after(None)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, out, config=config, on_step=Interrupt(at=1), **run)
+    assert saved == [1, 2, 3, 4] and [b.layers for b in given[1].blocks] == [(0, 0), (1, 1)]
+    # ... which the next rerun loads whole, training no block.
+    resumed = heal(student, out, config=config, **run)
+    assert saved == [1, 2, 3, 4] and len(given[2].blocks) == 4
+    assert not state_dir_for(out).exists()
+    straight = heal(student, tmp_path / "straight", config=config, **run)
+    assert saved == [1, 2, 3, 4] * 2
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.provenance["healing"]["blockwise"]["blocks"] == straight.provenance["healing"]["blockwise"]["blocks"]
+    assert resumed.losses == straight.losses
+
+    # A saved stage of another run (another fingerprint) is not resumed: the stage starts again from block 0.
+    again = tmp_path / "again"
+    stage = state_dir_for(again) / "blockwise"
+    stopping_after(3)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, again, config=config, **run)
+    meta = json.loads((stage / "stage.json").read_text())
+    (stage / "stage.json").write_text(json.dumps({**meta, "fingerprint": "another run"}))
+    stopping_after(1)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, again, config=config, **run)
+    assert saved[-4:] == [1, 2, 3, 1] and given[-1] is None
+    assert sorted(p.name for p in stage.iterdir()) == ["block-0-0.safetensors", "stage.json"]
+
+
+def test_a_stage_given_another_stages_record_refuses_it(pair):
+    student, teacher = pair
+    config = HealConfig(block_tokens=6 * 16, seq_len=16, block_epochs=1, block_batch_size=4, dtype="float32")
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    other_sequences = BlockwiseResult(sequences=5, tokens=80, epochs=1, steps_per_block=2,
+                                      blocks=[BlockRecord((0, 1), 0.5, 0.4)])
+    other_blocks = BlockwiseResult(sequences=6, tokens=96, epochs=1, steps_per_block=2,  # this stage's counts
+                                   blocks=[BlockRecord((0, 0), 0.5, 0.4)])  # the student's first block is 0-1
+    for other in (other_sequences, other_blocks):
+        with pytest.raises(ValueError, match="not this one"):
+            blockwise_distill(student, teacher, torch.randint(0, 256, (6, 16)), config, torch.device("cpu"),
+                              progress=False, done=other)
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
 
 
 def test_bad_block_options_and_teachers_fail_with_one_line(tiny_shared_basis_checkpoint, calib_file):

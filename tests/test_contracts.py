@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_compress.checkpoint import atomic_write_json, prepare_output, write_checkpoint
+from hf_compress.checkpoint import atomic_write_json, prepare_output, write_checkpoint, write_state
 from hf_compress.config import MethodConfig
 from hf_compress.errors import HFCompressError
 from hf_compress.provenance import DataRef, SourceRef, config_from_provenance, file_sha256, provenance
@@ -177,6 +177,23 @@ def test_atomic_write_json_replaces_whole_files(tmp_path):
     atomic_write_json(path, {"b": [1, 2]})
     assert json.loads(path.read_text()) == {"b": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_write_state_replaces_a_state_folder_whole_or_not_at_all(tmp_path):
+    state = tmp_path / ".out.heal-state"
+    write_state(state, _write_files({"state.json": '{"step": 2}', "trainable.safetensors": "step 2"}))
+    write_state(state, _write_files({"state.json": '{"step": 4}'}))
+    assert sorted(p.name for p in state.iterdir()) == ["state.json"]  # nothing of the earlier state is left
+    assert (state / "state.json").read_text() == '{"step": 4}'
+
+    def killed(folder: Path) -> None:
+        (folder / "state.json").write_text('{"step": 6}')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_state(state, killed)
+    assert (state / "state.json").read_text() == '{"step": 4}'
+    assert [p.name for p in tmp_path.iterdir()] == [".out.heal-state"]
 
 
 def test_prepare_output_refuses_dangerous_places_before_any_work(tmp_path, monkeypatch):

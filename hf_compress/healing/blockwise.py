@@ -9,23 +9,38 @@ epoch, and each block learns to correct the error that the blocks before it leav
 the targets the teacher's).
 
 The loss is `losses.hidden_state_loss` (the squared distance per position, relative to the teacher's norm there).
+
+The stage can take as long as the training after it, so it is resumable block by block: after each block the
+weights of the blocks trained so far and their records can be saved (`save_stage`), and a rerun that loads them
+(`load_stage`) recomputes the trained blocks' outputs and goes on with the next block, ending with the weights of an
+uninterrupted stage on the same hardware (each block's order and optimizer depend only on the seed and the block's
+index, and the stage draws no other random numbers where the model has no dropout, as Llama-family models have
+none in training by default).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..checkpoint import atomic_write_json
 from ..errors import HFCompressError
 from .config import HealConfig
 from .losses import hidden_state_loss
 from .parts import factor_parameters
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +70,12 @@ class BlockwiseResult:
                           "error_after": round(b.error_after, 6)} for b in self.blocks]
         out["wall_time_s"] = round(self.wall_time_s, 3)
         return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> BlockwiseResult:
+        blocks = [BlockRecord(tuple(b["layers"]), b["error_before"], b["error_after"]) for b in record["blocks"]]
+        return cls(sequences=record["sequences"], tokens=record["tokens"], epochs=record["epochs"],
+                   steps_per_block=record["steps_per_block"], blocks=blocks, wall_time_s=record["wall_time_s"])
 
 
 def layer_blocks(config) -> list[tuple[int, int]]:
@@ -140,7 +161,9 @@ def _error(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor
 
 
 def blockwise_distill(student: PreTrainedModel, teacher: PreTrainedModel, sequences: torch.Tensor,
-                      config: HealConfig, device: torch.device, *, progress: bool = True) -> BlockwiseResult:
+                      config: HealConfig, device: torch.device, *, progress: bool = True,
+                      done: BlockwiseResult | None = None,
+                      on_block: Callable[[BlockwiseResult], None] | None = None) -> BlockwiseResult:
     """Trains `student`'s blocks in place, one after the other, on `sequences` (`n x seq_len` token ids).
 
     Each block takes `config.block_epochs` passes over the sequences, `config.block_batch_size` a step (in an order
@@ -148,6 +171,11 @@ def blockwise_distill(student: PreTrainedModel, teacher: PreTrainedModel, sequen
     bfloat16 run the blocks run in bfloat16 autocast and the hidden states between blocks are kept in bfloat16.
     Gradients flow only through the block being trained: the student's and the teacher's hidden states at its
     input are computed once, without gradients.
+
+    Args:
+        done: what an interrupted run of the same stage recorded, its trained blocks' weights already in `student`
+            (`load_stage`): those blocks are run, not trained, and the stage goes on with the next one.
+        on_block: called with the result so far after each block is trained (e.g. `save_stage`).
     """
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -160,6 +188,10 @@ def blockwise_distill(student: PreTrainedModel, teacher: PreTrainedModel, sequen
     steps = config.block_epochs * math.ceil(n / batch)
     result = BlockwiseResult(sequences=n, tokens=sequences.numel(), epochs=config.block_epochs,
                              steps_per_block=steps)
+    earlier = 0.0
+    if done is not None:
+        _check_done(done, result, blocks)
+        result.blocks, earlier = list(done.blocks), done.wall_time_s
     student_run, teacher_run = _Decoder(student), _Decoder(teacher)
     was_training = student.training
     student.train()
@@ -188,8 +220,14 @@ def blockwise_distill(student: PreTrainedModel, teacher: PreTrainedModel, sequen
                                     for i in range(0, n, batch)])
             teacher_in = torch.cat([teacher.get_input_embeddings()(ids[i:i + batch]).to(store)
                                     for i in range(0, n, batch)])
-        bar = tqdm(total=len(blocks) * steps, desc="block-wise distillation", unit="step", disable=not progress)
-        for index, (first, end) in enumerate(blocks):
+        trained = len(result.blocks)
+        if trained < len(blocks):  # the trained blocks' outputs: the next block's inputs, as in the first session
+            for first, end in blocks[:trained]:
+                student_in = in_chunks(student_run, first, end, student_in, upcast=True)
+                teacher_in = in_chunks(teacher_run, first, end, teacher_in, upcast=False)
+        bar = tqdm(total=len(blocks) * steps, initial=trained * steps, desc="block-wise distillation", unit="step",
+                   disable=not progress)
+        for index, (first, end) in enumerate(blocks[trained:], start=trained):
             teacher_out = in_chunks(teacher_run, first, end, teacher_in, upcast=False)
             before = _stored_error(in_chunks(student_run, first, end, student_in, upcast=True), teacher_out,
                                    batch, device)
@@ -216,13 +254,26 @@ def blockwise_distill(student: PreTrainedModel, teacher: PreTrainedModel, sequen
             after = _stored_error(student_in, teacher_out, batch, device)
             result.blocks.append(BlockRecord((first, end - 1), before, after))
             teacher_in = teacher_out
+            result.wall_time_s = earlier + time.perf_counter() - started
+            if on_block is not None:
+                on_block(result)
         bar.close()
     finally:
         for p in student.parameters():
             p.requires_grad_(grad_flags.get(id(p), False))
         student.train(was_training)
-    result.wall_time_s = time.perf_counter() - started
+    result.wall_time_s = earlier + time.perf_counter() - started
     return result
+
+
+def _check_done(done: BlockwiseResult, fresh: BlockwiseResult, blocks: list[tuple[int, int]]) -> None:
+    """A resumed stage must be this stage: the same sequences, passes and blocks (the run's fingerprint, which the
+    saved stage must match, already says so; this guards a caller passing another stage's record)."""
+    same = (done.sequences, done.tokens, done.epochs, done.steps_per_block) == \
+        (fresh.sequences, fresh.tokens, fresh.epochs, fresh.steps_per_block)
+    layers = [tuple(b.layers) for b in done.blocks]
+    if not same or layers != [(first, end - 1) for first, end in blocks[:len(layers)]]:
+        raise ValueError("the recorded block-wise stage is not this one: other sequences, passes or blocks")
 
 
 def _stored_error(outputs: torch.Tensor, targets: torch.Tensor, batch: int, device: torch.device) -> float:
@@ -232,3 +283,63 @@ def _stored_error(outputs: torch.Tensor, targets: torch.Tensor, batch: int, devi
         total += _error(outputs[i:i + batch].to(device), targets[i:i + batch].to(device)).item() * \
             outputs[i:i + batch].shape[0]
     return total / outputs.shape[0]
+
+
+# --- the stage's resumable state ----------------------------------------------------------------------------------
+
+
+def _block_file(layers: tuple[int, int]) -> str:
+    return f"block-{layers[0]}-{layers[1]}.safetensors"
+
+
+def _block_tensors(student: PreTrainedModel, layers: tuple[int, int]) -> dict[str, nn.Parameter]:
+    """What one block trains, by the student's parameter names (a shared basis under its one name)."""
+    names = {id(p): name for name, p in student.named_parameters()}
+    return {names[id(p)]: p for p in block_parameters(student, layers[0], layers[1] + 1)}
+
+
+def save_stage(folder: Path, student: PreTrainedModel, result: BlockwiseResult, fingerprint: str) -> None:
+    """Saves the stage after its latest block: that block's weights in a file of their own, then the record so far
+    (`stage.json`, with `fingerprint`, the run it belongs to). Each file replaces its old self in one step, so an
+    interrupted save leaves the state of the block before; the earlier blocks' files are not written again."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = result.blocks[-1].layers
+    path = folder / _block_file(layers)
+    partial = path.with_name(f".{path.name}.tmp")
+    save_file({name: p.detach().cpu().contiguous() for name, p in _block_tensors(student, layers).items()}, partial)
+    os.replace(partial, path)
+    atomic_write_json(folder / "stage.json", {"fingerprint": fingerprint, "record": result.record()})
+
+
+def load_stage(folder: Path, student: PreTrainedModel, fingerprint: str) -> BlockwiseResult | None:
+    """Copies the weights of the blocks a run with this `fingerprint` saved in `folder` into `student` and returns
+    the stage's record so far; None, the student untouched, where there is no usable state of this run."""
+    from safetensors.torch import load_file
+
+    meta_path = folder / "stage.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != fingerprint:
+            raise ValueError("it holds the stage of a run with other settings or models")
+        result = BlockwiseResult.from_record(meta["record"])
+        recorded = [b.layers for b in result.blocks]
+        if recorded != [(first, end - 1) for first, end in layer_blocks(student.config)][:len(recorded)]:
+            raise ValueError("its blocks are not the student's")
+        pairs = []  # (parameter, saved value): copied only once every block is found whole
+        for layers in recorded:
+            saved, wanted = load_file(folder / _block_file(layers)), _block_tensors(student, layers)
+            if set(saved) != set(wanted) or any(saved[k].shape != wanted[k].shape for k in wanted):
+                raise ValueError(f"{_block_file(layers)} does not hold that block's weights")
+            pairs += [(wanted[k], saved[k]) for k in wanted]
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a state of another run, or damaged: start afresh
+        logger.warning("not resuming the block-wise stage from %s (%s); starting it afresh.", folder, err)
+        return None
+    with torch.no_grad():
+        for parameter, value in pairs:
+            parameter.copy_(value)
+    logger.info("resuming the block-wise stage after %d of its blocks (%s)", len(result.blocks), folder)
+    return result

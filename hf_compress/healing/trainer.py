@@ -7,8 +7,9 @@ record and gains a `healing` entry.
 
 The loop runs on `accelerate.Accelerator`: bfloat16 autocast where `HealConfig.dtype` resolves to bfloat16, and
 DDP/FSDP from an accelerate config without code of ours (each process takes its share of every step's sequences).
-Every `save_steps` steps the training state is written atomically to `.OUTPUT.heal-state/` beside the output; a rerun
-with the same settings continues from there and ends with the weights of an uninterrupted run.
+Every `save_steps` steps the training state is written atomically to `.OUTPUT.heal-state/` beside the output (and
+during a block-wise stage, after each block); a rerun with the same settings continues from there and ends with the
+weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -31,13 +31,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..checkpoint import (
-    STAGING_MARK,
-    clean_stale_staging,
-    prepare_output,
-    save_pretrained_checkpoint,
-    swap_into_place,
-)
+from ..checkpoint import clean_stale_staging, prepare_output, save_pretrained_checkpoint, write_state
 from ..basis_sharing.config import EVAL_SEQ_LEN
 from ..basis_sharing.evaluation import check_window_options
 from ..basis_sharing.save import cast_weights, round_weights
@@ -46,7 +40,7 @@ from ..device import PeakMemory, pick_device
 from ..errors import HFCompressError
 from ..provenance import DataRef, SourceRef
 from .config import HealConfig
-from .blockwise import blockwise_distill, check_blockwise_teacher, layer_mismatch
+from .blockwise import blockwise_distill, check_blockwise_teacher, layer_mismatch, load_stage, save_stage
 from .data import HealingData, has_chat_template, load_healing_data, recorded_options
 from .losses import chunked_kl_loss, chunked_lm_loss, hidden_state_loss, kl_lm_loss
 from .parts import factor_parameters, is_factorised, is_norm
@@ -55,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "shared_basis_llama"
 STATE_SUFFIX = ".heal-state"
+# The block-wise stage's state, inside the run's state folder until the training's first saved state replaces it.
+STAGE_FOLDER = "blockwise"
 # Both tokenizers must cut this the same way (with the vocabulary size, the check that the teacher fits the student).
 TOKENIZER_SAMPLE = "Healing check: The quick brown fox jumps over 13 lazy dogs.\n\n  Naïve café, Zürich 東京 — ½ €5!"
 # The record keeps at most this many loss values (the mean of every k steps beyond).
@@ -427,9 +423,7 @@ def save_state(state_dir: Path, *, step: int, named_params: list[tuple[str, nn.P
     record of the block-wise stage the weights went through."""
     from safetensors.torch import save_file
 
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{state_dir.name}{STAGING_MARK}", dir=state_dir.parent))
-    try:
+    def write(staging: Path) -> None:
         save_file({name: p.detach().cpu().contiguous() for name, p in named_params}, staging / "trainable.safetensors")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
@@ -440,10 +434,8 @@ def save_state(state_dir: Path, *, step: int, named_params: list[tuple[str, nn.P
         (staging / "state.json").write_text(json.dumps(
             {"step": step, "fingerprint": fingerprint, "losses": losses, "wall_time_s": wall_time_s,
              "blockwise": blockwise}, indent=1))
-        swap_into_place(staging, state_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_state(state_dir, write)
 
 
 def saved_meta(state_dir: Path | None, fingerprint: str, *, warn: bool = True) -> dict[str, Any] | None:
@@ -680,18 +672,30 @@ def _blockwise_stage(student: PreTrainedModel, teacher: PreTrainedModel, data: H
 
     A resumed run whose saved weights include everything the stage trained (`trainable` "factors" or "all") takes
     the record from the saved state instead of training the blocks again; under LoRA the stage's bases are not in
-    the saved state and it runs again (it is deterministic for a seed). Under several processes each process runs
-    the same stage, and accelerate's DDP wrapper then starts every process from the main process's weights.
+    the saved state and it runs again (it is deterministic for a seed). Before that, the stage saves its own state
+    after each block (`state_dir/blockwise/`, which the training's first saved state replaces), and a rerun goes on
+    after the last block saved. Under several processes each process runs the same stage (the main process saves
+    it), and accelerate's DDP wrapper then starts every process from the main process's weights.
     """
     if not config.uses_blocks:
         return None
     meta = saved_meta(state_dir, fingerprint, warn=False)  # load_state warns
     if meta and meta.get("blockwise") and config.trainable != "lora":
         return meta["blockwise"]
+    stage_dir = state_dir / STAGE_FOLDER if state_dir is not None else None
+    done, save = None, None
+    if stage_dir is not None:
+        done = load_stage(stage_dir, student, fingerprint)
+        if done is None and accelerator.is_main_process:
+            shutil.rmtree(stage_dir, ignore_errors=True)  # another run's blocks: none of them is resumed
+        if accelerator.is_main_process:
+            def save(result):
+                save_stage(stage_dir, student, result, fingerprint)
     student.to(accelerator.device)
     teacher.to(accelerator.device)
     result = blockwise_distill(student, teacher, data.first_sequences(config.block_sequences), config,
-                               accelerator.device, progress=progress and accelerator.is_main_process)
+                               accelerator.device, progress=progress and accelerator.is_main_process, done=done,
+                               on_block=save)
     return result.record()
 
 
