@@ -269,6 +269,7 @@ ROWS = {
     # The defaults at 20% trained in float32: the control for the block-wise row on every sequence, which ran in
     # float32 (on a CPU without bfloat16, where its conversion, cached under the student's name, was float32 too)
     # while every other 20% row of the defaults ran in bfloat16; whether the precision or the stage gave its gain.
+    # The stage did: 48.46 WikiText-2, 48.21 C4 validation (bfloat16: 48.83, 48.21).
     "precision": [
         Row("r0.2-262k-chat25-b64-kl+lm-b2-f32", 0.2, 262144, {**LIBRARY_HEAL, "dtype": "float32"}),
     ],

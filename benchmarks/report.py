@@ -1041,7 +1041,8 @@ EXCHANGE_PROMPT = 0
 MAIN_TRAINING = (("kl", 4), ("kl+lm", 2))
 # Healing options added after the first rows were written, with the value those rows trained with (and the library
 # still defaults to): a row with any other value is not a main row.
-LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False, "free_text_fraction": 0.0, "block_tokens": 0}
+LATER_HEAL_OPTIONS = {"hidden_weight": 0.0, "balance_factors": False, "free_text_fraction": 0.0, "block_tokens": 0,
+                      "dtype": "auto"}
 
 
 def main_training(options: dict) -> bool:

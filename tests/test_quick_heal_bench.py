@@ -567,6 +567,10 @@ def test_conversion_changes_name_what_differs_from_the_default_conversion():
     assert report.bench_row([{**unhealed, "group_size": 2}], 0.2, "unhealed")["model"] == "student-r0.2-g1"
     assert report.is_main_heal({"budget_tokens": 262144, "heal_options": {}}) is True
     assert report.is_main_heal({"budget_tokens": 262144, "heal_options": {}, "group_size": 1}) is False
+    # A precision set by the row, not left to the machine, makes another setting: not a main row.
+    assert report.is_main_heal({"budget_tokens": 262144, "heal_options": {"dtype": "auto", "loss": "kl+lm",
+                                                                         "batch_size": 2}}) is True
+    assert report.is_main_heal({"budget_tokens": 262144, "heal_options": {"dtype": "float32"}}) is False
 
 
 def test_position_nll_averages_to_the_window_perplexity(work):
