@@ -271,9 +271,13 @@ def _check_done(done: BlockwiseResult, fresh: BlockwiseResult, blocks: list[tupl
     saved stage must match, already says so; this guards a caller passing another stage's record)."""
     same = (done.sequences, done.tokens, done.epochs, done.steps_per_block) == \
         (fresh.sequences, fresh.tokens, fresh.epochs, fresh.steps_per_block)
-    layers = [tuple(b.layers) for b in done.blocks]
-    if not same or layers != [(first, end - 1) for first, end in blocks[:len(layers)]]:
+    if not same or not _first_blocks([tuple(b.layers) for b in done.blocks], blocks):
         raise ValueError("the recorded block-wise stage is not this one: other sequences, passes or blocks")
+
+
+def _first_blocks(recorded: list[tuple[int, int]], blocks: list[tuple[int, int]]) -> bool:
+    """Whether `recorded` (a record's `(first, last)` layers) are the first of `blocks` (`(first, end)` ranges)."""
+    return recorded == [(first, end - 1) for first, end in blocks[:len(recorded)]]
 
 
 def _stored_error(outputs: torch.Tensor, targets: torch.Tensor, batch: int, device: torch.device) -> float:
@@ -327,7 +331,7 @@ def load_stage(folder: Path, student: PreTrainedModel, fingerprint: str) -> Bloc
             raise ValueError("it holds the stage of a run with other settings or models")
         result = BlockwiseResult.from_record(meta["record"])
         recorded = [b.layers for b in result.blocks]
-        if recorded != [(first, end - 1) for first, end in layer_blocks(student.config)][:len(recorded)]:
+        if not _first_blocks(recorded, layer_blocks(student.config)):
             raise ValueError("its blocks are not the student's")
         pairs = []  # (parameter, saved value): copied only once every block is found whole
         for layers in recorded:

@@ -686,9 +686,10 @@ def _blockwise_stage(student: PreTrainedModel, teacher: PreTrainedModel, data: H
     done, save = None, None
     if stage_dir is not None:
         done = load_stage(stage_dir, student, fingerprint)
-        if done is None and accelerator.is_main_process:
-            shutil.rmtree(stage_dir, ignore_errors=True)  # another run's blocks: none of them is resumed
         if accelerator.is_main_process:
+            if done is None:
+                shutil.rmtree(stage_dir, ignore_errors=True)  # another run's blocks: none of them is resumed
+
             def save(result):
                 save_stage(stage_dir, student, result, fingerprint)
     student.to(accelerator.device)
