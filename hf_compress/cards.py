@@ -264,9 +264,11 @@ def _healing_rows(healing: dict) -> list[str]:
         blocks = blockwise["blocks"]
         before = sum(b.get("error_before", 0.0) for b in blocks) / len(blocks)
         after = sum(b.get("error_after", 0.0) for b in blocks) / len(blocks)
+        measured = blockwise.get("error_sequences")  # newer records: the errors are over the first sequences only
+        on = f" (first {measured} sequences)" if measured and measured < blockwise.get("sequences", 0) else ""
         rows.insert(1, f"| Block-wise distillation first | {len(blocks)} blocks of layers, each trained to the teacher's "
                        f"hidden states on {_fmt_int(blockwise.get('tokens'))} tokens x {blockwise.get('epochs')}, lr "
-                       f"{_cell(options.get('block_lr'))}; mean relative error at the blocks' outputs "
+                       f"{_cell(options.get('block_lr'))}; mean relative error at the blocks' outputs{on} "
                        f"{_cell(before)} -> {_cell(after)} |")
     perplexity = healing.get("perplexity")
     if isinstance(perplexity, dict) and perplexity.get("after") is not None:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_compress.errors import HFCompressError
-from hf_compress.healing import HealConfig, heal
+from hf_compress.healing import HealConfig, blockwise, heal
 from hf_compress.healing.blockwise import (
     BlockRecord,
     BlockwiseResult,
@@ -99,6 +99,7 @@ def test_blockwise_lowers_every_blocks_error_and_records_it_exactly(pair):
     blocks = layer_blocks(student.config)
     assert [tuple(b.layers) for b in result.blocks] == [(first, end - 1) for first, end in blocks]
     assert result.sequences == 6 and result.tokens == 96 and result.steps_per_block == 3 * 2
+    assert result.error_sequences == 6  # fewer than ERROR_SEQUENCES: the errors are over every sequence
     after = [relative_error(s, t) for s, t in zip(layer_outputs_by_hooks(student, sequences),
                                                   layer_outputs_by_hooks(teacher, sequences))]
     for block, (first, end) in zip(result.blocks, blocks):
@@ -277,13 +278,43 @@ def test_an_interrupted_stage_resumes_after_its_last_saved_block_to_the_same_wei
     assert sorted(p.name for p in stage.iterdir()) == ["block-0-0.safetensors", "stage.json"]
 
 
+def test_block_errors_are_measured_on_the_first_sequences_and_do_not_change_the_training(
+        pair, tiny_shared_basis_checkpoint, monkeypatch):
+    student, teacher = pair
+    twin = SharedBasisLlamaForCausalLM.from_pretrained(tiny_shared_basis_checkpoint, dtype=torch.float32)
+    torch.manual_seed(3)
+    sequences = torch.randint(0, 256, (6, 16))
+    config = HealConfig(block_tokens=6 * 16, seq_len=16, block_epochs=2, block_lr=1e-3, block_batch_size=4,
+                        dtype="float32")
+    blocks = layer_blocks(student.config)
+    before = [relative_error(s, t) for s, t in zip(layer_outputs_by_hooks(student, sequences[:2]),
+                                                   layer_outputs_by_hooks(teacher, sequences[:2]))]
+    everywhere = blockwise_distill(twin, teacher, sequences, config, torch.device("cpu"), progress=False)
+    monkeypatch.setattr(blockwise, "ERROR_SEQUENCES", 2)
+    probed = blockwise_distill(student, teacher, sequences, config, torch.device("cpu"), progress=False)
+
+    assert probed.error_sequences == 2 and everywhere.error_sequences == 6
+    # The training is the same (the measurement draws nothing and changes nothing) ...
+    for (name, p), q in zip(student.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    # ... and the records are the errors over the first two sequences, which differ from those over all six.
+    after = [relative_error(s, t) for s, t in zip(layer_outputs_by_hooks(student, sequences[:2]),
+                                                  layer_outputs_by_hooks(teacher, sequences[:2]))]
+    for block, whole, (first, end) in zip(probed.blocks, everywhere.blocks, blocks):
+        assert block.error_after == pytest.approx(after[end - 1], rel=1e-4)
+        assert block.error_after != pytest.approx(whole.error_after, rel=1e-3)
+    assert probed.blocks[0].error_before == pytest.approx(before[blocks[0][1] - 1], rel=1e-4)
+    assert probed.blocks[0].error_before != pytest.approx(everywhere.blocks[0].error_before, rel=1e-3)
+
+
 def test_a_stage_given_another_stages_record_refuses_it(pair):
     student, teacher = pair
     config = HealConfig(block_tokens=6 * 16, seq_len=16, block_epochs=1, block_batch_size=4, dtype="float32")
     start = {k: v.clone() for k, v in student.state_dict().items()}
-    other_sequences = BlockwiseResult(sequences=5, tokens=80, epochs=1, steps_per_block=2,
+    other_sequences = BlockwiseResult(sequences=5, tokens=80, epochs=1, steps_per_block=2, error_sequences=5,
                                       blocks=[BlockRecord((0, 1), 0.5, 0.4)])
     other_blocks = BlockwiseResult(sequences=6, tokens=96, epochs=1, steps_per_block=2,  # this stage's counts
+                                   error_sequences=6,
                                    blocks=[BlockRecord((0, 0), 0.5, 0.4)])  # the student's first block is 0-1
     for other in (other_sequences, other_blocks):
         with pytest.raises(ValueError, match="not this one"):

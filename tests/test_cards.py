@@ -125,6 +125,12 @@ def test_healing_rows_name_the_block_wise_stage_and_its_mean_errors(folder):
     assert lines[at + 1] == ("| Block-wise distillation first | 2 blocks of layers, each trained to the teacher's "
                              "hidden states on 512 tokens x 2, lr 0.0002; mean relative error at the blocks' outputs "
                              "0.375 -> 0.1875 |")
+    # A stage whose errors were measured on its first sequences only says so; one measured on all of them does not.
+    for measured, said in ((2, " (first 2 sequences)"), (8, "")):
+        config["compression"]["healing"]["blockwise"].update(sequences=8, error_sequences=measured)
+        (folder / "config.json").write_text(json.dumps(config))
+        lines = _load(write_model_card(folder).parent).text.splitlines()
+        assert lines[at + 1].endswith(f"mean relative error at the blocks' outputs{said} 0.375 -> 0.1875 |")
 
 
 def test_eval_results_become_model_index_and_are_merged(folder, hub):
