@@ -255,8 +255,9 @@ ROWS = {
         # each on sequences it has not seen): whether one pass over more sequences gives what two passes gave, at
         # about two thirds of the stage's cost. Neither: 45.69 WikiText-2, 44.63 C4 validation (two passes: 44.07,
         # 43.64; two over half the sequences: 46.05, 44.95), and 27.4 min of stage, more than two passes over half
-        # the sequences took (20.8): each block's passes without training (the teacher's, the student's before and
-        # after it) cover every sequence, so they grow with the sequences, not with the passes.
+        # the sequences took (20.8): each block's passes without training (in that run the teacher's, and the
+        # student's before and after its training; the one before now covers 64 sequences) cover every sequence, so
+        # they grow with the sequences, not with the passes.
         Row("r0.2-262k-chat25-b64-kl+lm-b2-blk256k-e1", 0.2, 262144,
             {**LIBRARY_HEAL, "block_tokens": 262144, "block_epochs": 1, "block_lr": 3e-4}),
         # The first stage, then the end-to-end training at half the default peak rate: whether the training at 1e-4

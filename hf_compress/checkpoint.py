@@ -232,15 +232,21 @@ def save_pretrained_checkpoint(
     return write_checkpoint(output_dir, write, overwrite=overwrite, carry=carry)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replaces the file `path` with `text` in one step (a temporary file beside it, then `os.replace`)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Replaces the file `path` in one step: `write` writes a temporary file beside it (the path it is given), which
+    then takes its place (`os.replace`); a write that fails leaves the old file and no temporary one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write` of `text` (UTF-8)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, content: Any) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_compress.checkpoint import atomic_write_json, prepare_output, write_checkpoint, write_state
+from hf_compress.checkpoint import atomic_write, atomic_write_json, prepare_output, write_checkpoint, write_state
 from hf_compress.config import MethodConfig
 from hf_compress.errors import HFCompressError
 from hf_compress.provenance import DataRef, SourceRef, config_from_provenance, file_sha256, provenance
@@ -175,6 +175,15 @@ def test_atomic_write_json_replaces_whole_files(tmp_path):
     path = tmp_path / "state.json"
     atomic_write_json(path, {"a": 1})
     atomic_write_json(path, {"b": [1, 2]})
+    assert json.loads(path.read_text()) == {"b": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+    def killed(tmp: Path) -> None:  # a write (of any format) interrupted after part of the file is out
+        tmp.write_bytes(b"{\"c\": ")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, killed)
     assert json.loads(path.read_text()) == {"b": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 

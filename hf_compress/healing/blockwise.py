@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..checkpoint import atomic_write_json
+from ..checkpoint import atomic_write, atomic_write_json
 from ..errors import HFCompressError
 from .config import HealConfig
 from .losses import hidden_state_loss
@@ -321,10 +320,8 @@ def save_stage(folder: Path, student: PreTrainedModel, result: BlockwiseResult, 
 
     folder.mkdir(parents=True, exist_ok=True)
     layers = result.blocks[-1].layers
-    path = folder / _block_file(layers)
-    partial = path.with_name(f".{path.name}.tmp")
-    save_file({name: p.detach().cpu().contiguous() for name, p in _block_tensors(student, layers).items()}, partial)
-    os.replace(partial, path)
+    tensors = {name: p.detach().cpu().contiguous() for name, p in _block_tensors(student, layers).items()}
+    atomic_write(folder / _block_file(layers), lambda tmp: save_file(tensors, tmp))
     atomic_write_json(folder / "stage.json", {"fingerprint": fingerprint, "record": result.record()})
 
 
